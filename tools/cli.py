@@ -1,0 +1,69 @@
+"""`vllm-neuronmlp`: the project's one console script.
+
+Each subcommand lives in its own module of `vllm_neuronmlp.tools` and exposes
+`add_parser(subparsers)`, which registers the subcommand and sets `func` to a
+callable taking the parsed arguments and returning an exit code. Heavy imports
+(torch, vLLM) happen inside those callables so `--help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# (module, one-line help) in the order `--help` lists them.
+SUBCOMMAND_MODULES = [
+    "compress",
+    "eval",
+    "inspect",
+    "default_model",
+]
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-neuronmlp",
+        description=(
+            "SVD-compress the MLPs of a Hugging Face LLM into block-aligned low-rank factors "
+            "(W ~ U V) and serve the result with vLLM (quantization method 'svd_neuron'). "
+            "Serve a compressed checkpoint with:  vllm serve OUT"),
+    )
+    from vllm_neuronmlp import __version__
+    parser.add_argument("--version", action="version", version=f"vllm-neuronmlp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"vllm_neuronmlp.tools.{name}_cmd")
+        except ModuleNotFoundError as e:
+            if e.name != f"vllm_neuronmlp.tools.{name}_cmd":
+                raise
+            continue  # subcommand not built yet
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from vllm_neuronmlp.checkpoint_format import CheckpointFormatError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, CheckpointFormatError) as e:
+        print(f"vllm-neuronmlp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vllm-neuronmlp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""The `svd_neuron` checkpoint format, version 1: the one place that spells it.
+
+A checkpoint is an ordinary Hugging Face directory (config.json + safetensors,
+sharded with `model.safetensors.index.json` when large). Its config.json carries
+
+    "quantization_config": {
+        "quant_method": "svd_neuron",
+        "format_version": 1,
+        "block_size": 128,
+        "ranks": {"model.layers.0.mlp.gate_proj": 512, ...},
+        ... provenance under other keys ...
+    }
+
+Every module named in `ranks` is stored as two factors and no `.weight`:
+
+    <module>.svd_u   [in_features, r]    applied first
+    <module>.svd_v   [r, out_features]   applied second     y = (x @ svd_u) @ svd_v
+
+Modules not in `ranks` stay dense. The gate and up projections of one layer are
+factored together or not at all (vLLM runs them as one merged linear).
+
+This module imports nothing else of the project, so the plugin, the tool and the
+kernels' tests can all use it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+QUANT_METHOD = "svd_neuron"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+DEFAULT_BLOCK_SIZE = 128
+
+# config.json keys
+QUANTIZATION_CONFIG_KEY = "quantization_config"
+KEY_QUANT_METHOD = "quant_method"
+KEY_FORMAT_VERSION = "format_version"
+KEY_BLOCK_SIZE = "block_size"
+KEY_RANKS = "ranks"
+KEY_PROVENANCE = "provenance"
+
+# tensor leaf names (chosen not to collide with vLLM's quantization suffixes such
+# as `_scale`, `_zero_point` or `g_idx`)
+U_SUFFIX = "svd_u"
+V_SUFFIX = "svd_v"
+WEIGHT_SUFFIX = "weight"
+
+# The MLP projections the format knows, in HF naming, and how their shapes
+# follow from the model config: (in_features key, out_features key).
+GATE, UP, DOWN = "gate_proj", "up_proj", "down_proj"
+MLP_PROJECTIONS = (GATE, UP, DOWN)
+_PROJECTION_SHAPE_KEYS = {
+    GATE: ("hidden_size", "intermediate_size"),
+    UP: ("hidden_size", "intermediate_size"),
+    DOWN: ("intermediate_size", "hidden_size"),
+}
+
+SAFETENSORS_SINGLE_FILE = "model.safetensors"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint breaks format v1. The message names the file, the tensor or
+    key, and what was expected."""
+
+
+# ---------------------------------------------------------------- names
+def u_name(module: str) -> str:
+    return f"{module}.{U_SUFFIX}"
+
+
+def v_name(module: str) -> str:
+    return f"{module}.{V_SUFFIX}"
+
+
+def weight_name(module: str) -> str:
+    return f"{module}.{WEIGHT_SUFFIX}"
+
+
+def mlp_module_name(layer_index: int, projection: str, prefix: str = "model.layers") -> str:
+    """HF name of one MLP projection, e.g. `model.layers.3.mlp.down_proj`."""
+    if projection not in MLP_PROJECTIONS:
+        raise ValueError(f"unknown MLP projection {projection!r}; expected one of {MLP_PROJECTIONS}")
+    return f"{prefix}.{layer_index}.mlp.{projection}"
+
+
+def split_factor_name(tensor_name: str) -> Optional[Tuple[str, str]]:
+    """`a.b.svd_u` -> (`a.b`, `svd_u`); None for a tensor that is not a factor."""
+    module, _, leaf = tensor_name.rpartition(".")
+    if leaf in (U_SUFFIX, V_SUFFIX) and module:
+        return module, leaf
+    return None
+
+
+def projection_of(module: str) -> Optional[str]:
+    leaf = module.rpartition(".")[2]
+    return leaf if leaf in MLP_PROJECTIONS else None
+
+
+def sibling(module: str, projection: str) -> str:
+    """The module of another projection in the same MLP (gate <-> up)."""
+    return f"{module.rpartition('.')[0]}.{projection}"
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class QuantizationConfig:
+    """The parsed `quantization_config` of a format-v1 checkpoint."""
+
+    block_size: int
+    ranks: Dict[str, int]
+    format_version: int = FORMAT_VERSION
+    provenance: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {
+            KEY_QUANT_METHOD: QUANT_METHOD,
+            KEY_FORMAT_VERSION: self.format_version,
+            KEY_BLOCK_SIZE: self.block_size,
+            KEY_RANKS: dict(self.ranks),
+        }
+        if self.provenance:
+            out[KEY_PROVENANCE] = dict(self.provenance)
+        return out
+
+    @classmethod
+    def from_dict(cls, qc: Mapping[str, Any], source: str = CONFIG_FILE) -> "QuantizationConfig":
+        """Parse and check the keys; errors name `source` and the key."""
+        if not isinstance(qc, Mapping):
+            raise CheckpointFormatError(f"{source}: '{QUANTIZATION_CONFIG_KEY}' must be an object, got {type(qc).__name__}")
+        method = qc.get(KEY_QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise CheckpointFormatError(
+                f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_QUANT_METHOD} is {method!r}, expected {QUANT_METHOD!r}")
+        version = qc.get(KEY_FORMAT_VERSION)
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise CheckpointFormatError(
+                f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_FORMAT_VERSION} is {version!r}; this version of "
+                f"vllm-neuronmlp reads format versions {list(SUPPORTED_FORMAT_VERSIONS)}")
+        block = qc.get(KEY_BLOCK_SIZE)
+        if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+            raise CheckpointFormatError(
+                f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_BLOCK_SIZE} is {block!r}, expected a positive integer")
+        ranks = qc.get(KEY_RANKS)
+        if not isinstance(ranks, Mapping):
+            raise CheckpointFormatError(
+                f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_RANKS} is missing or not an object "
+                f"(expected {{module name: rank}})")
+        for module, rank in ranks.items():
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0 or rank % block:
+                raise CheckpointFormatError(
+                    f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_RANKS}[{module!r}] is {rank!r}, expected a "
+                    f"positive multiple of block_size {block}")
+        for module in ranks:
+            proj = projection_of(module)
+            if proj in (GATE, UP):
+                other = sibling(module, UP if proj == GATE else GATE)
+                if other not in ranks:
+                    raise CheckpointFormatError(
+                        f"{source}: {module} is factored but {other} is not; gate_proj and up_proj of one "
+                        f"layer must be factored together (vLLM merges them into gate_up_proj)")
+        provenance = {k: v for k, v in qc.items()
+                      if k not in (KEY_QUANT_METHOD, KEY_FORMAT_VERSION, KEY_BLOCK_SIZE, KEY_RANKS)}
+        if KEY_PROVENANCE in provenance and isinstance(provenance[KEY_PROVENANCE], Mapping):
+            provenance = {**{k: v for k, v in provenance.items() if k != KEY_PROVENANCE},
+                          **provenance[KEY_PROVENANCE]}
+        return cls(block_size=block, ranks={str(k): int(v) for k, v in ranks.items()},
+                   format_version=version, provenance=provenance)
+
+
+def has_svd_config(config: Mapping[str, Any]) -> bool:
+    qc = config.get(QUANTIZATION_CONFIG_KEY)
+    return isinstance(qc, Mapping) and qc.get(KEY_QUANT_METHOD) == QUANT_METHOD
+
+
+def read_config(checkpoint_dir: str) -> Dict[str, Any]:
+    path = os.path.join(checkpoint_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointFormatError(f"{path}: not found (a checkpoint directory needs {CONFIG_FILE})")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_quantization_config(checkpoint_dir: str) -> QuantizationConfig:
+    config = read_config(checkpoint_dir)
+    path = os.path.join(checkpoint_dir, CONFIG_FILE)
+    if QUANTIZATION_CONFIG_KEY not in config:
+        raise CheckpointFormatError(f"{path}: has no '{QUANTIZATION_CONFIG_KEY}'; it is not an {QUANT_METHOD} checkpoint")
+    return QuantizationConfig.from_dict(config[QUANTIZATION_CONFIG_KEY], source=path)
+
+
+def expected_shape(model_config: Mapping[str, Any], module: str) -> Tuple[int, int]:
+    """(in_features, out_features) of an MLP projection, from the model's config."""
+    proj = projection_of(module)
+    if proj is None:
+        raise CheckpointFormatError(
+            f"{module}: not an MLP projection ({', '.join(MLP_PROJECTIONS)}); format v1 factors only those")
+    text = model_config.get("text_config", model_config)
+    in_key, out_key = _PROJECTION_SHAPE_KEYS[proj]
+    try:
+        return int(text[in_key]), int(text[out_key])
+    except KeyError as e:
+        raise CheckpointFormatError(f"config.json: missing {e.args[0]!r}, needed for the shape of {module}") from None
+
+
+def factor_shapes(in_features: int, out_features: int, rank: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    return (in_features, rank), (rank, out_features)
+
+
+def dense_params(in_features: int, out_features: int) -> int:
+    return in_features * out_features
+
+
+def factored_params(in_features: int, out_features: int, rank: int) -> int:
+    return rank * (in_features + out_features)
+
+
+# ---------------------------------------------------------------- safetensors files
+def safetensors_files(checkpoint_dir: str) -> Dict[str, str]:
+    """tensor name -> file path (relative names resolved), from the index or the
+    single file. Reads headers only."""
+    index_path = os.path.join(checkpoint_dir, SAFETENSORS_INDEX_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointFormatError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+        out = {}
+        for name, fname in weight_map.items():
+            path = os.path.join(checkpoint_dir, fname)
+            if not os.path.isfile(path):
+                raise CheckpointFormatError(f"{index_path}: tensor {name} is mapped to {fname}, which does not exist")
+            out[name] = path
+        return out
+    single = os.path.join(checkpoint_dir, SAFETENSORS_SINGLE_FILE)
+    if os.path.isfile(single):
+        return {name: single for name in read_safetensors_header(single)}
+    raise CheckpointFormatError(
+        f"{checkpoint_dir}: no {SAFETENSORS_SINGLE_FILE} or {SAFETENSORS_INDEX_FILE} found")
+
+
+def read_safetensors_header(path: str) -> Dict[str, Dict[str, Any]]:
+    """name -> {"dtype", "shape", "data_offsets"}; a clear error for a corrupt file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        end = info.get("data_offsets", [0, 0])[1]
+        if 8 + n + end > size:
+            raise CheckpointFormatError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
+    return header
+
+
+# ---------------------------------------------------------------- validation
+@dataclass
+class ValidationReport:
+    checkpoint_dir: str
+    quant: QuantizationConfig
+    model_config: Dict[str, Any]
+    factored: Dict[str, Tuple[int, int, int]]  # module -> (in, out, rank)
+    tensor_bytes: int
+
+    @property
+    def mlp_dense_params(self) -> int:
+        return sum(dense_params(i, o) for i, o, _ in self.factored.values())
+
+    @property
+    def mlp_factored_params(self) -> int:
+        return sum(factored_params(i, o, r) for i, o, r in self.factored.values())
+
+
+def validate(checkpoint_dir: str, check_values: bool = True) -> ValidationReport:
+    """Check a checkpoint against format v1 and return what it holds.
+
+    Checks: a known `format_version`; every module in `ranks` has both factors,
+    with shapes `[in, r]` and `[r, out]` matching the model config; ranks are
+    positive multiples of `block_size`; no `.weight` remains for a factored
+    module; gate and up are factored together; (with `check_values`) every factor
+    is finite. Raises CheckpointFormatError naming the file and tensor.
+    """
+    config_path = os.path.join(checkpoint_dir, CONFIG_FILE)
+    model_config = read_config(checkpoint_dir)
+    quant = read_quantization_config(checkpoint_dir)
+    files = safetensors_files(checkpoint_dir)
+    headers: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for path in set(files.values()):
+        headers[path] = read_safetensors_header(path)
+
+    def header_of(name: str) -> Dict[str, Any]:
+        return headers[files[name]][name]
+
+    factored: Dict[str, Tuple[int, int, int]] = {}
+    for module, rank in sorted(quant.ranks.items()):
+        n_in, n_out = expected_shape(model_config, module)
+        want_u, want_v = factor_shapes(n_in, n_out, rank)
+        for name, want in ((u_name(module), want_u), (v_name(module), want_v)):
+            if name not in files:
+                raise CheckpointFormatError(
+                    f"{checkpoint_dir}: tensor {name} is missing; {module} is listed in "
+                    f"{QUANTIZATION_CONFIG_KEY}.{KEY_RANKS} with rank {rank}, so it needs {name} of shape {list(want)}")
+            got = list(header_of(name)["shape"])
+            if got != list(want):
+                raise CheckpointFormatError(
+                    f"{files[name]}: tensor {name} has shape {got}, expected {list(want)} "
+                    f"(in_features={n_in}, rank={rank}, out_features={n_out} from {config_path})")
+        if weight_name(module) in files:
+            raise CheckpointFormatError(
+                f"{files[weight_name(module)]}: tensor {weight_name(module)} is present although {module} is factored; "
+                f"a factored module must have no .weight")
+        factored[module] = (n_in, n_out, rank)
+
+    for name in files:
+        split = split_factor_name(name)
+        if split and split[0] not in quant.ranks:
+            raise CheckpointFormatError(
+                f"{files[name]}: tensor {name} is a factor of {split[0]}, which is not listed in "
+                f"{config_path} {QUANTIZATION_CONFIG_KEY}.{KEY_RANKS}")
+
+    if check_values:
+        _check_finite(files, [n for m in factored for n in (u_name(m), v_name(m))])
+
+    total = 0
+    for path, header in headers.items():
+        for info in header.values():
+            a, b = info["data_offsets"]
+            total += b - a
+    return ValidationReport(checkpoint_dir, quant, model_config, factored, total)
+
+
+def _check_finite(files: Mapping[str, str], names: Iterable[str]) -> None:
+    import torch  # lazy: keeps this module importable anywhere
+    from safetensors import safe_open
+
+    by_file: Dict[str, List[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for path, group in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in group:
+                t = f.get_tensor(name)
+                if not torch.isfinite(t).all():
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise CheckpointFormatError(f"{path}: tensor {name} has {bad} non-finite values (NaN or Inf)")
+
+
+def mlp_ratio(model_config: Mapping[str, Any], ranks: Mapping[str, int], num_layers: Optional[int] = None) -> float:
+    """Fraction of all MLP projection parameters removed (paper eq. 4); modules
+    left dense count as kept whole."""
+    text = model_config.get("text_config", model_config)
+    layers = int(num_layers if num_layers is not None else text["num_hidden_layers"])
+    h, i = int(text["hidden_size"]), int(text["intermediate_size"])
+    dense = 3 * h * i * layers
+    removed = sum(h * i - factored_params(*expected_shape(model_config, m), r) for m, r in ranks.items())
+    return removed / dense

@@ -1,0 +1,141 @@
+"""The factored linear method: `y = (x @ svd_u) @ svd_v` for one vLLM linear.
+
+Parameters on the layer (per tensor-parallel rank):
+
+    svd_u  [in_local, r_0 + r_1 + ...]   the U of each packed HF module side by side
+    svd_v  [r_0 + r_1 + ..., out_shard]  the V of each packed module stacked by rows
+
+For the merged gate_up linear that is `[U_g | U_u]` and `[V_g ; V_u]`: one GEMM
+for the first stage, then each V multiplies only its own slice of `x U`, so no
+zero blocks are ever stored or multiplied.
+
+Tensor parallelism (design notes section 4), exact for every layer kind:
+- column parallel (incl. merged gate_up): input whole, output split. U is
+  replicated; V is split along its columns (each shard's own slice).
+- row parallel (down): input split, output all-reduced by the layer. U is split
+  along its rows, V replicated: sum_k (x_k U_k) V = x U V.
+- replicated: both whole.
+
+This per-linear path is the reference; the MLP normally runs through the fused
+`svd_mlp` op (see `mlp_fusion`), and tests check that both agree.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from vllm_neuronmlp import checkpoint_format as fmt
+
+
+def _linear_method_base():
+    from vllm.model_executor.layers.linear import LinearMethodBase
+
+    return LinearMethodBase
+
+
+class SVDLinearMethod(_linear_method_base()):
+    def __init__(self, hf_modules: List[str], ranks: List[int]) -> None:
+        self.hf_modules = list(hf_modules)
+        self.ranks = list(ranks)
+        self.rank_offsets = [sum(self.ranks[:k]) for k in range(len(self.ranks) + 1)]
+
+    # ------------------------------------------------------------ weights
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: List[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+        from vllm.model_executor.utils import set_weight_attrs
+
+        if len(output_partition_sizes) != len(self.ranks):
+            raise fmt.CheckpointFormatError(
+                f"{self.hf_modules}: vLLM builds this layer from {len(output_partition_sizes)} modules "
+                f"but the checkpoint factors {len(self.ranks)}")
+        if len(set(output_partition_sizes)) != 1:
+            raise fmt.CheckpointFormatError(
+                f"{self.hf_modules}: packed modules with different output sizes {output_partition_sizes} "
+                f"cannot share one factored layer")
+        extra_weight_attrs.pop("weight_loader", None)
+        out_shard = output_partition_sizes[0]
+        total_rank = self.rank_offsets[-1]
+        split_input = isinstance(layer, RowParallelLinear)
+        split_output = isinstance(layer, ColumnParallelLinear)
+
+        u = torch.nn.Parameter(torch.empty(input_size_per_partition, total_rank, dtype=params_dtype),
+                               requires_grad=False)
+        v = torch.nn.Parameter(torch.empty(total_rank, out_shard, dtype=params_dtype), requires_grad=False)
+        layer.register_parameter(fmt.U_SUFFIX, u)
+        layer.register_parameter(fmt.V_SUFFIX, v)
+        layer.svd_loaded = set()
+        layer.svd_ranks = self.ranks
+        layer.svd_hf_modules = self.hf_modules
+
+        def shard_index(shard_id) -> int:
+            if shard_id is None and len(self.ranks) == 1:
+                return 0
+            if isinstance(shard_id, int) and 0 <= shard_id < len(self.ranks):
+                return shard_id
+            raise fmt.CheckpointFormatError(
+                f"{self.hf_modules}: cannot place a factor with shard id {shard_id!r} "
+                f"(this layer packs {len(self.ranks)} modules, stored separately in format v1)")
+
+        def check_shape(name: str, loaded: torch.Tensor, want) -> None:
+            if list(loaded.shape) != list(want):
+                raise fmt.CheckpointFormatError(
+                    f"tensor {name} has shape {list(loaded.shape)}, expected {list(want)} "
+                    f"(rank {want[1] if name.endswith(fmt.U_SUFFIX) else want[0]} from "
+                    f"{fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS})")
+
+        def load_u(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+            k = shard_index(shard_id)
+            r, lo = self.ranks[k], self.rank_offsets[k]
+            check_shape(fmt.u_name(self.hf_modules[k]), loaded, (input_size, r))
+            if split_input and layer.tp_size > 1:
+                loaded = loaded.narrow(0, layer.tp_rank * input_size_per_partition, input_size_per_partition)
+            param.data[:, lo:lo + r].copy_(loaded)
+            layer.svd_loaded.add((fmt.U_SUFFIX, k))
+
+        def load_v(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+            k = shard_index(shard_id)
+            r, lo = self.ranks[k], self.rank_offsets[k]
+            full_out = out_shard * (layer.tp_size if split_output else 1)
+            check_shape(fmt.v_name(self.hf_modules[k]), loaded, (r, full_out))
+            if split_output and layer.tp_size > 1:
+                loaded = loaded.narrow(1, layer.tp_rank * out_shard, out_shard)
+            param.data[lo:lo + r, :].copy_(loaded)
+            layer.svd_loaded.add((fmt.V_SUFFIX, k))
+
+        set_weight_attrs(u, {"weight_loader": load_u, **extra_weight_attrs})
+        set_weight_attrs(v, {"weight_loader": load_v, **extra_weight_attrs})
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Refuse to run a half-loaded layer: every factor must have arrived, finite."""
+        missing = [(fmt.u_name(m) if f == fmt.U_SUFFIX else fmt.v_name(m))
+                   for k, m in enumerate(self.hf_modules)
+                   for f in (fmt.U_SUFFIX, fmt.V_SUFFIX) if (f, k) not in layer.svd_loaded]
+        if missing:
+            raise fmt.CheckpointFormatError(
+                f"the checkpoint lacks {', '.join(missing)}: these modules are listed in "
+                f"{fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS}, so both factors must be present")
+        for name in (fmt.U_SUFFIX, fmt.V_SUFFIX):
+            t = getattr(layer, name)
+            if not torch.isfinite(t).all():
+                raise fmt.CheckpointFormatError(
+                    f"factor {name} of {self.hf_modules} has non-finite values (NaN or Inf)")
+
+    # ------------------------------------------------------------ compute
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return factored_linear(x, layer.svd_u, layer.svd_v, self.rank_offsets, bias)
+
+
+def factored_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank_offsets: List[int],
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`(x @ U) @ V` per packed module, outputs side by side (the reference path)."""
+    t = x @ u
+    if len(rank_offsets) == 2:
+        y = t @ v
+    else:
+        y = torch.cat([t[..., a:b] @ v[a:b] for a, b in zip(rank_offsets[:-1], rank_offsets[1:])], dim=-1)
+    if bias is not None:
+        y = y + bias
+    return y

@@ -1,0 +1,129 @@
+"""The `svd_neuron` quantization config vLLM sees.
+
+vLLM adopts it from a checkpoint's config.json (`quant_method: svd_neuron`) with
+no flag, and `--quantization svd_neuron` must agree with it. It answers
+`get_quant_method` for every linear layer: the factored linear method for MLP
+projections listed in `ranks`, vLLM's own unquantized method for every other
+linear (attention, a dense MLP), and None for non-linear layers.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from vllm_neuronmlp import checkpoint_format as fmt
+
+logger = logging.getLogger(__name__)
+
+# vLLM's stacked linears and the HF modules each one packs, used when a model
+# has not told the config its own mapping yet.
+DEFAULT_PACKED_MODULES = {"gate_up_proj": [fmt.GATE, fmt.UP]}
+
+
+def _vllm_config_base():
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+    return QuantizationConfig
+
+
+class SVDNeuronConfig(_vllm_config_base()):
+    """Ranks per HF module name, from `quantization_config` of config.json."""
+
+    def __init__(self, quant: fmt.QuantizationConfig) -> None:
+        super().__init__()
+        self.quant = quant
+        self.ranks: Dict[str, int] = dict(quant.ranks)
+        self.block_size = quant.block_size
+        from vllm_neuronmlp.mlp_fusion import install_mlp_fusion
+
+        install_mlp_fusion()
+
+    def __repr__(self) -> str:
+        return f"SVDNeuronConfig(block_size={self.block_size}, factored_modules={len(self.ranks)})"
+
+    # ---- what vLLM asks of every quantization config
+    @classmethod
+    def get_name(cls) -> str:
+        return fmt.QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> List[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0  # plain GEMMs: any device vLLM runs on
+
+    @staticmethod
+    def get_config_filenames() -> List[str]:
+        # Only read when config.json has no quantization_config, i.e. when
+        # `--quantization svd_neuron` is given for a dense checkpoint: vLLM then
+        # hands us config.json itself, and from_config reports the problem.
+        return [fmt.CONFIG_FILE]
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "SVDNeuronConfig":
+        if fmt.KEY_QUANT_METHOD not in config and fmt.QUANTIZATION_CONFIG_KEY not in config:
+            raise fmt.CheckpointFormatError(
+                f"--quantization {fmt.QUANT_METHOD} was given, but the model's {fmt.CONFIG_FILE} has no "
+                f"'{fmt.QUANTIZATION_CONFIG_KEY}' with quant_method '{fmt.QUANT_METHOD}': it is a dense "
+                f"checkpoint. Serve it without --quantization, or make an {fmt.QUANT_METHOD} checkpoint "
+                f"with `vllm-neuronmlp compress`.")
+        if fmt.QUANTIZATION_CONFIG_KEY in config:
+            config = config[fmt.QUANTIZATION_CONFIG_KEY]
+        return cls(fmt.QuantizationConfig.from_dict(config, source=f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}"))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> Optional[str]:
+        if isinstance(hf_quant_cfg, dict) and hf_quant_cfg.get(fmt.KEY_QUANT_METHOD) == fmt.QUANT_METHOD:
+            if user_quant not in (None, fmt.QUANT_METHOD):
+                return None  # let vLLM report the disagreement
+            return fmt.QUANT_METHOD
+        return None
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        # A model that renames HF prefixes (e.g. `model.` -> `language_model.model.`)
+        # tells us here; our ranks are keyed by HF names.
+        mapped = hf_to_vllm_mapper.apply_dict(self.ranks)
+        if mapped:
+            self.ranks = mapped
+
+    # ---- which method each layer gets
+    def hf_modules(self, prefix: str) -> List[str]:
+        """HF module names behind one vLLM layer prefix (a packed layer has several)."""
+        head, _, leaf = prefix.rpartition(".")
+        packed = self.packed_modules_mapping or DEFAULT_PACKED_MODULES
+        members = packed.get(leaf, DEFAULT_PACKED_MODULES.get(leaf))
+        if not members:
+            return [prefix]
+        return [f"{head}.{m}" if head else m for m in members]
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+        if not isinstance(layer, LinearBase):
+            return None
+        modules = self.hf_modules(prefix)
+        factored = [m in self.ranks for m in modules]
+        if not any(factored):
+            return UnquantizedLinearMethod()
+        if not all(factored):
+            missing = [m for m, f in zip(modules, factored) if not f]
+            raise fmt.CheckpointFormatError(
+                f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS}: vLLM layer {prefix} packs "
+                f"{modules}, but {missing} are not factored; packed modules must be factored together")
+        from vllm_neuronmlp.linear_method import SVDLinearMethod
+
+        return SVDLinearMethod(hf_modules=modules, ranks=[self.ranks[m] for m in modules])
+
+
+def register_with_vllm() -> None:
+    from vllm.model_executor.layers.quantization import (
+        _CUSTOMIZED_METHOD_TO_QUANT_CONFIG,
+        register_quantization_config,
+    )
+
+    if _CUSTOMIZED_METHOD_TO_QUANT_CONFIG.get(fmt.QUANT_METHOD) is SVDNeuronConfig:
+        return
+    register_quantization_config(fmt.QUANT_METHOD)(SVDNeuronConfig)
