@@ -78,3 +78,8 @@ def fused_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
         y = tensor_model_parallel_all_reduce(y)
     return y
+
+
+def count_fused_mlps(model: torch.nn.Module) -> int:
+    """How many MLPs of a loaded model run as the fused op (for `LLM.apply_model`)."""
+    return sum(1 for m in model.modules() if hasattr(m, "_svd_unfused_forward"))

@@ -31,14 +31,20 @@ def _vllm_config_base():
 class SVDNeuronConfig(_vllm_config_base()):
     """Ranks per HF module name, from `quantization_config` of config.json."""
 
-    def __init__(self, quant: fmt.QuantizationConfig) -> None:
+    def __init__(self, quant: Optional[fmt.QuantizationConfig] = None) -> None:
         super().__init__()
+        if quant is None:
+            # vLLM builds the config with no arguments when `--quantization
+            # svd_neuron` is given for a checkpoint whose config.json has no
+            # quantization_config (see get_config_filenames).
+            raise fmt.CheckpointFormatError(
+                f"--quantization {fmt.QUANT_METHOD} was given, but the model's {fmt.CONFIG_FILE} has no "
+                f"'{fmt.QUANTIZATION_CONFIG_KEY}' with quant_method '{fmt.QUANT_METHOD}': it is a dense "
+                f"checkpoint. Serve it without --quantization, or make an {fmt.QUANT_METHOD} checkpoint "
+                f"with `vllm-neuronmlp compress`.")
         self.quant = quant
         self.ranks: Dict[str, int] = dict(quant.ranks)
         self.block_size = quant.block_size
-        from vllm_neuronmlp.mlp_fusion import install_mlp_fusion
-
-        install_mlp_fusion()
 
     def __repr__(self) -> str:
         return f"SVDNeuronConfig(block_size={self.block_size}, factored_modules={len(self.ranks)})"
@@ -57,22 +63,13 @@ class SVDNeuronConfig(_vllm_config_base()):
 
     @staticmethod
     def get_config_filenames() -> List[str]:
-        # Only read when config.json has no quantization_config, i.e. when
-        # `--quantization svd_neuron` is given for a dense checkpoint: vLLM then
-        # hands us config.json itself, and from_config reports the problem.
-        return [fmt.CONFIG_FILE]
+        # The config lives in config.json, which vLLM reads itself. With no
+        # file names vLLM calls SVDNeuronConfig(), which reports a dense model.
+        return []
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "SVDNeuronConfig":
-        if fmt.KEY_QUANT_METHOD not in config and fmt.QUANTIZATION_CONFIG_KEY not in config:
-            raise fmt.CheckpointFormatError(
-                f"--quantization {fmt.QUANT_METHOD} was given, but the model's {fmt.CONFIG_FILE} has no "
-                f"'{fmt.QUANTIZATION_CONFIG_KEY}' with quant_method '{fmt.QUANT_METHOD}': it is a dense "
-                f"checkpoint. Serve it without --quantization, or make an {fmt.QUANT_METHOD} checkpoint "
-                f"with `vllm-neuronmlp compress`.")
-        if fmt.QUANTIZATION_CONFIG_KEY in config:
-            config = config[fmt.QUANTIZATION_CONFIG_KEY]
-        return cls(fmt.QuantizationConfig.from_dict(config, source=f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}"))
+        return cls(fmt.QuantizationConfig.from_dict(config, source=fmt.CONFIG_FILE))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> Optional[str]:
@@ -114,7 +111,11 @@ class SVDNeuronConfig(_vllm_config_base()):
                 f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS}: vLLM layer {prefix} packs "
                 f"{modules}, but {missing} are not factored; packed modules must be factored together")
         from vllm_neuronmlp.linear_method import SVDLinearMethod
+        from vllm_neuronmlp.mlp_fusion import install_mlp_fusion
 
+        # Here, not in __init__: the config may be built in another process and
+        # pickled to the workers, but the layers are built where this runs.
+        install_mlp_fusion()
         return SVDLinearMethod(hf_modules=modules, ranks=[self.ranks[m] for m in modules])
 
 

@@ -1,0 +1,124 @@
+"""Format v1: validate() accepts a good checkpoint and names each problem."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from model_factory import edit_checkpoint, make_dense_and_factored
+from vllm_neuronmlp import checkpoint_format as fmt
+
+L0_GATE = fmt.mlp_module_name(0, fmt.GATE)
+L0_UP = fmt.mlp_module_name(0, fmt.UP)
+L1_DOWN = fmt.mlp_module_name(1, fmt.DOWN)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fmt")
+    _, fact = make_dense_and_factored(str(root), hidden=64 * 3, intermediate=200, layers=2, rank=32,
+                                      ranks={L1_DOWN: 64})
+    return fact
+
+
+@pytest.fixture
+def ckpt(good, tmp_path):
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(good, path)
+    return path
+
+
+def test_good_checkpoint_report(good):
+    report = fmt.validate(good)
+    assert report.factored[L0_GATE] == (192, 200, 32)
+    assert report.factored[L1_DOWN] == (200, 192, 64)
+    assert len(report.factored) == 6
+    # independent count of the factored parameters
+    want = 5 * 32 * (192 + 200) + 64 * (200 + 192)
+    assert report.mlp_factored_params == want
+    assert report.mlp_dense_params == 6 * 192 * 200
+    assert fmt.mlp_ratio(report.model_config, report.quant.ranks) == pytest.approx(1 - want / (6 * 192 * 200))
+
+
+def test_config_round_trip():
+    q = fmt.QuantizationConfig(block_size=128, ranks={L0_GATE: 256, L0_UP: 128}, provenance={"ratio": 0.2})
+    d = q.to_dict()
+    assert d["quant_method"] == "svd_neuron" and d["format_version"] == 1
+    back = fmt.QuantizationConfig.from_dict(d)
+    assert back.ranks == q.ranks and back.block_size == 128 and back.provenance == {"ratio": 0.2}
+
+
+def test_missing_factor(ckpt):
+    edit_checkpoint(ckpt, drop=[fmt.v_name(L1_DOWN)])
+    with pytest.raises(fmt.CheckpointFormatError, match=r"model\.layers\.1\.mlp\.down_proj\.svd_v is missing"):
+        fmt.validate(ckpt)
+
+
+def test_wrong_shape(ckpt):
+    edit_checkpoint(ckpt, replace={fmt.u_name(L0_GATE): torch.zeros(192, 64)})
+    with pytest.raises(fmt.CheckpointFormatError,
+                       match=r"gate_proj\.svd_u has shape \[192, 64\], expected \[192, 32\]"):
+        fmt.validate(ckpt)
+
+
+def test_rank_not_multiple_of_block(ckpt):
+    edit_checkpoint(ckpt, quant_update={"block_size": 64})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"ranks\['model\.layers\.0\.mlp\.gate_proj'\] is 32, "
+                                                          r"expected a positive multiple of block_size 64"):
+        fmt.validate(ckpt)
+
+
+def test_unknown_format_version(ckpt):
+    edit_checkpoint(ckpt, quant_update={"format_version": 7})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"format_version is 7; .* reads format versions \[1\]"):
+        fmt.validate(ckpt)
+
+
+def test_weight_left_beside_factors(ckpt):
+    edit_checkpoint(ckpt, replace={fmt.weight_name(L0_UP): torch.zeros(200, 192)})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"up_proj\.weight is present although .* is factored"):
+        fmt.validate(ckpt)
+
+
+def test_gate_without_up(ckpt):
+    config = fmt.read_config(ckpt)
+    del config["quantization_config"]["ranks"][L0_UP]
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(fmt.CheckpointFormatError, match=r"gate_proj is factored but .*up_proj is not"):
+        fmt.validate(ckpt)
+
+
+def test_non_finite_values(ckpt):
+    bad = torch.randn(32, 200)
+    bad[3, 4] = float("nan")
+    edit_checkpoint(ckpt, replace={fmt.v_name(L0_UP): bad})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"up_proj\.svd_v has 1 non-finite values"):
+        fmt.validate(ckpt)
+
+
+def test_stray_factor(ckpt):
+    config = fmt.read_config(ckpt)
+    for m in (fmt.mlp_module_name(1, p) for p in (fmt.GATE, fmt.UP)):
+        del config["quantization_config"]["ranks"][m]
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(fmt.CheckpointFormatError, match=r"layers\.1\.mlp\.(gate|up)_proj\.svd_[uv] is a factor of .*not listed"):
+        fmt.validate(ckpt)
+
+
+def test_truncated_safetensors(ckpt):
+    path = os.path.join(ckpt, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(fmt.CheckpointFormatError, match=r"model\.safetensors: tensor .* runs past the end"):
+        fmt.validate(ckpt)
+
+
+def test_not_a_svd_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(fmt.CheckpointFormatError, match=r"config\.json: has no 'quantization_config'"):
+        fmt.validate(str(tmp_path))
+    with pytest.raises(fmt.CheckpointFormatError, match=r"config\.json: not found"):
+        fmt.validate(str(tmp_path / "nowhere"))
