@@ -1,0 +1,288 @@
+"""The NKI emulator itself: values, counts, memory lifetimes and the latency model,
+checked with small hand-written kernels against numpy and hand arithmetic."""
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from vllm_neuronmlp.kernels import sim
+from vllm_neuronmlp.kernels.sim import isa as nisa
+from vllm_neuronmlp.kernels.sim import language as nl
+
+BF16 = ml_dtypes.bfloat16
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def k_matmul(a_t, b, accumulate_twice=False):
+    """out = a_t.T @ b (optionally the product accumulated twice)."""
+    K, M = a_t.shape
+    N = b.shape[1]
+    out = nl.ndarray((M, N), dtype=nl.float32, buffer=nl.shared_hbm)
+    at = nl.ndarray((K, M), dtype=a_t.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=at, src=a_t)
+    bt = nl.ndarray((K, N), dtype=b.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=bt, src=b)
+    ps = nl.ndarray((M, N), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=ps, stationary=at, moving=bt)
+    if accumulate_twice:
+        nisa.nc_matmul(dst=ps, stationary=at, moving=bt, accumulate=True)
+    o = nl.ndarray((M, N), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=o, src=ps)
+    nisa.dma_copy(dst=out, src=o)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_matmul_values_match_float64(dtype):
+    rng = _rng(1)
+    a = rng.standard_normal((128, 96)).astype(dtype)
+    b = rng.standard_normal((128, 300)).astype(dtype)
+    y, st = sim.run(k_matmul, a, b)
+    ref = a.astype(np.float64).T @ b.astype(np.float64)
+    assert y.dtype == np.float32 and y.shape == (96, 300)
+    # operands are exact in both cases; only fp32 accumulation rounds
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+    assert st.matmul_count == 1 and st.flops == 2 * 128 * 96 * 300
+
+
+def test_psum_accumulate_true_adds_and_default_overwrites_first():
+    rng = _rng(2)
+    a = rng.standard_normal((64, 32)).astype(np.float32)
+    b = rng.standard_normal((64, 40)).astype(np.float32)
+    y, _ = sim.run(k_matmul, a, b, accumulate_twice=True)
+    np.testing.assert_allclose(y, 2 * (a.T.astype(np.float64) @ b), rtol=1e-5, atol=1e-4)
+
+
+def k_roundtrip(x, through):
+    """HBM fp32 -> SBUF tile of dtype `through` -> HBM fp32."""
+    out = nl.ndarray(x.shape, dtype=nl.float32, buffer=nl.shared_hbm)
+    t = nl.ndarray(x.shape, dtype=through, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x)
+    nisa.dma_copy(dst=out, src=t)
+    return out
+
+
+def test_bf16_tiles_round_to_nearest_even():
+    x = np.array([[1.0 + 2 ** -9, 1.0 + 3 * 2 ** -9, 3.14159265, -2.0 ** -130]],
+                 dtype=np.float32)
+    y, _ = sim.run(k_roundtrip, x, through=nl.bfloat16)
+    np.testing.assert_array_equal(y, x.astype(BF16).astype(np.float32))
+    assert y[0, 0] == 1.0 and y[0, 1] == 1.0 + 2 ** -7   # ties to even
+    y32, _ = sim.run(k_roundtrip, x, through=nl.float32)
+    np.testing.assert_array_equal(y32, x)
+
+
+def k_bytes(a, b):
+    """Load a [128, 64] bf16 and b [64, 300] fp32; store a back twice and b once."""
+    out_a = nl.ndarray((2, 128, 64), dtype=a.dtype, buffer=nl.shared_hbm)
+    out_b = nl.ndarray(b.shape, dtype=b.dtype, buffer=nl.shared_hbm)
+    ta = nl.load(a)
+    tb = nl.ndarray(b.shape, dtype=b.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tb, src=b)
+    nisa.dma_copy(dst=out_a[0], src=ta)
+    nisa.dma_copy(dst=out_a[1, :, :], src=ta)
+    nl.store(out_b, tb)
+    return out_a, out_b
+
+
+def test_hand_computed_hbm_and_dma_counts():
+    rng = _rng(3)
+    a = rng.standard_normal((128, 64)).astype(BF16)
+    b = rng.standard_normal((64, 300)).astype(np.float32)
+    (oa, ob), st = sim.run(k_bytes, a, b)
+    np.testing.assert_array_equal(oa[1], a)
+    np.testing.assert_array_equal(ob, b)
+    a_bytes = 128 * 64 * 2          # 16384
+    b_bytes = 64 * 300 * 4          # 76800
+    assert st.hbm_read_bytes == a_bytes + b_bytes
+    assert st.hbm_write_bytes == 2 * a_bytes + b_bytes
+    assert st.dma_count == 5
+    assert st.dma_min_bytes == a_bytes and st.dma_max_bytes == b_bytes
+    assert st.dma_size_hist == {16384: 3, 65536: 2}
+    # SBUF: a tile 64*2 B + b tile 300*4 B per partition, both live at the end
+    assert st.sbuf_peak_bytes == 64 * 2 + 300 * 4
+    assert st.psum_peak_bytes == 0
+
+
+def test_count_only_counts_equal_value_mode():
+    rng = _rng(4)
+    a = rng.standard_normal((128, 64)).astype(BF16)
+    b = rng.standard_normal((64, 300)).astype(np.float32)
+    _, st_v = sim.run(k_bytes, a, b)
+    outs, st_c = sim.run(k_bytes, sim.spec((128, 64), "bfloat16"), sim.spec((64, 300), "float32"),
+                         count_only=True)
+    assert outs == (None, None)
+    d_v, d_c = st_v.as_dict(), st_c.as_dict()
+    d_v.pop("count_only"), d_c.pop("count_only")
+    assert d_v == d_c
+
+
+def k_lifetimes(x, n_iter):
+    """A loop-body tile rebound each iteration (double-buffered) and a helper-local tile."""
+    def helper():
+        t = nl.ndarray((128, 100), dtype=nl.float32, buffer=nl.sbuf)   # 400 B, dies on return
+        nisa.memset(dst=t, value=0.0)
+
+    keep = nl.ndarray((128, 10), dtype=nl.float32, buffer=nl.sbuf)     # 40 B, lives throughout
+    for _ in range(n_iter):
+        t = nl.ndarray((128, 250), dtype=nl.bfloat16, buffer=nl.sbuf)  # 500 B
+        nisa.dma_copy(dst=t[0:1, 0:250], src=x)
+    helper()
+    helper()
+    ps = [nl.ndarray((128, 100), dtype=nl.float32, buffer=nl.psum) for _ in range(3)]
+    big = nl.ndarray((128, 2, 512), dtype=nl.float32, buffer=nl.psum)  # 4 KiB: two banks
+    del keep, ps, big
+    return None
+
+
+def test_memory_lifetimes_and_psum_banks():
+    x = np.ones((1, 250), dtype=BF16)
+    _, st = sim.run(k_lifetimes, x, n_iter=3)
+    # loop: keep + two buffers of t at the rebinding moment (1040) beats the helper's
+    # keep + last t + its own 400 B (940)
+    assert st.sbuf_peak_bytes == 40 + 2 * 500
+    # three 400 B PSUM tiles take a bank each, the 4 KiB tile two banks
+    assert st.psum_peak_banks == 5 and st.psum_peak_bytes == 5 * 2048
+    _, st1 = sim.run(k_lifetimes, x, n_iter=1)
+    assert st1.sbuf_peak_bytes == 40 + 500 + 400     # one iteration: no second buffer
+
+
+def k_engines(x):
+    """One tile through scalar (silu), vector (multiply), and a PE transpose."""
+    P, F = x.shape
+    out = nl.ndarray((F, P), dtype=nl.float32, buffer=nl.shared_hbm)
+    t = nl.ndarray((P, F), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x)
+    s = nl.ndarray((P, F), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=s, op=nl.silu, data=t)
+    m = nl.ndarray((P, F), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=m, data1=s, data2=t, op=nl.multiply)
+    tp = nl.ndarray((F, P), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=tp, data=m)
+    o = nl.ndarray((F, P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=o, src=tp)
+    nisa.dma_copy(dst=out, src=o)
+    return out
+
+
+def test_scalar_vector_and_transpose_values_and_cycles():
+    rng = _rng(5)
+    x = rng.standard_normal((100, 120)).astype(np.float32)
+    y, st = sim.run(k_engines, x)
+    xd = x.astype(np.float64)
+    ref = (xd / (1 + np.exp(-xd)) * xd).T
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+    assert st.engine_cycles["scalar"] == 120                # max(64, 120)
+    assert st.engine_cycles["vector"] == 120 + 100          # multiply (F=120), PSUM copy (F=100)
+    assert st.engine_cycles["tensor"] == 4 * max(64, 100)   # fp32 transpose: 4 passes
+    assert st.pe_transpose_count == 1 and st.flops == 0
+
+
+def k_dma_t(x):
+    F, P = x.shape
+    out = nl.ndarray((P, F), dtype=x.dtype, buffer=nl.shared_hbm)
+    t = nl.ndarray((P, F), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_transpose(dst=t, src=x)
+    nisa.dma_copy(dst=out, src=t)
+    return out
+
+
+def test_dma_transpose_values_and_counts():
+    x = _rng(6).standard_normal((300, 128)).astype(BF16)
+    y, st = sim.run(k_dma_t, x)
+    np.testing.assert_array_equal(y, x.T)
+    assert st.dma_transpose_count == 1 and st.dma_count == 2
+    assert st.hbm_read_bytes == st.hbm_write_bytes == 300 * 128 * 2
+
+
+def k_many_matmuls(a_t, b, n):
+    K, M = a_t.shape
+    at = nl.load(a_t)
+    bt = nl.load(b)
+    for _ in range(n):
+        ps = nl.ndarray((M, b.shape[1]), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=at, moving=bt)
+    return None
+
+
+@pytest.mark.parametrize("target", ["trn1", "trn2"])
+def test_latency_model_by_hand(target):
+    t = sim.get_target(target)
+    _, st = sim.run(k_many_matmuls, sim.spec((128, 128)), sim.spec((128, 512)), n=1000,
+                    target=target, count_only=True)
+    tensor_s = 1000 * 512 / t.pe_hz
+    hbm = 128 * 128 * 2 + 128 * 512 * 2
+    dma_s = max(((128 * 128 * 2 + 128 * 512 * 2) / t.dma_engine_bytes_per_s
+                 + 2 * t.dma_fixed_s) / t.dma_engines, hbm / t.hbm_bytes_per_s)
+    assert st.engine_time_s["tensor"] == pytest.approx(tensor_s)
+    assert st.engine_time_s["dma"] == pytest.approx(dma_s)
+    assert st.bound_by == "tensor"
+    assert st.modeled_latency_s == pytest.approx(tensor_s + 2 * t.dma_fixed_s)
+    flops = 1000 * 2 * 128 * 128 * 512
+    assert st.flops == flops
+    assert st.mfu == pytest.approx(flops / (2 * 128 * 128 * t.pe_hz * st.modeled_latency_s))
+    assert 0.98 < st.mfu < 1.0      # only the two exposed fixed DMA costs are lost
+
+
+def test_small_matmuls_waste_the_array():
+    """A 64-wide moving operand costs the 64-cycle floor; a 32-row contraction still
+    occupies the whole array: MFU falls accordingly."""
+    _, st = sim.run(k_many_matmuls, sim.spec((32, 128)), sim.spec((32, 16)), n=100,
+                    count_only=True)
+    assert st.engine_cycles["tensor"] == 100 * 64
+    assert st.flops == 100 * 2 * 32 * 128 * 16
+
+
+def test_trn2_has_more_sbuf_than_trn1():
+    def k(x):
+        nl.ndarray((128, 100_000), dtype=nl.bfloat16, buffer=nl.sbuf)   # 200000 B/partition
+        return None
+
+    _, st = sim.run(k, np.zeros((1, 1), np.float32), target="trn2")
+    assert st.sbuf_peak_bytes == 200_000 and st.sbuf_capacity_bytes == 224 * 1024
+    with pytest.raises(sim.SbufCapacityError):
+        sim.run(k, np.zeros((1, 1), np.float32), target="trn1")
+
+
+def test_targets_numbers():
+    assert sim.TRN1.peak_flops == pytest.approx(91.75e12, rel=1e-3)
+    assert sim.TRN2.peak_flops == pytest.approx(78.6e12, rel=1e-3)
+    assert 220 < sim.TRN1.ridge_flop_per_byte < 226
+    assert 214 < sim.TRN2.ridge_flop_per_byte < 220
+    with pytest.raises(ValueError, match="unknown target"):
+        sim.get_target("trn9")
+
+
+def test_views_and_shapes():
+    def k(x):
+        t = nl.ndarray((128, 4, 300), dtype=nl.float32, buffer=nl.sbuf)
+        assert t[:, 1, :].shape == (128, 300)
+        assert t[0:7, 2, 10:20].shape == (7, 10)
+        assert t[0:7][..., 0:3].shape == (7, 4, 3)
+        assert t[3:10][2:4, 1].shape == (2, 300)
+        with pytest.raises(IndexError):
+            t[0, 0, 0, 0]
+        return None
+
+    sim.run(k, np.zeros((1, 1), np.float32))
+
+
+def test_jit_and_simulate_return_outputs():
+    a = _rng(7).standard_normal((16, 8)).astype(np.float32)
+    b = _rng(8).standard_normal((16, 24)).astype(np.float32)
+    jitted = sim.jit(k_matmul)
+    np.testing.assert_allclose(jitted(a, b), a.T @ b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sim.simulate(k_matmul)(a, b), a.T @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_stats_dict_access():
+    _, st = sim.run(k_matmul, sim.spec((128, 128)), sim.spec((128, 512)), count_only=True)
+    for key in ("hbm_read_bytes", "hbm_write_bytes", "flops", "sbuf_peak_bytes",
+                "psum_peak_bytes", "modeled_latency_s", "mfu", "dma_count", "matmul_count",
+                "engine_cycles", "hbm_bytes"):
+        assert st[key] == getattr(st, key)
+    assert math.isclose(st.arithmetic_intensity, st.flops / st.hbm_bytes)
