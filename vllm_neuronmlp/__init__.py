@@ -18,3 +18,18 @@ def register() -> None:
 
     register_with_vllm()
     _registered = True
+
+
+def _register_with_transformers() -> None:
+    # `import vllm_neuronmlp` makes transformers' from_pretrained load svd_neuron
+    # checkpoints. Skipped where transformers is absent (the kernels need only numpy).
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return
+    from vllm_neuronmlp.hf_quantizer import register_with_transformers
+
+    register_with_transformers()
+
+
+_register_with_transformers()

@@ -118,10 +118,15 @@ class SVDLinearMethod(_linear_method_base()):
                 f"the checkpoint lacks {', '.join(missing)}: these modules are listed in "
                 f"{fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS}, so both factors must be present")
         for name in (fmt.U_SUFFIX, fmt.V_SUFFIX):
-            t = getattr(layer, name)
-            if not torch.isfinite(t).all():
+            param = getattr(layer, name)
+            if not torch.isfinite(param).all():
                 raise fmt.CheckpointFormatError(
                     f"factor {name} of {self.hf_modules} has non-finite values (NaN or Inf)")
+            if param.device.type == "cpu":
+                # Same logical shape, nn.Linear's memory layout (column-major): CPU
+                # GEMMs, bf16 ones above all on CPUs without AVX512-BF16, run several
+                # times faster with it (measured 6x for `x @ U` in bf16 on AVX2).
+                param.data = param.data.t().contiguous().t()
 
     # ------------------------------------------------------------ compute
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""Load `svd_neuron` checkpoints in Hugging Face transformers.
+
+After `import vllm_neuronmlp`, `AutoModelForCausalLM.from_pretrained(ckpt)` reads
+the checkpoint's `quantization_config`, swaps every factored `nn.Linear` for an
+`SVDLinear` holding `svd_u` / `svd_v` (the same names as on disk, so the normal
+loader fills them) and computes `(x @ svd_u) @ svd_v`. peft and other HF tools
+then see ordinary trainable parameters; `save_pretrained` writes format v1 back.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from vllm_neuronmlp import checkpoint_format as fmt
+
+
+class SVDLinear(nn.Module):
+    """A linear layer stored as two factors: y = (x @ svd_u) @ svd_v (+ bias)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        kw = {"dtype": dtype, "device": device}
+        setattr(self, fmt.U_SUFFIX, nn.Parameter(torch.empty(in_features, rank, **kw)))
+        setattr(self, fmt.V_SUFFIX, nn.Parameter(torch.empty(rank, out_features, **kw)))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x @ getattr(self, fmt.U_SUFFIX)) @ getattr(self, fmt.V_SUFFIX)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class SVDNeuronHFConfig(QuantizationConfigMixin):
+    """The `quantization_config` of an svd_neuron checkpoint, as transformers holds it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault(fmt.KEY_QUANT_METHOD, fmt.QUANT_METHOD)
+        parsed = fmt.QuantizationConfig.from_dict(kwargs)  # checks version, ranks, block size
+        self.quant_method = fmt.QUANT_METHOD
+        self._raw: Dict[str, Any] = dict(kwargs)
+        self.ranks = parsed.ranks
+        self.block_size = parsed.block_size
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self._raw)
+
+    def to_diff_dict(self) -> Dict[str, Any]:
+        return self.to_dict()
+
+
+class SVDNeuronHfQuantizer(HfQuantizer):
+    requires_calibration = True  # only pre-factored checkpoints load; the tool makes them
+
+    def _process_model_before_weight_loading(self, model, **kwargs) -> None:
+        ranks = self.quantization_config.ranks
+        for name in ranks:
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError:
+                raise fmt.CheckpointFormatError(
+                    f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS} names {name}, "
+                    f"which this model does not have") from None
+            if not isinstance(linear, nn.Linear):
+                raise fmt.CheckpointFormatError(f"{name} is a {type(linear).__name__}, not a linear layer")
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, SVDLinear(linear.in_features, linear.out_features, ranks[name],
+                                            bias=linear.bias is not None, dtype=linear.weight.dtype,
+                                            device=linear.weight.device))
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register_with_transformers() -> None:
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    if AUTO_QUANTIZER_MAPPING.get(fmt.QUANT_METHOD) is SVDNeuronHfQuantizer:
+        return
+    register_quantization_config(fmt.QUANT_METHOD)(SVDNeuronHFConfig)
+    register_quantizer(fmt.QUANT_METHOD)(SVDNeuronHfQuantizer)
