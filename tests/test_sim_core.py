@@ -177,7 +177,8 @@ def test_scalar_vector_and_transpose_values_and_cycles():
     ref = (xd / (1 + np.exp(-xd)) * xd).T
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
     assert st.engine_cycles["scalar"] == 120                # max(64, 120)
-    assert st.engine_cycles["vector"] == 120 + 100          # multiply (F=120), PSUM copy (F=100)
+    # multiply: two input tiles, ~2N cycles (arch guide, VectorE cost model); PSUM copy F=100
+    assert st.engine_cycles["vector"] == 2 * 120 + 100
     assert st.engine_cycles["tensor"] == 4 * max(64, 100)   # fp32 transpose: 4 passes
     assert st.pe_transpose_count == 1 and st.flops == 0
 
@@ -216,7 +217,11 @@ def test_latency_model_by_hand(target):
                     target=target, count_only=True)
     tensor_s = 1000 * 512 / t.pe_hz
     hbm = 128 * 128 * 2 + 128 * 512 * 2
-    dma_s = max(((128 * 128 * 2 + 128 * 512 * 2) / t.dma_engine_bytes_per_s
+    # a_t rows are 256 B (efficiency 0.105), b rows 1 KiB (0.43), at the sustained rate
+    # (17 B/ns trn1, 23 B/ns trn2) -- see targets.DMA_CHUNK_EFFICIENCY
+    rate = {"trn1": 17e9, "trn2": 23e9}[target]
+    assert t.dma_cost_bytes_per_s == rate
+    dma_s = max((128 * 128 * 2 / (rate * 0.105) + 128 * 512 * 2 / (rate * 0.43)
                  + 2 * t.dma_fixed_s) / t.dma_engines, hbm / t.hbm_bytes_per_s)
     assert st.engine_time_s["tensor"] == pytest.approx(tensor_s)
     assert st.engine_time_s["dma"] == pytest.approx(dma_s)
@@ -286,3 +291,111 @@ def test_stats_dict_access():
                 "engine_cycles", "hbm_bytes"):
         assert st[key] == getattr(st, key)
     assert math.isclose(st.arithmetic_intensity, st.flops / st.hbm_bytes)
+
+
+# -- documented DMA / engine costs (sources in kernels/sim/targets.py) -------------------
+
+def k_copy(x):
+    """HBM -> SBUF -> nowhere: one DMA of the whole argument."""
+    t = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x)
+    return None
+
+
+def k_copy_cols(x, cols):
+    """One DMA of x[:, 0:cols] (a partial row: contiguous runs of cols elements)."""
+    t = nl.ndarray((x.shape[0], cols), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x[:, 0:cols])
+    return None
+
+
+def test_dma_chunk_efficiency_table_and_interpolation():
+    eff = sim.targets.dma_chunk_efficiency
+    assert eff(256) == pytest.approx(0.105)
+    assert eff(1024) == pytest.approx(0.43)
+    assert eff(2048) == pytest.approx(0.84)
+    assert eff(4096) == eff(65536) == 1.0
+    assert eff(8) == pytest.approx(0.015)
+    # log2-linear between 256 (0.105) and 512 (0.22): 384 B -> 0.105 + 0.115 * log2(1.5)
+    assert eff(384) == pytest.approx(0.105 + 0.115 * math.log2(1.5))
+
+
+@pytest.mark.parametrize("cols,eff", [(128, 0.105), (1024, 0.84), (2048, 1.0)])
+def test_dma_cost_by_bytes_per_partition(cols, eff):
+    """trn1: [128, cols] bf16 in one DMA costs bytes / (17 B/ns * eff) + 1.3 us of
+    engine time, shared by 16 engines."""
+    t = sim.TRN1
+    _, st = sim.run(k_copy, sim.spec((128, cols)), count_only=True)
+    nbytes = 128 * cols * 2
+    want = (nbytes / (17e9 * eff) + 1.3e-6) / 16
+    assert want > nbytes / t.hbm_bytes_per_s          # the engines, not HBM, bound it
+    assert st.engine_time_s["dma"] == pytest.approx(want)
+    assert st.dma_min_run_bytes == cols * 2
+
+
+def test_dma_run_is_the_contiguous_part_of_a_strided_view():
+    """128 columns out of 4096-wide rows: 256 B runs (eff 0.105), although the HBM
+    tensor is long; the whole rows: 8 KiB runs (eff 1)."""
+    _, part = sim.run(k_copy_cols, sim.spec((128, 4096)), cols=128, count_only=True)
+    assert part.dma_min_run_bytes == 256
+    assert part.engine_time_s["dma"] == pytest.approx((32768 / (17e9 * 0.105) + 1.3e-6) / 16)
+    _, full = sim.run(k_copy_cols, sim.spec((128, 4096)), cols=4096, count_only=True)
+    assert full.dma_min_run_bytes == 8192
+    assert full.engine_time_s["dma"] == pytest.approx((1048576 / 17e9 + 1.3e-6) / 16)
+
+
+@pytest.mark.parametrize("target,rate", [("trn1", 17e9), ("trn2", 23e9)])
+def test_dma_transpose_runs_at_90_percent(target, rate):
+    """x [2048, 128] bf16 -> x^T [128, 2048] by DMA transpose (eff 0.9), then stored
+    with 4 KiB runs (eff 1): by hand."""
+    t = sim.get_target(target)
+    _, st = sim.run(k_dma_t, sim.spec((2048, 128)), target=target, count_only=True)
+    nbytes = 2048 * 128 * 2
+    engine = (nbytes / (rate * 0.9) + nbytes / rate + 2 * 1.3e-6) / 16
+    assert st.engine_time_s["dma"] == pytest.approx(max(engine, 2 * nbytes / t.hbm_bytes_per_s))
+    assert st.engine_time_s["dma"] == pytest.approx(engine)
+
+
+def k_two_input(x, op_count):
+    t = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x)
+    o = nl.ndarray(x.shape, dtype=nl.float32, buffer=nl.sbuf)
+    for _ in range(op_count):
+        nisa.tensor_tensor(dst=o, data1=t, data2=t, op=nl.add)          # two inputs: 2F
+        nisa.tensor_scalar(dst=o, data=t, op0=nl.multiply, operand0=2.0)  # one input: F
+    return None
+
+
+def test_vector_two_input_instructions_cost_twice():
+    _, st = sim.run(k_two_input, sim.spec((128, 300), "float32"), op_count=10, count_only=True)
+    assert st.engine_cycles["vector"] == 10 * (2 * 300 + 300)
+    # the 64-cycle floor applies to the doubled count: F=20 -> max(64, 40) + max(64, 20)
+    _, small = sim.run(k_two_input, sim.spec((128, 20), "float32"), op_count=1, count_only=True)
+    assert small.engine_cycles["vector"] == 64 + 64
+
+
+def k_psum_consumers(a_t, b):
+    """One matmul; ScalarE (silu) and VectorE (multiply) both read its PSUM result."""
+    at = nl.load(a_t)
+    bt = nl.load(b)
+    ps = nl.ndarray((a_t.shape[1], b.shape[1]), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=ps, stationary=at, moving=bt)
+    g = nl.ndarray(ps.shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=g, op=nl.silu, data=ps)                         # scalar, PSUM
+    o = nl.ndarray(ps.shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=o, data1=g, data2=ps, op=nl.multiply)       # vector, PSUM
+    nisa.tensor_copy(dst=g, src=o)                                      # vector, SBUF only
+    return None
+
+
+def test_psum_port_shared_by_vector_and_scalar_on_trn1_only():
+    """NeuronCore-v2: VectorE and ScalarE cannot access PSUM in parallel, so their PSUM
+    instructions add up on one port; NeuronCore-v3 lifts the restriction."""
+    specs = (sim.spec((128, 128)), sim.spec((128, 512)))
+    _, st1 = sim.run(k_psum_consumers, *specs, target="trn1", count_only=True)
+    t = sim.TRN1
+    want = 512 / t.scalar_hz + 2 * 512 / t.vector_hz      # silu 512 + multiply 2 x 512
+    assert st1.engine_time_s["psum_port"] == pytest.approx(want)
+    assert st1.engine_time_s["vector"] == pytest.approx((2 * 512 + 512) / t.vector_hz)
+    _, st2 = sim.run(k_psum_consumers, *specs, target="trn2", count_only=True)
+    assert "psum_port" not in st2.engine_time_s

@@ -84,6 +84,8 @@ class Counters:
         self.dma_max_bytes = 0
         self.dma_size_hist = {}          # power-of-two bucket (bytes) -> count
         self.dma_engine_s = 0.0          # engine-seconds summed over all DMA engines
+        self.dma_min_run_bytes = None    # smallest contiguous run (DMA buffer) of any copy
+        self.psum_port_s = 0.0           # NC-v2: VectorE+ScalarE time on PSUM operands
         self.matmul_count = 0
         self.matmul_flops = 0
         self.pe_transpose_count = 0
@@ -319,6 +321,25 @@ class NkiTensor:
                 first += r[0] * strides[d]
                 last += r[-1] * strides[d]
         return first, last
+
+    def contiguous_run_bytes(self):
+        """Bytes of the innermost run of the view that is contiguous in memory (one DMA
+        buffer). On-chip tiles never run across partitions (dim 0); HBM views may."""
+        shape = self._alloc.shape
+        lo = 1 if self._alloc.buffer.on_chip else 0
+        run = 1
+        for d in range(len(shape) - 1, lo - 1, -1):
+            r = self._index[d]
+            if r.__class__ is range:
+                n = len(r)
+                if n > 1 and r.step != 1:
+                    break                      # strided: runs of what is inside
+                run *= n
+                if n != shape[d]:
+                    break                      # partial dim: the run ends here
+            elif shape[d] != 1:
+                break                          # a fixed index into a longer dim
+        return run * self.itemsize
 
     def partitions(self):
         """Number of partitions the view spans (dim 0 of an on-chip tile)."""

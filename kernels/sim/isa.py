@@ -9,9 +9,16 @@ Cost figures (per instruction; see `runner.Stats` for how they combine):
 * nc_transpose (tensor engine): a matmul against an identity, max(64, P) cycles (x4
   for 4-byte data); counted as a transpose, not as FLOPs.
 * vector / scalar / gpsimd instructions: max(64, F) cycles of their engine, F = elements
-  per partition.
+  per partition; VectorE instructions with two input tiles (tensor_tensor) 2F ("roughly
+  2N cycles", trainium_inferentia2_arch.rst, Vector Engine cost model). On NeuronCore-v2
+  the VectorE/ScalarE instructions that read or write PSUM also add their time to a
+  shared PSUM port (the two engines "cannot access PSUM in parallel", same page).
 * DMA (dma_copy, dma_transpose): the fixed cost of one transfer plus bytes at one DMA
-  engine's bandwidth, in DMA-engine-seconds; the 16 engines share the total.
+  engine's sustained bandwidth (17 B/ns trn1, 23 B/ns trn2) divided by an efficiency, in
+  DMA-engine-seconds; the 16 engines share the total. Efficiency: for a copy, the
+  documented throughput-vs-bytes-per-partition curve at the copy's smallest contiguous
+  run (`targets.dma_chunk_efficiency`: 256 B -> 0.105, 1 KiB -> 0.43, 2 KiB -> 0.84,
+  >= 4 KiB -> 1); for a DMA transpose, 0.9 ("up to 90%" of a copy). See `targets`.
 """
 import enum
 
@@ -19,6 +26,7 @@ import numpy as np
 
 from . import core
 from .core import FP32, PSUM, SBUF, NkiTensor, _fmt_shape
+from .targets import DMA_TRANSPOSE_EFFICIENCY, dma_chunk_efficiency
 from .errors import (DmaPsumError, DmaTransposeError, EngineAccessError, MatmulMemoryError,
                      MovingFreeError, PartitionDimError, PsumBankError, ShapeMismatchError,
                      StationaryFreeError, UnsupportedError)
@@ -80,11 +88,24 @@ def _fp32(t: NkiTensor) -> np.ndarray:
     return np.asarray(t.read(), dtype=np.float32)
 
 
-def _charge(ctx, eng: str, free_elems: int):
+_ENGINE_HZ = {"vector": "vector_hz", "scalar": "scalar_hz", "gpsimd": "gpsimd_hz"}
+
+
+def _charge(ctx, eng: str, free_elems: int, *operands, inputs: int = 1):
+    """Charge one vector/scalar/gpsimd instruction: max(64, F) cycles, x2 for a VectorE
+    instruction with two input tiles; on NC-v2 its PSUM-touching time also goes to the
+    VectorE/ScalarE shared PSUM port."""
     t = ctx.target
-    cycles = max(t.engine_min_cycles, int(free_elems))
-    ctx.counters.cycles[eng] += cycles
-    ctx.counters.instructions[eng] += 1
+    work = int(free_elems)
+    if eng == "vector" and inputs >= 2:
+        work *= t.vector_two_input_factor
+    cycles = max(t.engine_min_cycles, work)
+    c = ctx.counters
+    c.cycles[eng] += cycles
+    c.instructions[eng] += 1
+    if (t.psum_shared_vector_scalar and eng in ("vector", "scalar")
+            and any(o.buffer is PSUM for o in operands)):
+        c.psum_port_s += cycles / getattr(t, _ENGINE_HZ[eng])
 
 
 def _compute_engine(eng, default="vector"):
@@ -262,7 +283,7 @@ def tensor_copy(dst, src, engine=engine.unknown, name=None):
     _check_engine_access(instr, eng, dst, src)
     _same_layout(instr, dst, src, "dst and src")
     ctx = core.current()
-    _charge(ctx, eng, src.free_size())
+    _charge(ctx, eng, src.free_size(), dst, src)
     if not ctx.count_only:
         dst.write(np.asarray(src.read()).reshape(dst.shape))
 
@@ -288,7 +309,7 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
     _check_engine_access(instr, "scalar", dst, data)
     _same_layout(instr, dst, data, "dst and data")
     ctx = core.current()
-    _charge(ctx, "scalar", data.free_size())
+    _charge(ctx, "scalar", data.free_size(), dst, data)
     b = _scalar_or_vector(bias, data, instr, "bias")
     s = _scalar_or_vector(scale, data, instr, "scale")
     if not ctx.count_only:
@@ -324,7 +345,7 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     _same_layout(instr, data1, data2, "data1 and data2")
     _same_layout(instr, dst, data1, "dst and data1")
     ctx = core.current()
-    _charge(ctx, eng, data1.free_size())
+    _charge(ctx, eng, data1.free_size(), dst, data1, data2, inputs=2)
     if not ctx.count_only:
         a = _fp32(data1).reshape(dst.shape)
         b = _fp32(data2).reshape(dst.shape)
@@ -343,7 +364,7 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     _check_engine_access(instr, eng, dst, data)
     _same_layout(instr, dst, data, "dst and data")
     ctx = core.current()
-    _charge(ctx, eng, data.free_size())
+    _charge(ctx, eng, data.free_size(), dst, data)
     a0 = _scalar_or_vector(operand0, data, instr, "operand0")
     a1 = _scalar_or_vector(operand1, data, instr, "operand1") if f1 is not None else None
     if not ctx.count_only:
@@ -361,7 +382,7 @@ def memset(dst, value, engine=engine.unknown, name=None):
     eng = _compute_engine(engine)
     _check_engine_access(instr, eng, dst)
     ctx = core.current()
-    _charge(ctx, eng, dst.free_size())
+    _charge(ctx, eng, dst.free_size(), dst)
     if not ctx.count_only:
         dst.write(np.full(dst.shape, value, dtype=np.float64))
         if dst.buffer is PSUM:
@@ -374,10 +395,16 @@ def _squeezed(shape):
     return tuple(s for s in shape if s != 1)
 
 
-def _account_dma(ctx, dst: NkiTensor, src: NkiTensor):
+def _account_dma(ctx, dst: NkiTensor, src: NkiTensor, transpose=False):
     c = ctx.counters
     tgt = ctx.target
     payload = max(src.nbytes, dst.nbytes)
+    if transpose:
+        eff = DMA_TRANSPOSE_EFFICIENCY
+    else:
+        run = max(1, min(src.contiguous_run_bytes(), dst.contiguous_run_bytes()))
+        c.dma_min_run_bytes = run if c.dma_min_run_bytes is None else min(c.dma_min_run_bytes, run)
+        eff = dma_chunk_efficiency(run)
     if _is_hbm(src):
         c.hbm_read_bytes += src.nbytes
     if _is_hbm(dst):
@@ -388,7 +415,7 @@ def _account_dma(ctx, dst: NkiTensor, src: NkiTensor):
     c.dma_max_bytes = max(c.dma_max_bytes, payload)
     bucket = 1 << max(0, int(payload).bit_length() - 1) if payload else 0
     c.dma_size_hist[bucket] = c.dma_size_hist.get(bucket, 0) + 1
-    c.dma_engine_s += payload / tgt.dma_engine_bytes_per_s + tgt.dma_fixed_s
+    c.dma_engine_s += payload / (tgt.dma_cost_bytes_per_s * eff) + tgt.dma_fixed_s
 
 
 def _no_psum(instr, dst, src):
@@ -436,7 +463,7 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_m
         raise ShapeMismatchError(f"{instr}: dst {_fmt_shape(dst.shape)} must be src "
                                  f"{_fmt_shape(src.shape)} transposed")
     ctx = core.current()
-    _account_dma(ctx, dst, src)
+    _account_dma(ctx, dst, src, transpose=True)
     ctx.counters.dma_transpose_count += 1
     if not ctx.count_only:
         dst.write(np.asarray(src.read()).T)

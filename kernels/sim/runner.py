@@ -2,21 +2,31 @@
 
 Latency model
 -------------
-Each engine's busy time is the sum of its instructions' costs:
-* tensor: cycles / tensor clock; vector, scalar, gpsimd: cycles / their own clock;
-* DMA: max(sum over DMAs of (bytes / 27.2 GB/s + 1.3 us) / 16 engines,
-           HBM bytes / HBM bandwidth).
+Each engine's busy time is the sum of its instructions' costs (see `isa` and `targets`
+for the per-instruction rules and the AWS documentation each number comes from):
+* tensor: cycles / tensor clock; vector, scalar, gpsimd: cycles / their own clock
+  (VectorE two-input instructions such as tensor_tensor at ~2 cycles per element);
+* psum_port (NeuronCore-v2 only): VectorE and ScalarE cannot access PSUM in parallel, so
+  the time of their PSUM-touching instructions adds up on one shared port;
+* DMA: max(sum over DMAs of (bytes / (sustained engine rate x efficiency) + 1.3 us)
+           / 16 engines,  HBM bytes / HBM bandwidth).
+  Sustained engine rate 17 B/ns (trn1) / 23 B/ns (trn2); efficiency from the documented
+  throughput-vs-bytes-per-partition curve at the copy's contiguous run (1.0 from 4 KiB,
+  0.84 at 2 KiB, 0.43 at 1 KiB, 0.105 at 256 B), 0.9 for a DMA transpose.
   The fixed 1.3 us is charged once per DMA instruction (dma_copy / dma_transpose),
   to one engine's time, while its bytes are striped over all engines.
 The engines run concurrently and are assumed to overlap perfectly (the kernel
 double-buffers its streamed tiles), so the busiest one bounds the time; the first
 load and the last store cannot overlap anything, which adds two fixed DMA costs:
 
-    latency = max(tensor, vector, scalar, gpsimd, dma) + 2 * 1.3 us   (if any DMA)
+    latency = max(tensor, vector, scalar, gpsimd, psum_port, dma) + 2 * 1.3 us  (if any DMA)
 
 MFU = matmul FLOPs / (peak bf16 FLOP/s * latency). Not modelled: dependency stalls
-between engines, semaphore waits, instruction issue overhead, DMA descriptor
-efficiency beyond the fixed cost, DMA-transpose slowdowns, SBUF bank conflicts.
+between engines, semaphore waits, instruction issue overhead beyond the 64-cycle floors,
+the ~60-cycle SBUF/PSUM access overhead the docs say engines "can typically hide",
+strided (> 16 B) engine access penalties, SBUF bank conflicts. The LoadStationary cost
+(~M/4 = 32 cycles for a 128-column stationary with fast LoadStationary, nki_perf_guide.rst
+Opt #7) runs in the background and is below the 64-cycle matmul floor, so it never binds.
 """
 import sys
 from dataclasses import dataclass, field, asdict
@@ -48,6 +58,7 @@ class Stats:
     dma_min_bytes: int
     dma_max_bytes: int
     dma_size_hist: dict
+    dma_min_run_bytes: int      # smallest contiguous run (DMA buffer) of any DMA copy
     matmul_count: int
     flops: int
     pe_transpose_count: int
@@ -95,6 +106,8 @@ def model_stats(ctx: core.Context) -> Stats:
         "scalar": c.cycles["scalar"] / t.scalar_hz,
         "gpsimd": c.cycles["gpsimd"] / t.gpsimd_hz,
     }
+    if t.psum_shared_vector_scalar:
+        times["psum_port"] = c.psum_port_s
     hbm = c.hbm_read_bytes + c.hbm_write_bytes
     times["dma"] = max(c.dma_engine_s / t.dma_engines, hbm / t.hbm_bytes_per_s)
     bound = max(times, key=times.get)
@@ -108,6 +121,7 @@ def model_stats(ctx: core.Context) -> Stats:
         dma_count=c.dma_count, dma_transpose_count=c.dma_transpose_count,
         dma_bytes=c.dma_bytes, dma_min_bytes=c.dma_min_bytes or 0,
         dma_max_bytes=c.dma_max_bytes, dma_size_hist=dict(c.dma_size_hist),
+        dma_min_run_bytes=c.dma_min_run_bytes or 0,
         matmul_count=c.matmul_count, flops=c.matmul_flops,
         pe_transpose_count=c.pe_transpose_count, instructions=dict(c.instructions),
         engine_cycles=cycles, engine_time_s=times,

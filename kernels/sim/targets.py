@@ -6,10 +6,44 @@ tensor engine 128x128 PEs at 2.8 GHz (trn1) / 2.4 GHz (trn2); vector engine
 128 partitions x 192 KiB (trn1) / 224 KiB (trn2); PSUM 128 x 16 KiB in 8 banks
 of 2 KiB; 16 DMA engines per core at ~27.2 GB/s each; ~1.3 us fixed cost per
 DMA transfer; HBM ~410 GB/s (trn1) / ~362 GB/s (trn2) per NeuronCore.
+
+Documented DMA and engine costs beyond those (each constant cites its page; paths are in
+github.com/aws-neuron/aws-neuron-sdk, the same text as awsdocs-neuron.readthedocs-hosted.com):
+* sustained DMA throughput per engine with >= 4 KiB payloads: 17 B/ns (trn1), 23 B/ns
+  (trn2), i.e. 272 / 368 GB/s per NeuronCore -- nki/deep-dives/nki-dma-bandwidth-guide.rst
+  and nki/get-started/about/nki-dma-overview.rst (table "BW / Engine"). 27.2 GB/s is the
+  "theoretical" per-engine figure of the same overview page; it is kept for reference.
+* DMA efficiency by contiguous bytes per partition (`DMA_CHUNK_EFFICIENCY`): the curve
+  "DMA Throughput varying Bytes per Partition for p_dim = 128", figure
+  nki/img/overviews/nki-dma-intro-1.jpg of nki-dma-overview.rst (values read off the
+  plot, relative to its 4 KiB point; the bandwidth guide states the same rule in words:
+  "< 256 B severely overhead-bound", ">= 2 KiB approaches peak", ">= 4 KiB saturates").
+* DMA transpose: "up to 90% DMA throughput utilization ... compared to up to 100% for a
+  DMA copy" -- nki/guides/architecture/trainium2_arch.rst, section "DMA Transpose".
+  For trn1 the perf guide only says "much lower DMA bandwidth" than a plain load
+  (nki/deep-dives/nki_perf_guide.rst, Opt #10) without a number, so the trn2 figure is
+  used as an upper bound there too (optimistic for trn1).
+* VectorE: "If there are two input tiles, the instruction can execute in roughly 2N
+  cycles (example: nki.isa.tensor_tensor)" -- nki/guides/architecture/
+  trainium_inferentia2_arch.rst, Vector Engine "Cost Model".
+* NeuronCore-v2 only: "VectorE and ScalarE cannot access PSUM in parallel" (same page,
+  "Data Movement"; lifted on NeuronCore-v3 per trainium2_arch.rst): their PSUM-touching
+  instructions share one port and serialize.
 """
+import math
 from dataclasses import dataclass
 
 KIB = 1024
+
+# Relative DMA throughput by contiguous bytes per partition (DMA buffer size), read off
+# the figure nki/img/overviews/nki-dma-intro-1.jpg (nki-dma-overview.rst), normalised to
+# its 4096-byte point (where the bandwidth guide says the engines reach their sustained
+# peak). Plot readings, +-0.02. Interpolated linearly in log2(bytes); clamped at both ends.
+DMA_CHUNK_EFFICIENCY = (
+    (32, 0.015), (64, 0.027), (128, 0.052), (256, 0.105), (512, 0.22),
+    (1024, 0.43), (2048, 0.84), (4096, 1.0),
+)
+DMA_TRANSPOSE_EFFICIENCY = 0.9     # trainium2_arch.rst "DMA Transpose": up to 90% vs 100%
 
 
 @dataclass(frozen=True)
@@ -27,16 +61,26 @@ class Target:
     dma_engines: int
     dma_engine_bytes_per_s: float
     dma_fixed_s: float         # fixed cost of one DMA transfer
+    # sustained per-engine DMA throughput with >= 4 KiB per partition (nki-dma-bandwidth-
+    # guide.rst: 17 B/ns trn1, 23 B/ns trn2); the DMA cost model uses this one
+    dma_engine_sustained_bytes_per_s: float = 0.0
+    psum_shared_vector_scalar: bool = False   # NC-v2: VectorE/ScalarE PSUM accesses serialize
     partitions: int = 128
     pe_rows: int = 128
     pe_cols: int = 128
     matmul_min_cycles: int = 64    # initiation interval floor of one nc_matmul
     engine_min_cycles: int = 64    # floor of one vector/scalar/gpsimd instruction
     fp32_matmul_factor: int = 4    # 4-byte inputs take 4 passes through the PE array
+    vector_two_input_factor: int = 2   # VectorE with two input tiles: ~2N cycles (arch guide)
 
     @property
     def psum_bank_bytes(self) -> int:
         return self.psum_bytes_per_partition // self.psum_banks
+
+    @property
+    def dma_cost_bytes_per_s(self) -> float:
+        """Per-engine DMA rate the cost model charges (sustained, else theoretical)."""
+        return self.dma_engine_sustained_bytes_per_s or self.dma_engine_bytes_per_s
 
     @property
     def peak_flops(self) -> float:
@@ -54,6 +98,7 @@ TRN1 = Target(
     gpsimd_hz=1.4e9, sbuf_bytes_per_partition=192 * KIB,
     psum_bytes_per_partition=16 * KIB, psum_banks=8, hbm_bytes_per_s=410e9,
     dma_engines=16, dma_engine_bytes_per_s=27.2e9, dma_fixed_s=1.3e-6,
+    dma_engine_sustained_bytes_per_s=17e9, psum_shared_vector_scalar=True,
 )
 
 TRN2 = Target(
@@ -61,9 +106,25 @@ TRN2 = Target(
     gpsimd_hz=1.2e9, sbuf_bytes_per_partition=224 * KIB,
     psum_bytes_per_partition=16 * KIB, psum_banks=8, hbm_bytes_per_s=362e9,
     dma_engines=16, dma_engine_bytes_per_s=27.2e9, dma_fixed_s=1.3e-6,
+    dma_engine_sustained_bytes_per_s=23e9, psum_shared_vector_scalar=False,
 )
 
 TARGETS = {"trn1": TRN1, "trn2": TRN2}
+
+
+def dma_chunk_efficiency(run_bytes: int) -> float:
+    """Relative DMA throughput for contiguous runs of `run_bytes` (see DMA_CHUNK_EFFICIENCY)."""
+    pts = DMA_CHUNK_EFFICIENCY
+    if run_bytes <= pts[0][0]:
+        return pts[0][1]
+    if run_bytes >= pts[-1][0]:
+        return pts[-1][1]
+    x = math.log2(run_bytes)
+    for (b0, e0), (b1, e1) in zip(pts, pts[1:]):
+        if run_bytes <= b1:
+            x0, x1 = math.log2(b0), math.log2(b1)
+            return e0 + (e1 - e0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
 
 
 def get_target(target) -> Target:
