@@ -20,16 +20,50 @@ def register() -> None:
     _registered = True
 
 
+_HF_QUANTIZER_REGISTRY = "transformers.quantizers.auto"
+
+
 def _register_with_transformers() -> None:
-    # `import vllm_neuronmlp` makes transformers' from_pretrained load svd_neuron
-    # checkpoints. Skipped where transformers is absent (the kernels need only numpy).
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return
+    import sys
+
+    loading = sys.modules.get("vllm_neuronmlp.hf_quantizer")
+    if loading is not None and not hasattr(loading, "register_with_transformers"):
+        return  # hf_quantizer is importing transformers right now; it registers itself at its end
     from vllm_neuronmlp.hf_quantizer import register_with_transformers
 
     register_with_transformers()
 
 
-_register_with_transformers()
+class _RegisterWhenTransformersLoads:
+    """`import vllm_neuronmlp` makes transformers' from_pretrained load svd_neuron
+    checkpoints, without importing transformers (or torch) itself: this finder
+    registers our quantizer right after transformers loads its quantizer registry."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _HF_QUANTIZER_REGISTRY:
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            _register_with_transformers()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def _install_transformers_hook() -> None:
+    import sys
+
+    if _HF_QUANTIZER_REGISTRY in sys.modules:
+        _register_with_transformers()
+    elif not any(isinstance(f, _RegisterWhenTransformersLoads) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
+
+
+_install_transformers_hook()

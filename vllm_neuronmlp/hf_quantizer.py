@@ -12,7 +12,8 @@ from typing import Any, Dict
 
 import torch
 from torch import nn
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from vllm_neuronmlp import checkpoint_format as fmt
@@ -94,3 +95,6 @@ def register_with_transformers() -> None:
         return
     register_quantization_config(fmt.QUANT_METHOD)(SVDNeuronHFConfig)
     register_quantizer(fmt.QUANT_METHOD)(SVDNeuronHfQuantizer)
+
+
+register_with_transformers()

