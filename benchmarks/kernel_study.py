@@ -7,7 +7,8 @@ trn2; averages beside the paper's; then the block-size sweep at S=4096 beside th
 paper's table 3.
 
 fused_xuv runs twice: with the block the kernels use by default (the block-size
-model's "smallest block clearing the ridge") and with the block minimising HBM bytes.
+model's fastest modelled block, fewest HBM bytes among ties) and with the paper's
+literal rule, the smallest block clearing the roofline ridge.
 
 Every number here is MODELLED by the emulator's cost model (see kernels/sim/runner.py),
 not measured on hardware.

@@ -1,19 +1,25 @@
-"""Block-size model of the fused SVD kernels (NeuronMM eqs. 10-11) and the selector
-the kernels use by default.
+"""Block-size model of the fused SVD kernels (NeuronMM eqs. 10-11), their analytic cost,
+and the selector the kernels use by default.
 
 The fused kernels (xuv.fused_xuv, mlp.up_gate, mlp.down) process the tokens in row
 strips of `block_m` (BM) tokens. Per strip:
 
 * stage 1 computes the whole (X U)^T strip [r, BM] into SBUF, in stage-1 sub-strips:
-  the x^T of a sub-strip ([K, b]) sits in SBUF while every U tile streams past it
-  once; the sub-strip is as tall as SBUF allows next to the (X U)^T already cached
-  (sub-strips shrink as the cache fills). With one sub-strip per strip this is the
-  paper's kernel exactly;
-* stage 2 streams V in column blocks of `block_n` and multiplies the cached strip
-  with each block.
+  the x^T of a sub-strip ([K, b]) sits in SBUF while U streams past it once; the
+  sub-strip is as tall as SBUF allows next to the (X U)^T already cached (sub-strips
+  shrink as the cache fills). U streams in *row slabs*: for one 128-row K tile, a group
+  of `u_group_tiles(b)` r tiles (their 128-column tiles side by side, one DMA with
+  `128 * tiles` contiguous columns per partition), as many as the 8 PSUM banks can
+  accumulate for the b tokens at once (8 r tiles x 512 tokens, 16 x 256, 32 x 128, or
+  4 x 1024, 2 x 2048, 1 x 4096). With one sub-strip per strip this is the paper's
+  kernel exactly;
+* stage 2 streams V in column blocks of `block_n` (up to 2048 columns, i.e. 4 KiB per
+  partition) and multiplies the cached strip with each block; y leaves in whole
+  `block_n`-wide rows ([S, N] layout) or whole strip-wide rows (y^T [N, S] layout).
 
 So per strip HBM sees: x once, U once per sub-strip, V once, y once; and SBUF holds
-the (X U)^T strip plus either the x^T sub-strip (stage 1) or two V blocks (stage 2).
+the (X U)^T strip plus either the x^T sub-strip and two U slabs (stage 1) or two V
+blocks and output tiles (stage 2).
 
 Eq. 10 (arithmetic intensity of a strip, FLOP per HBM byte):
 
@@ -22,33 +28,46 @@ Eq. 10 (arithmetic intensity of a strip, FLOP per HBM byte):
 with R the sum of the ranks (gate and up for the MLP), e_* the element sizes.
 
 Eq. 11 (peak SBUF bytes per partition), with e the compute element size,
-nr = sum of ceil(r_i / 128), nk = ceil(K / 128):
+nr = sum of ceil(r_i / 128), nk = ceil(K / 128), W the U slab width:
 
-    stage 1, sub-strip j:  e nr (b_1 + ... + b_j) + e nk b_j + 2 * 128 e
+    stage 1, sub-strip j:  e nr (b_1 + ... + b_j) + e nk b_j + 2 e W(b_j)
     stage 2:               e nr BM + (double-buffered V blocks and output tiles)
-    peak = max over both (`sbuf_peak_bytes` evaluates the exact stage-2 term).
+    peak = max over both (`sbuf_peak_bytes` evaluates the exact terms).
 
-Selector: among the BMs (multiples of 128) whose strip clears `RIDGE_MARGIN` x the
-roofline ridge (peak FLOP/s / HBM bytes/s: ~224 for bf16 on trn1) and whose peak
-SBUF stays within the budget, (1 - HEADROOM) of capacity (the planner never fills
-more, shrinking stage-1 sub-strips and V blocks to stay inside it), the one that moves
-the fewest HBM bytes (`select_block_m`). The margin is 2 because the ridge
-assumes HBM at full speed while every DMA also pays a fixed cost: a strip that only
-just clears the ridge is DMA-bound in the emulator (and, in the paper's sweep, BM=256
-was 45% slower than BM=512 on trn1).
+Cost (`modeled_time`): the same per-instruction rules as the emulator (kernels/sim),
+evaluated analytically from the plan -- tensor-engine cycles of every matmul, the
+vector/scalar evacuations, and every DMA's bytes at the documented efficiency of its
+contiguous bytes per partition (targets.dma_chunk_efficiency) plus its fixed cost;
+latency = max over engines (DMA: max(engine time / 16, HBM bytes / HBM bandwidth)) +
+two fixed DMA costs. It equals the emulator's modelled latency for the same launch
+(tested), at a tiny fraction of the cost of a count-only run.
+
+Selector (`select_block_m`, default objective "time"): among the BMs (multiples of
+128, up to one strip covering S) whose peak SBUF stays within the budget,
+(1 - HEADROOM) of capacity, the ones whose modelled time is within TIME_TIE of the
+best; among those, the fewest HBM bytes (then the smaller BM). Once the tensor engine
+bounds the time, many BMs tie, and the fewest bytes is the tie-break that costs
+nothing (it leaves DMA and HBM slack for what the model does not see).
+objective="ridge": the paper's rule taken literally -- the smallest BM whose strip
+clears RIDGE_MARGIN x the roofline ridge (peak FLOP/s / HBM bytes/s: ~224 for bf16 on
+trn1); objective="traffic": the fewest HBM bytes among the BMs clearing that ridge.
 
 Everything here is plain Python on integers: the kernels call it while tracing.
 """
 from dataclasses import dataclass
+from functools import lru_cache
 
-from .sim.targets import get_target
+from .sim.targets import DMA_TRANSPOSE_EFFICIENCY, dma_chunk_efficiency, get_target
 
 P = 128                 # partitions / PE rows
 MM_N = 512              # moving free size of one matmul (one fp32 PSUM bank)
-MAX_SUB_M = 4 * MM_N    # stage-1 sub-strip cap: its accumulators use <= 4 of 8 banks
-HEADROOM = 0.05        # fraction of SBUF the planner never fills (compiler/runtime use)
+PSUM_BANKS = 8
+PSUM_FP32 = PSUM_BANKS * MM_N   # fp32 accumulators per partition in the whole PSUM
+MAX_SUB_M = 2 * MM_N    # stage-1 sub-strip cap: U slabs of >= 4 r tiles (1 KiB/partition bf16)
+HEADROOM = 0.05         # fraction of SBUF the planner never fills (compiler/runtime use)
 RIDGE_MARGIN = 2.0
-BLOCK_N_CHOICES = (512, 256, 128)
+BLOCK_N_CHOICES = (2048, 1024, 512, 256, 128)
+TIME_TIE = 0.01         # modelled times within 1% of the best count as a tie
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -67,6 +86,7 @@ class KernelShape:
     e_v: int = 2
     e_y: int = 2
     out: str = "rows"     # "rows": y [S, N]; "cols": y^T [N, S]; "silu_cols": MLP gate/up
+    x_transposed: bool = False   # x arrives as x^T [K, S] (mlp.down): plain DMA loads
 
     @property
     def nk(self) -> int:
@@ -81,11 +101,35 @@ class KernelShape:
         return sum(self.ranks)
 
 
+# -- stage 1: token chunks, PSUM groups, U slabs ---------------------------------------------
+
+def token_slot(tb: int) -> int:
+    """PSUM columns one r tile's accumulator for a chunk of a tb-token sub-strip takes:
+    128 or 256 for short sub-strips (several r tiles then share a bank), else 512."""
+    return P if tb <= P else (2 * P if tb <= 2 * P else MM_N)
+
+
+def token_chunks(tb: int) -> int:
+    """Matmul moving chunks (<= 512 tokens each) of a tb-token sub-strip."""
+    return ceil_div(tb, token_slot(tb))
+
+
+def u_group_tiles(tb: int) -> int:
+    """r tiles accumulated together in stage 1 for a tb-token sub-strip: as many as the
+    8 PSUM banks hold (8 x 512 tokens, 16 x 256, 32 x 128, 4 x 1024, ...)."""
+    return max(1, PSUM_FP32 // (token_chunks(tb) * token_slot(tb)))
+
+
+def u_group_cols(r: int, tb: int) -> int:
+    """Width (columns) of the U slab tile for rank r: one DMA per K tile and group."""
+    return P * min(u_group_tiles(tb), ceil_div(r, P))
+
+
 @dataclass(frozen=True)
 class StripPlan:
     shape: KernelShape
     block_m: int
-    block_n: int
+    block_n: int          # V block width (columns), <= N
     budget: int           # bytes/partition the planner may fill
 
     def sub_heights(self, bm: int) -> tuple:
@@ -98,57 +142,80 @@ class StripPlan:
         return tuple((s0, min(bm, S - s0)) for s0 in range(0, S, bm))
 
 
-def stage1_bytes(ks: KernelShape, cum: int, b: int) -> int:
-    """SBUF/partition while sub-strip b is projected, `cum` tokens (incl. b) cached."""
-    return ks.e * ks.nr * cum + ks.e * ks.nk * b + 2 * P * ks.e
+def stage1_bytes(ks: KernelShape, cum_prev: int, b: int) -> int:
+    """Peak SBUF/partition while sub-strip b is projected, `cum_prev` tokens of the strip
+    already cached: cache + x^T sub-strip + its (x u_i)^T pieces + two U slabs."""
+    e = ks.e
+    base = e * ks.nr * cum_prev + e * ks.nk * b
+    n_slabs = 2 if ks.nk >= 2 else 1
+    peak, pieces = 0, 0
+    for r in ks.ranks:
+        pieces += e * ceil_div(r, P) * b
+        peak = max(peak, base + pieces + n_slabs * e * u_group_cols(r, b))
+    return peak
 
 
+@lru_cache(maxsize=8192)
 def sub_strip_heights(ks: KernelShape, bm: int, budget: int) -> tuple:
     """Greedy: each sub-strip as tall as SBUF allows next to the cache so far (a multiple
     of 128, at most MAX_SUB_M); never below 128 tokens (the emulator then rejects a
     block that cannot fit)."""
     heights, cum = [], 0
-    per_token = ks.e * (ks.nr + ks.nk)
+    e, n_slabs = ks.e, (2 if ks.nk >= 2 else 1)
     while cum < bm:
-        room = budget - ks.e * ks.nr * cum - 2 * P * ks.e
-        b = (room // per_token) // P * P if room > 0 else 0
-        b = max(P, min(b, MAX_SUB_M))
-        b = min(b, bm - cum)
+        b = min(bm - cum, MAX_SUB_M)
+        # stage1_bytes >= this linear bound (slabs >= 128 columns): skip what cannot fit
+        bound = (budget - e * ks.nr * cum - n_slabs * e * P) // (e * (ks.nk + ks.nr))
+        if b > bound:
+            b = max(P, bound // P * P)
+        while b > P and stage1_bytes(ks, cum, b) > budget:
+            b = (b - 1) // P * P
         heights.append(b)
         cum += b
     return tuple(heights)
 
 
-def _inner_iterations(ks: KernelShape, bm: int, block_n: int, heights) -> int:
-    nb = min(block_n, ks.N)
-    if ks.out == "rows":
-        return sum(ceil_div(h, P) for h in heights)
-    return ceil_div(nb, P) * sum(ceil_div(h, MM_N) for h in heights)
+# -- stage 2 ------------------------------------------------------------------------------
+
+def _n_blocks(ks, bn):
+    return [min(bn, ks.N - n0) for n0 in range(0, ks.N, bn)]
 
 
 def stage2_bytes(ks: KernelShape, bm: int, block_n: int, heights=None) -> int:
-    """Exact stage-2 SBUF/partition for a strip of `bm` tokens split as `heights`."""
+    """Exact stage-2 SBUF/partition for a strip of `bm` tokens split as `heights`:
+    cache + V blocks (the next one loaded while the last is live: double-buffered) +
+    output tiles (two live across a rebinding) + the SiLU scratch of the MLP."""
     heights = heights if heights is not None else (bm,)
+    bn = min(block_n, ks.N)
+    blocks = _n_blocks(ks, bn)
     cache = ks.e * ks.nr * bm
-    n_blocks = ceil_div(ks.N, block_n)
-    vblk = ks.e * ks.nr * block_n
+    V = ks.e * ks.nr * bn
     if ks.out == "rows":
-        o, g = ks.e_y * block_n, 0
+        O, G = ks.e_y * bn, 0
+        n_o = len(blocks) * sum(ceil_div(h, P) for h in heights)
+        n_g = 0
     else:
-        o, g = ks.e_y * MM_N, (4 * MM_N if ks.out == "silu_cols" else 0)
-    inner = _inner_iterations(ks, bm, block_n, heights)
-    first = vblk + o + g + (max(o, g) if inner >= 2 else 0)
-    later = 2 * vblk + o + g if n_blocks >= 2 else 0
-    return cache + max(first, later)
+        O = ks.e_y * bm
+        G = 4 * MM_N if ks.out == "silu_cols" else 0
+        n_o = sum(ceil_div(nb, P) for nb in blocks)
+        n_g = n_o * sum(ceil_div(h, MM_N) for h in heights) if G else 0
+    peak = V + O + G
+    if n_o >= 2:
+        peak = max(peak, V + 2 * O + G)
+    if n_g >= 2:
+        peak = max(peak, V + O + 2 * G)
+    if len(blocks) >= 2:
+        peak = max(peak, 2 * V + O + G)
+    return cache + peak
 
 
 def choose_block_n(ks: KernelShape, bm: int, budget: int) -> int:
-    """Widest V block (512, 256 or 128 columns) whose stage 2 fits the budget."""
+    """Widest V block (2048 ... 128 columns, at most N) whose stage 2 fits the budget."""
     heights = sub_strip_heights(ks, bm, budget)
     for bn in BLOCK_N_CHOICES:
         if stage2_bytes(ks, bm, bn, heights) <= budget:
-            return bn
-    return BLOCK_N_CHOICES[-1]
+            return min(bn, ks.N)
+    return min(BLOCK_N_CHOICES[-1], ks.N)
 
 
 def sbuf_budget(target="trn1") -> int:
@@ -159,12 +226,24 @@ def sbuf_budget(target="trn1") -> int:
 
 def plan(ks: KernelShape, block_m: int, target="trn1") -> StripPlan:
     """Blocking the kernels use for `block_m` on `target`."""
-    t = get_target(target)
     if block_m < 1:
         raise ValueError(f"block_m must be >= 1, got {block_m}")
+    return _plan(ks, int(block_m), get_target(target))
+
+
+@lru_cache(maxsize=4096)
+def _plan(ks, block_m, t):
     budget = sbuf_budget(t)
     bm = min(block_m, ks.S)
     return StripPlan(ks, block_m, choose_block_n(ks, bm, budget), budget)
+
+
+def _distinct_strips(p: StripPlan):
+    """{height: count} of the plan's strips (all full but maybe the last)."""
+    out = {}
+    for _, bm in p.strips():
+        out[bm] = out.get(bm, 0) + 1
+    return out
 
 
 # -- eqs. 10-11 and derived totals ------------------------------------------------------
@@ -174,12 +253,12 @@ def sbuf_peak_bytes(ks: KernelShape, block_m: int, target="trn1") -> int:
     emulator counts it)."""
     p = plan(ks, block_m, target)
     peak = 0
-    for _, bm in p.strips()[:1] + p.strips()[-1:]:
+    for bm in _distinct_strips(p):
         heights = p.sub_heights(bm)
         cum = 0
         for b in heights:
-            cum += b
             peak = max(peak, stage1_bytes(ks, cum, b))
+            cum += b
         peak = max(peak, stage2_bytes(ks, bm, p.block_n, heights))
     return peak
 
@@ -187,7 +266,7 @@ def sbuf_peak_bytes(ks: KernelShape, block_m: int, target="trn1") -> int:
 def hbm_bytes(ks: KernelShape, block_m: int, target="trn1") -> tuple:
     """(read, write) HBM bytes of the whole launch."""
     p = plan(ks, block_m, target)
-    n_sub = sum(len(p.sub_heights(bm)) for _, bm in p.strips())
+    n_sub = sum(len(p.sub_heights(bm)) * c for bm, c in _distinct_strips(p).items())
     n_strips = len(p.strips())
     read = (ks.e * ks.S * ks.K + n_sub * ks.e_u * ks.K * ks.R
             + n_strips * ks.e_v * ks.R * ks.N)
@@ -202,10 +281,160 @@ def flops(ks: KernelShape) -> int:
 def arithmetic_intensity(ks: KernelShape, block_m: int, target="trn1") -> float:
     """Eq. 10: FLOP per HBM byte of one full strip of `block_m` tokens."""
     bm = block_m
-    strip = KernelShape(bm, ks.K, ks.ranks, ks.N, ks.e, ks.e_u, ks.e_v, ks.e_y, ks.out)
+    strip = KernelShape(bm, ks.K, ks.ranks, ks.N, ks.e, ks.e_u, ks.e_v, ks.e_y, ks.out,
+                        ks.x_transposed)
     r, w = hbm_bytes(strip, bm, target)
     return flops(strip) / (r + w)
 
+
+# -- analytic cost: the emulator's per-instruction rules, evaluated from the plan ----------
+
+def _hbm_run(rows, cols, n_rows, n_cols, e):
+    """Contiguous bytes of a [rows, cols] slice of a row-major [n_rows, n_cols] array."""
+    if cols < n_cols:
+        return cols * e
+    return rows * n_cols * e if rows < n_rows else n_rows * n_cols * e
+
+
+class _Cost:
+    def __init__(self, t):
+        self.t = t
+        self.tensor = self.vector = self.scalar = self.port = 0.0   # cycles / seconds
+        self.dma_s = 0.0
+        self.dma_count = 0
+        self.hbm = 0
+
+    def dma(self, payload, run, hbm_bytes, transpose=False, times=1):
+        t = self.t
+        eff = DMA_TRANSPOSE_EFFICIENCY if transpose else dma_chunk_efficiency(max(1, run))
+        self.dma_s += times * (payload / (t.dma_cost_bytes_per_s * eff) + t.dma_fixed_s)
+        self.dma_count += times
+        self.hbm += times * hbm_bytes
+
+    def mm(self, n, e, times=1):
+        t = self.t
+        f = t.fp32_matmul_factor if e >= 4 else 1
+        self.tensor += times * max(t.matmul_min_cycles, n) * f
+
+    def vec(self, free, psum, inputs=1, times=1):
+        t = self.t
+        c = max(t.engine_min_cycles, free * (t.vector_two_input_factor if inputs >= 2 else 1))
+        self.vector += times * c
+        if psum and t.psum_shared_vector_scalar:
+            self.port += times * c / t.vector_hz
+
+    def act(self, free, psum, times=1):
+        t = self.t
+        c = max(t.engine_min_cycles, free)
+        self.scalar += times * c
+        if psum and t.psum_shared_vector_scalar:
+            self.port += times * c / t.scalar_hz
+
+
+def _tiles(n, size):
+    """[(width, count)] of the pieces of n split in chunks of `size` (full, then rest)."""
+    out = [(size, n // size)] if n >= size else []
+    if n % size:
+        out.append((n % size, 1))
+    return out
+
+
+def _cost_stage1(c, ks, b):
+    e, K = ks.e, ks.K
+    for kp, nkp in _tiles(K, P):
+        if ks.x_transposed:
+            run = min(_hbm_run(kp, b, K, ks.S, e), b * e)
+            c.dma(kp * b * e, run, kp * b * e, times=nkp)
+        elif e >= 4:
+            for gp, ngp in _tiles(b, P):
+                run = min(_hbm_run(gp, kp, ks.S, K, e), kp * e)
+                c.dma(gp * kp * e, run, gp * kp * e, times=nkp * ngp)
+                c.mm(gp, e, times=nkp * ngp)             # nc_transpose: max(64, partitions)
+                c.vec(gp, True, times=nkp * ngp)
+        else:
+            c.dma(kp * b * e, 0, kp * b * e, transpose=True, times=nkp)
+    chunks = _tiles(b, token_slot(b))
+    for r in ks.ranks:
+        nrt, gt = ceil_div(r, P), u_group_tiles(b)
+        for g0 in range(0, nrt, gt):
+            cols = min(gt * P, r - g0 * P)
+            tiles = min(gt, nrt - g0)
+            for kp, nkp in _tiles(K, P):
+                run = min(_hbm_run(kp, cols, K, r, ks.e_u), cols * e)
+                c.dma(kp * cols * max(e, ks.e_u), run, kp * cols * ks.e_u, times=nkp)
+            for cw, n in chunks:
+                c.mm(cw, e, times=n * tiles * ks.nk)
+                c.vec(cw, True, times=n * tiles)
+
+
+def _cost_stage2(c, ks, bm, heights, bn):
+    e, ey = ks.e, ks.e_y
+    for nb, nnb in _tiles(ks.N, bn):
+        for r in ks.ranks:
+            for rp, nrp in _tiles(r, P):
+                run = min(_hbm_run(rp, nb, r, ks.N, ks.e_v), nb * e)
+                c.dma(rp * nb * max(e, ks.e_v), run, rp * nb * ks.e_v, times=nnb * nrp)
+        if ks.out == "rows":
+            for h in heights:
+                for gp, ngp in _tiles(h, P):
+                    for cw, ncw in _tiles(nb, MM_N):
+                        c.mm(cw, e, times=nnb * ngp * ncw * ks.nr)
+                        c.vec(cw, True, times=nnb * ngp * ncw)
+                    run = min(nb * ey, _hbm_run(gp, nb, ks.S, ks.N, ey))
+                    c.dma(gp * nb * ey, run, gp * nb * ey, times=nnb * ngp)
+        else:
+            silu = ks.out == "silu_cols"
+            for jp, njp in _tiles(nb, P):
+                for h in heights:
+                    for cw, ncw in _tiles(h, MM_N):
+                        n = nnb * njp * ncw
+                        c.mm(cw, e, times=n * ks.nr)
+                        if silu:
+                            c.act(cw, True, times=n)
+                            c.vec(cw, True, inputs=2, times=n)
+                        else:
+                            c.vec(cw, True, times=n)
+                run = min(bm * ey, _hbm_run(jp, bm, ks.N, ks.S, ey))
+                c.dma(jp * bm * ey, run, jp * bm * ey, times=nnb * njp)
+
+
+def modeled_cost(ks: KernelShape, block_m: int, target="trn1") -> dict:
+    """Per-engine modelled times (s), latency (s), MFU and HBM bytes of the launch,
+    evaluated analytically with the emulator's cost rules (see module docstring)."""
+    return dict(_modeled_cost(ks, int(block_m), get_target(target)))
+
+
+@lru_cache(maxsize=4096)
+def _modeled_cost(ks, block_m, target):
+    t = target
+    p = plan(ks, block_m, target)
+    c = _Cost(t)
+    for bm, count in _distinct_strips(p).items():
+        one = _Cost(t)
+        heights = p.sub_heights(bm)
+        for b in heights:
+            _cost_stage1(one, ks, b)
+        _cost_stage2(one, ks, bm, heights, p.block_n)
+        for k in ("tensor", "vector", "scalar", "port", "dma_s", "dma_count", "hbm"):
+            setattr(c, k, getattr(c, k) + count * getattr(one, k))
+    times = {"tensor": c.tensor / t.pe_hz, "vector": c.vector / t.vector_hz,
+             "scalar": c.scalar / t.scalar_hz}
+    if t.psum_shared_vector_scalar:
+        times["psum_port"] = c.port
+    times["dma"] = max(c.dma_s / t.dma_engines, c.hbm / t.hbm_bytes_per_s)
+    bound = max(times, key=times.get)
+    latency = times[bound] + (2 * t.dma_fixed_s if c.dma_count else 0.0)
+    return tuple({"times": times, "latency_s": latency, "bound_by": bound,
+                  "mfu": flops(ks) / (t.peak_flops * latency), "hbm_bytes": c.hbm,
+                  "dma_count": c.dma_count}.items())
+
+
+def modeled_time(ks: KernelShape, block_m: int, target="trn1") -> float:
+    """Modelled latency (s) of the launch with strips of `block_m` tokens."""
+    return modeled_cost(ks, block_m, target)["latency_s"]
+
+
+# -- the selector -----------------------------------------------------------------------
 
 def candidate_blocks(ks: KernelShape, target="trn1"):
     """BM = 128, 256, ... while the plan fits the budget (and not beyond one strip)."""
@@ -218,33 +447,39 @@ def candidate_blocks(ks: KernelShape, target="trn1"):
         bm += P
 
 
-def select_block_m(ks: KernelShape, target="trn1", objective="traffic",
+def select_block_m(ks: KernelShape, target="trn1", objective="time",
                    ridge_margin=RIDGE_MARGIN) -> int:
     """Block size for the fused kernels.
 
-    objective="traffic" (the default the kernels use): among the BMs that fit the
-    budget and clear ridge_margin x the roofline ridge, the one with the fewest HBM
-    bytes for this S (ties: the smaller). Above the ridge the modelled latency is
-    flat in BM (the tensor engine bounds it, as in the paper's table 3 from 512 up),
-    so the fewest bytes is the tie-break that costs nothing: it leaves DMA and HBM
-    slack for everything else the model does not see.
-    objective="ridge": the paper's rule taken literally, the smallest such BM.
-    Small S: the whole S in one strip once BM >= S. If nothing clears the ridge,
-    the largest BM that fits.
+    objective="time" (the default the kernels use): among the BMs that fit the budget,
+    those whose modelled time (`modeled_time`: tensor engine vs DMA at the documented
+    efficiency of each transfer's contiguous run, vs HBM) is within TIME_TIE of the
+    best; of those, the fewest HBM bytes for this S (ties: the smaller BM).
+    objective="ridge": the paper's rule taken literally, the smallest BM clearing
+    ridge_margin x the roofline ridge; objective="traffic": the fewest HBM bytes among
+    the BMs clearing it. Small S: the whole S in one strip once BM >= S. If nothing
+    fits, 128 (the emulator then reports the capacity error); if nothing clears the
+    ridge, the largest BM that fits.
     """
+    if objective not in ("time", "ridge", "traffic"):
+        raise ValueError(f"objective must be 'time', 'ridge' or 'traffic', got {objective!r}")
     t = get_target(target)
     fits = list(candidate_blocks(ks, target))
     if not fits:
         return P
-    if objective not in ("ridge", "traffic"):
-        raise ValueError(f"objective must be 'ridge' or 'traffic', got {objective!r}")
+    total = lambda bm: sum(hbm_bytes(ks, bm, target))   # noqa: E731
+    if objective == "time":
+        lat = {bm: modeled_time(ks, bm, target) for bm in fits}
+        best = min(lat.values())
+        near = [bm for bm in fits if lat[bm] <= (1.0 + TIME_TIE) * best]
+        return min(near, key=lambda bm: (total(bm), bm))
     want = ridge_margin * t.ridge_flop_per_byte
     clearing = [bm for bm in fits if bm >= ks.S or arithmetic_intensity(ks, bm, target) >= want]
     if not clearing:
         return fits[-1]
     if objective == "ridge":
         return clearing[0]
-    return min(clearing, key=lambda bm: (sum(hbm_bytes(ks, bm, target)), bm))
+    return min(clearing, key=lambda bm: (total(bm), bm))
 
 
 # -- convenience constructors -------------------------------------------------------------
@@ -258,4 +493,4 @@ def up_gate_shape(S, H, r_gate, r_up, I, e=2) -> KernelShape:
 
 
 def down_shape(S, I, r, H, e=2) -> KernelShape:
-    return KernelShape(S, I, (r,), H, e, e, e, e, "rows")
+    return KernelShape(S, I, (r,), H, e, e, e, e, "rows", True)

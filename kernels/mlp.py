@@ -54,7 +54,7 @@ def down(h_t, u_down, v_down, block_m=None):
     check_dims("down", I=(u_down.shape[0], I), r=(v_down.shape[0], r))
     e = elem_bytes(h_t.dtype)
     shape = blocking.KernelShape(S, I, (r,), H, e, elem_bytes(u_down.dtype),
-                                 elem_bytes(v_down.dtype), e, "rows")
+                                 elem_bytes(v_down.dtype), e, "rows", True)
     plan = strip_plan(shape, block_m)
     y = nl.ndarray((S, H), dtype=h_t.dtype, buffer=nl.shared_hbm)
     run_strips(h_t, (u_down,), (v_down,), y, plan, True, "rows")

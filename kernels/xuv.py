@@ -18,8 +18,11 @@ The paper's ideas, and where they live:
   No transpose instruction anywhere between the stages;
 * transposing DMA load of x: x^T tiles come straight from HBM through `dma_transpose`
   (2-byte dtypes; fp32 inputs fall back to tensor-engine transposes);
-* blocking: BM from the block-size model (`blocking.select_block_m`), V streamed in
-  column blocks (`block_n`), U in 128x128 tiles;
+* blocking: BM from the block-size model (`blocking.select_block_m`, by modelled time);
+  every DMA moves long contiguous runs per partition -- U as row slabs of a whole
+  group of r tiles (as many as the 8 PSUM banks accumulate at once), V in column
+  blocks of up to 2048 columns (`block_n`), y in block_n-wide (or strip-wide, for
+  y^T) rows;
 * fp32 accumulation: every partial sum accumulates in fp32 PSUM (the authors' code
   summed partials in bf16; this one never does). Only the finished (x u)^T strip is
   rounded to the compute dtype, because the tensor engine reads it as an operand.
@@ -69,38 +72,49 @@ def _project(xT, u, xuT, tb):
     """xuT[:, rt, 0:tb] = (x u)^T for one sub-strip.
 
     Implicit transposition: u[k, r] tiles are the stationary operand and x^T[k, t] the
-    moving one, so the result lands as (x u)^T[r, t] in PSUM. Each u tile is loaded
-    once and multiplied against every token chunk of the sub-strip (<= 4 chunks, one
-    PSUM bank each); partial sums over k accumulate in fp32 PSUM.
+    moving one, so the result lands as (x u)^T[r, t] in PSUM. The r tiles go in groups
+    as large as the 8 PSUM banks can accumulate for tb tokens (`blocking.u_group_tiles`:
+    8 r tiles x 512 tokens, 16 x 256, 4 x 1024, ...); for each K tile one DMA brings the
+    group's whole U row slab ([128 k, 128 * tiles] -- long contiguous runs per
+    partition), which meets every token chunk of the sub-strip once. Partial sums over
+    k accumulate in fp32 PSUM.
     """
+    nrt = _cdiv(u.shape[1], P)
+    gt = blocking.u_group_tiles(tb)
+    for g0 in range(0, nrt, gt):
+        _project_group(xT, u, xuT, tb, g0, min(gt, nrt - g0))
+
+
+def _project_group(xT, u, xuT, tb, g0, tiles):
+    """One group of r tiles (g0 .. g0+tiles): its accumulators fill PSUM, so they are
+    allocated here and released on return, before the next group's."""
     K, r = u.shape
-    nk = _cdiv(K, P)
-    n_chunks = _cdiv(tb, MM_N)
-    acc = []
-    for rt in range(_cdiv(r, P)):
-        r0 = rt * P
-        rp = min(P, r - r0)
-        # this r tile's accumulators are allocated before the previous tile's are
-        # released: double-buffered PSUM (evacuation overlaps the next matmuls)
-        new_acc = []
-        for c in range(n_chunks):
-            new_acc.append(nl.ndarray((P, MM_N), dtype=nl.float32, buffer=nl.psum))
-        acc = new_acc
-        for kt in range(nk):
-            k0 = kt * P
-            kp = min(P, K - k0)
-            ut = nl.ndarray((P, P), dtype=xT.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=ut[0:kp, 0:rp], src=u[k0:k0 + kp, r0:r0 + rp])
-            for c in range(n_chunks):
-                c0 = c * MM_N
-                cw = min(MM_N, tb - c0)
-                nisa.nc_matmul(dst=acc[c][0:rp, 0:cw], stationary=ut[0:kp, 0:rp],
-                               moving=xT[0:kp, kt, c0:c0 + cw], accumulate=(kt > 0))
-        # fp32 PSUM -> compute dtype, straight into the cached strip (vector engine)
-        for c in range(n_chunks):
-            c0 = c * MM_N
-            cw = min(MM_N, tb - c0)
-            nisa.tensor_copy(dst=xuT[0:rp, rt, c0:c0 + cw], src=acc[c][0:rp, 0:cw])
+    slot = blocking.token_slot(tb)
+    nch = blocking.token_chunks(tb)
+    width = blocking.u_group_cols(r, tb)          # U slab tile width (columns)
+    c0 = g0 * P
+    cols = min(tiles * P, r - c0)
+    acc = nl.ndarray((P, tiles, nch * slot), dtype=nl.float32, buffer=nl.psum)
+    for kt in range(_cdiv(K, P)):
+        k0 = kt * P
+        kp = min(P, K - k0)
+        # rebound every k tile: the next slab loads while this one is in use (2 buffers)
+        ut = nl.ndarray((P, width), dtype=xT.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=ut[0:kp, 0:cols], src=u[k0:k0 + kp, c0:c0 + cols])
+        for j in range(tiles):
+            rp = min(P, r - c0 - j * P)
+            for c in range(nch):
+                t0 = c * slot
+                cw = min(slot, tb - t0)
+                nisa.nc_matmul(dst=acc[0:rp, j, t0:t0 + cw], stationary=ut[0:kp, j * P:j * P + rp],
+                               moving=xT[0:kp, kt, t0:t0 + cw], accumulate=(kt > 0))
+    # fp32 PSUM -> compute dtype, straight into the cached strip (vector engine)
+    for j in range(tiles):
+        rp = min(P, r - c0 - j * P)
+        for c in range(nch):
+            t0 = c * slot
+            cw = min(slot, tb - t0)
+            nisa.tensor_copy(dst=xuT[0:rp, g0 + j, t0:t0 + cw], src=acc[0:rp, j, t0:t0 + cw])
 
 
 def _stage1_part(x, us, t0, tb, x_transposed):
@@ -142,12 +156,14 @@ def _load_vblock(v, n0, nb, block_n, dtype):
 
 def _stage2_rows(parts, v, y, block_n):
     """y[t, n] for the strip, normal layout: the cached (x u)^T tile [r, 128 tokens] is
-    the stationary operand, the V block the moving one -> PSUM [tokens, n]."""
+    the stationary operand, the V block the moving one -> PSUM [tokens, block_n] (up to
+    4 banks); each output tile leaves as one DMA of block_n-wide rows."""
     r, N = v.shape
     nr = _cdiv(r, P)
+    dtype = parts[0][2][0].dtype
     for n0 in range(0, N, block_n):
         nb = min(block_n, N - n0)
-        vb = _load_vblock(v, n0, nb, block_n, parts[0][2][0].dtype)   # double-buffered
+        vb = _load_vblock(v, n0, nb, block_n, dtype)   # rebound per block: double-buffered
         for t0, tb, pieces in parts:
             xuT = pieces[0]
             for g0 in range(0, tb, P):
@@ -155,16 +171,23 @@ def _stage2_rows(parts, v, y, block_n):
                 ps = nl.ndarray((P, block_n), dtype=nl.float32, buffer=nl.psum)
                 for rt in range(nr):
                     rp = min(P, r - rt * P)
-                    nisa.nc_matmul(dst=ps[0:gp, 0:nb], stationary=xuT[0:rp, rt, g0:g0 + gp],
-                                   moving=vb[0:rp, rt, 0:nb], accumulate=(rt > 0))
+                    for c0 in range(0, nb, MM_N):
+                        cw = min(MM_N, nb - c0)
+                        nisa.nc_matmul(dst=ps[0:gp, c0:c0 + cw],
+                                       stationary=xuT[0:rp, rt, g0:g0 + gp],
+                                       moving=vb[0:rp, rt, c0:c0 + cw], accumulate=(rt > 0))
                 o = nl.ndarray((P, block_n), dtype=y.dtype, buffer=nl.sbuf)
-                nisa.tensor_copy(dst=o[0:gp, 0:nb], src=ps[0:gp, 0:nb])
+                for c0 in range(0, nb, MM_N):
+                    cw = min(MM_N, nb - c0)
+                    nisa.tensor_copy(dst=o[0:gp, c0:c0 + cw], src=ps[0:gp, c0:c0 + cw])
                 nisa.dma_copy(dst=y[t0 + g0:t0 + g0 + gp, n0:n0 + nb], src=o[0:gp, 0:nb])
 
 
-def _stage2_cols(parts, vs, yT, block_n, silu_mul):
+def _stage2_cols(parts, vs, yT, block_n, silu_mul, s0, bm):
     """y^T[n, t] for the strip: V tiles [r, 128 n] stationary, the cached (x u)^T moving
-    -> PSUM [n, tokens], which is already the transposed output layout.
+    -> PSUM [n, tokens], which is already the transposed output layout. Each 128-row
+    output tile spans the whole strip ([128 n, bm tokens] in SBUF) and leaves as one DMA
+    of bm-wide rows.
 
     silu_mul (MLP gate/up, vs = (v_gate, v_up)): the two products meet on chip as
     silu(gate) on the scalar engine times up on the vector engine, before the store.
@@ -179,30 +202,30 @@ def _stage2_cols(parts, vs, yT, block_n, silu_mul):
         vbs = new_vbs
         for j0 in range(0, nb, P):
             jp = min(P, nb - j0)
+            o = nl.ndarray((P, bm), dtype=yT.dtype, buffer=nl.sbuf)
             for t0, tb, pieces in parts:
                 for c0 in range(0, tb, MM_N):
                     cw = min(MM_N, tb - c0)
-                    acc = []
+                    new_acc = []      # next chunk's banks before this one's are released
                     for i in range(len(vs)):
-                        xuT = pieces[i]
-                        vb = vbs[i]
                         r = vs[i].shape[0]
                         ps = nl.ndarray((P, MM_N), dtype=nl.float32, buffer=nl.psum)
                         for rt in range(_cdiv(r, P)):
                             rp = min(P, r - rt * P)
-                            nisa.nc_matmul(dst=ps[0:jp, 0:cw], stationary=vb[0:rp, rt, j0:j0 + jp],
-                                           moving=xuT[0:rp, rt, c0:c0 + cw], accumulate=(rt > 0))
-                        acc.append(ps)
-                    o = nl.ndarray((P, MM_N), dtype=yT.dtype, buffer=nl.sbuf)
+                            nisa.nc_matmul(dst=ps[0:jp, 0:cw], stationary=vbs[i][0:rp, rt, j0:j0 + jp],
+                                           moving=pieces[i][0:rp, rt, c0:c0 + cw],
+                                           accumulate=(rt > 0))
+                        new_acc.append(ps)
+                    acc = new_acc
+                    off = t0 - s0 + c0
                     if silu_mul:
                         g = nl.ndarray((P, MM_N), dtype=nl.float32, buffer=nl.sbuf)
                         nisa.activation(dst=g[0:jp, 0:cw], op=nl.silu, data=acc[0][0:jp, 0:cw])
-                        nisa.tensor_tensor(dst=o[0:jp, 0:cw], data1=g[0:jp, 0:cw],
+                        nisa.tensor_tensor(dst=o[0:jp, off:off + cw], data1=g[0:jp, 0:cw],
                                            data2=acc[1][0:jp, 0:cw], op=nl.multiply)
                     else:
-                        nisa.tensor_copy(dst=o[0:jp, 0:cw], src=acc[0][0:jp, 0:cw])
-                    nisa.dma_copy(dst=yT[n0 + j0:n0 + j0 + jp, t0 + c0:t0 + c0 + cw],
-                                  src=o[0:jp, 0:cw])
+                        nisa.tensor_copy(dst=o[0:jp, off:off + cw], src=acc[0][0:jp, 0:cw])
+            nisa.dma_copy(dst=yT[n0 + j0:n0 + j0 + jp, s0:s0 + bm], src=o[0:jp, 0:bm])
 
 
 def run_strips(x, us, vs, y, plan, x_transposed, out):
@@ -216,7 +239,7 @@ def _strip(x, us, vs, y, s0, bm, plan, x_transposed, out):
     if out == "rows":
         _stage2_rows(parts, vs[0], y, plan.block_n)
     else:
-        _stage2_cols(parts, vs, y, plan.block_n, out == "silu_cols")
+        _stage2_cols(parts, vs, y, plan.block_n, out == "silu_cols", s0, bm)
 
 
 def check_dims(name, **dims):
@@ -252,7 +275,7 @@ def fused_xuv(x, u, v, transpose_out=False, block_m=None):
     check_dims("fused_xuv", K=(u.shape[0], K), r=(v.shape[0], r))
     e = elem_bytes(x.dtype)
     shape = blocking.KernelShape(S, K, (r,), N, e, elem_bytes(u.dtype), elem_bytes(v.dtype), e,
-                                 "cols" if transpose_out else "rows")
+                                 "cols" if transpose_out else "rows", False)
     plan = strip_plan(shape, block_m)
     if transpose_out:
         y = nl.ndarray((N, S), dtype=x.dtype, buffer=nl.shared_hbm)

@@ -40,6 +40,7 @@ SHAPES = [
     (7, 200, 96, 64, 300, 32),       # gate and up ranks differ; nothing tile-aligned
     (640, 256, 128, 256, 384, 128),
     (130, 129, 64, 160, 513, 200),
+    (150, 130, 520, 260, 2100, 300),  # several U slab groups and V blocks per kernel
 ]
 TOL = {np.float32: (2e-6, 2e-6), BF16: (1e-2, 3e-2)}
 

@@ -70,6 +70,25 @@ def test_multiple_strips(block_m):
     assert st.hbm_read_bytes == 2 * (640 * 200 + strips * (200 * 64 + 64 * 300))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("transpose_out", [False, True], ids=["rows", "cols"])
+def test_wide_u_slabs_and_v_blocks(dtype, transpose_out):
+    """Several U slab groups per sub-strip (r = 520: 5 r tiles, 4 per group at 640
+    tokens, the last group one partial tile) and several V blocks (N = 2100: 2048 + 52
+    columns), two strips, the second shorter: every edge is masked, nothing dropped."""
+    S, K, r, N = 700, 130, 520, 2100
+    x, u, v = make(S, K, r, N, dtype, seed=7)
+    y, st = sim.run(xuv.fused_xuv, x, u, v, block_m=640, transpose_out=transpose_out)
+    ref = reference(x, u, v)
+    assert_close(y, ref.T if transpose_out else ref, dtype)
+    ks = blocking.xuv_shape(S, K, r, N, 4 if dtype == np.float32 else 2, transpose_out)
+    assert blocking.u_group_tiles(640) == 4
+    assert blocking.plan(ks, 640).block_n == 2048
+    assert st.sbuf_peak_bytes == blocking.sbuf_peak_bytes(ks, 640)
+    assert (st.hbm_read_bytes, st.hbm_write_bytes) == blocking.hbm_bytes(ks, 640)
+    assert st.modeled_latency_s == pytest.approx(blocking.modeled_time(ks, 640), rel=1e-9)
+
+
 def test_multiple_stage1_substrips():
     """K so large that x^T of a whole strip does not fit next to (x u)^T: the strip is
     computed in two stage-1 sub-strips, u read twice, v once."""
