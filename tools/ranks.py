@@ -1,0 +1,346 @@
+"""Block-aligned ranks and their allocation under a global parameter budget.
+
+Vocabulary: a *matrix* is one MLP projection `W [m, n]` (m = in_features,
+n = out_features). Factored at rank r it costs `r (m + n)` parameters instead of
+`m n`. The *ratio* is the fraction of all targeted parameters removed (paper
+eq. 4). Every rank is a multiple of the block size B (the kernels tile by it).
+
+- :func:`eq5_rank` is the per-matrix rule of paper eq. 5.
+- Alone it cannot hit most budgets (on SmolLM2, hidden 576, every ratio up to
+  0.08 rounds to the same rank), so both allocations below treat the budget as
+  global and the alignment as per-matrix: each matrix sits on one *level*
+  (a block-aligned rank, or dense), and matrices are moved between
+  neighbouring levels until the total fits the budget.
+- :func:`allocate_uniform` starts every matrix at its eq.-5 rank and spreads
+  the correction evenly over the layers.
+- :func:`allocate_adaptive` spends the budget greedily where the whitened
+  spectrum says a block of rank buys the largest loss reduction per parameter.
+
+gate and up of one layer are factored together or kept dense together (vLLM
+merges them), so "dense" is a level the pair enters and leaves as one.
+Neither allocation ever exceeds the budget; when even one block per matrix is
+over it, both raise BudgetError naming the largest reachable ratio.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+DENSE = 0  # rank value meaning "kept dense"
+
+
+class BudgetError(ValueError):
+    """The requested ratio cannot be reached with block-aligned ranks."""
+
+
+def round_theta(x: float, theta: float = 0.5) -> int:
+    """Round with threshold theta: up when the fractional part is >= theta."""
+    if not 0.0 < theta <= 1.0:
+        raise ValueError(f"rounding threshold must be in (0, 1], got {theta}")
+    base = math.floor(x)
+    return int(base + (1 if x - base >= theta else 0))
+
+
+def eq5_rank(m: int, n: int, ratio: float, block: int, theta: float = 0.5) -> int:
+    """Paper eq. 5: `r = B * round_theta((1 - ratio) m n / ((m + n) B))`, at
+    least one block. The result may save nothing (`r (m + n) >= m n`); callers
+    keep such a matrix dense (see :func:`saves_parameters`)."""
+    check_block_size(block)
+    check_ratio(ratio)
+    r = block * round_theta((1.0 - ratio) * m * n / ((m + n) * block), theta)
+    return max(block, r)
+
+
+def check_ratio(ratio: float) -> None:
+    if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be strictly between 0 and 1 (fraction of MLP parameters removed), got {ratio}")
+
+
+def check_block_size(block: int) -> None:
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0 or block % 32:
+        raise ValueError(f"block size must be a positive multiple of 32, got {block}")
+
+
+def saves_parameters(m: int, n: int, r: int) -> bool:
+    return r * (m + n) < m * n
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One targeted projection. `group` ties gate and up of a layer together
+    for the dense level (None for down)."""
+
+    name: str
+    m: int
+    n: int
+    group: Optional[str] = None
+    layer: int = 0
+
+    @property
+    def dense(self) -> int:
+        return self.m * self.n
+
+    def cost(self, rank: int) -> int:
+        return self.dense if rank == DENSE else rank * (self.m + self.n)
+
+    def max_rank(self, block: int) -> int:
+        """Largest block-aligned rank that still saves parameters (0 if none)."""
+        r = (self.m * self.n - 1) // (self.m + self.n)
+        return (r // block) * block
+
+
+def total_cost(matrices: Sequence[Matrix], ranks: Mapping[str, int]) -> int:
+    return sum(mat.cost(ranks[mat.name]) for mat in matrices)
+
+
+def achieved_ratio(matrices: Sequence[Matrix], ranks: Mapping[str, int]) -> float:
+    dense = sum(mat.dense for mat in matrices)
+    return 1.0 - total_cost(matrices, ranks) / dense
+
+
+def budget_params(matrices: Sequence[Matrix], ratio: float) -> int:
+    """Largest number of parameters the targeted matrices may keep."""
+    return int(math.floor((1.0 - ratio) * sum(mat.dense for mat in matrices) + 1e-9))
+
+
+def _levels(mat: Matrix, block: int) -> List[int]:
+    """Ranks in increasing cost: B, 2B, ..., max_rank, then DENSE."""
+    top = mat.max_rank(block)
+    return [r for r in range(block, top + 1, block)] + [DENSE]
+
+
+def _spread_order(matrices: Sequence[Matrix]) -> List[int]:
+    """Indices ordered so any prefix is spread evenly over the layers and the
+    projections (bit-reversal over layers, projections interleaved)."""
+    layers = sorted({mat.layer for mat in matrices})
+    nbits = max(1, (len(layers) - 1).bit_length())
+
+    def bitrev(i: int) -> int:
+        return int(format(i, f"0{nbits}b")[::-1], 2)
+
+    layer_rank = {layer: bitrev(i) for i, layer in enumerate(layers)}
+    kinds = sorted({mat.name.rpartition(".")[2] for mat in matrices})
+    kind_pos = {k: i for i, k in enumerate(kinds)}
+    return sorted(range(len(matrices)),
+                  key=lambda i: ((layer_rank[matrices[i].layer] + kind_pos[matrices[i].name.rpartition(".")[2]])
+                                 % max(1, len(layers)),
+                                 kind_pos[matrices[i].name.rpartition(".")[2]], layer_rank[matrices[i].layer]))
+
+
+def _check_feasible(st: "_State", budget: int, ratio: float, block: int) -> None:
+    floor = sum(m.cost(lv[0]) for m, lv in zip(st.mats, st.levels))
+    if floor > budget:
+        dense = sum(m.dense for m in st.mats)
+        raise BudgetError(f"ratio {ratio} cannot be reached with block size {block}: even one block per matrix "
+                          f"keeps {floor:,} of {dense:,} parameters (largest reachable ratio {1 - floor / dense:.4f})")
+
+
+class _State:
+    """Per-matrix level indices with the gate/up dense coupling enforced."""
+
+    def __init__(self, matrices: Sequence[Matrix], block: int):
+        self.mats = list(matrices)
+        self.levels = [_levels(m, block) for m in self.mats]
+        self.idx = [0] * len(self.mats)
+        self.groups: Dict[str, List[int]] = {}
+        for i, m in enumerate(self.mats):
+            if m.group is not None:
+                self.groups.setdefault(m.group, []).append(i)
+
+    def rank(self, i: int) -> int:
+        return self.levels[i][self.idx[i]]
+
+    def cost(self) -> int:
+        return sum(m.cost(self.rank(i)) for i, m in enumerate(self.mats))
+
+    def set_rank(self, i: int, r: int) -> None:
+        lv = self.levels[i]
+        if r in lv:
+            self.idx[i] = lv.index(r)
+        else:  # nearest level at or below r (ranks beyond the max become dense)
+            below = [k for k, v in enumerate(lv) if v != DENSE and v <= r]
+            self.idx[i] = below[-1] if below else 0
+
+    def members(self, i: int) -> List[int]:
+        g = self.mats[i].group
+        return self.groups[g] if g is not None else [i]
+
+    def step_up(self, i: int) -> Optional[Tuple[List[Tuple[int, int]], int]]:
+        """The move that raises matrix i one level: [(index, new level idx)], cost delta."""
+        lv = self.levels[i]
+        k = self.idx[i]
+        if k + 1 >= len(lv):
+            return None
+        if lv[k + 1] != DENSE:
+            return [(i, k + 1)], self.mats[i].cost(lv[k + 1]) - self.mats[i].cost(lv[k])
+        # entering dense: the whole group goes dense together
+        members = self.members(i)
+        moves, delta = [], 0
+        for j in members:
+            dj = len(self.levels[j]) - 1
+            if self.idx[j] != dj:
+                moves.append((j, dj))
+                delta += self.mats[j].cost(DENSE) - self.mats[j].cost(self.rank(j))
+        return moves, delta
+
+    def step_down(self, i: int) -> Optional[Tuple[List[Tuple[int, int]], int]]:
+        lv = self.levels[i]
+        k = self.idx[i]
+        if k == 0:
+            return None
+        if lv[k] != DENSE:
+            return [(i, k - 1)], self.mats[i].cost(lv[k - 1]) - self.mats[i].cost(lv[k])
+        moves, delta = [], 0
+        for j in self.members(i):
+            if self.rank(j) == DENSE:
+                kj = len(self.levels[j]) - 2
+                if kj < 0:
+                    return None  # this matrix cannot be factored at all
+                moves.append((j, kj))
+                delta += self.mats[j].cost(self.levels[j][kj]) - self.mats[j].cost(DENSE)
+        return moves, delta
+
+    def apply(self, moves: List[Tuple[int, int]]) -> None:
+        for j, k in moves:
+            self.idx[j] = k
+
+    def ranks(self) -> Dict[str, int]:
+        return {m.name: self.rank(i) for i, m in enumerate(self.mats)}
+
+
+def allocate_uniform(matrices: Sequence[Matrix], ratio: float, block: int, theta: float = 0.5) -> Dict[str, int]:
+    """Eq.-5 ranks for every matrix, then corrected to the global budget by
+    moving matrices, spread evenly over the layers, one level at a time: down
+    while over budget, then up while the budget still allows. Returns
+    {name: rank}, DENSE (0) for matrices kept dense."""
+    check_ratio(ratio)
+    check_block_size(block)
+    budget = budget_params(matrices, ratio)
+    st = _State(matrices, block)
+    _check_feasible(st, budget, ratio, block)
+    for i, mat in enumerate(st.mats):
+        r = eq5_rank(mat.m, mat.n, ratio, block, theta)
+        if not saves_parameters(mat.m, mat.n, r):
+            r = DENSE
+        if r == DENSE:
+            st.idx[i] = len(st.levels[i]) - 1
+        else:
+            st.set_rank(i, r)
+    # gate/up consistency: a group is dense only as a whole
+    for g, members in st.groups.items():
+        if any(st.rank(j) == DENSE for j in members) and not all(st.rank(j) == DENSE for j in members):
+            for j in members:
+                if st.rank(j) == DENSE and len(st.levels[j]) > 1:
+                    st.idx[j] = len(st.levels[j]) - 2
+    order = _spread_order(st.mats)
+    # lower levels until within budget
+    changed = True
+    while st.cost() > budget and changed:
+        changed = False
+        for i in order:
+            if st.cost() <= budget:
+                break
+            mv = st.step_down(i)
+            if mv is not None:
+                st.apply(mv[0])
+                changed = True
+    # raise levels while the budget allows, lowest levels first, evenly spread
+    changed = True
+    while changed:
+        changed = False
+        floor = min(st.idx[i] for i in order)
+        for lvl in range(floor, max(len(lv) for lv in st.levels)):
+            for i in order:
+                if st.idx[i] != lvl:
+                    continue
+                mv = st.step_up(i)
+                if mv is not None and st.cost() + mv[1] <= budget:
+                    st.apply(mv[0])
+                    changed = True
+            if changed:
+                break
+    return st.ranks()
+
+
+def truncation_loss(spectrum: Sequence[float], rank: int) -> float:
+    """Sum of squared singular values dropped at `rank` (0 for dense)."""
+    if rank == DENSE:
+        return 0.0
+    return float(sum(s * s for s in spectrum[rank:]))
+
+
+def allocate_adaptive(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[float]], ratio: float,
+                      block: int, normalize: bool = True, power: float = 1.0) -> Dict[str, int]:
+    """Greedy allocation from the whitened singular spectra.
+
+    Every matrix starts at one block; then the move with the largest loss
+    reduction per added parameter is applied while it fits the budget. The loss
+    of a matrix at rank r is the energy of the dropped whitened singular values,
+    i.e. the squared output error on the calibration activations; with
+    `normalize` it is divided by the matrix's total energy (relative error), so
+    layers whose activations are large do not take the whole budget. Since each
+    spectrum is sorted, the marginal gains fall block by block and the greedy
+    choice is optimal up to the last, partly filled step.
+    """
+    check_ratio(ratio)
+    check_block_size(block)
+    budget = budget_params(matrices, ratio)
+    st = _State(matrices, block)
+    _check_feasible(st, budget, ratio, block)
+    for mat in matrices:
+        if mat.name not in spectra:
+            raise ValueError(f"no spectrum for {mat.name}")
+    weights = {}
+    for mat in matrices:
+        total = float(sum(s * s for s in spectra[mat.name]))
+        weights[mat.name] = 1.0 / total if (normalize and total > 0) else 1.0
+
+    def loss(i: int, r: int) -> float:
+        mat = st.mats[i]
+        return (weights[mat.name] * truncation_loss(spectra[mat.name], r)) ** power
+
+    while True:
+        best, best_score = None, -1.0
+        cost_now = st.cost()
+        seen_groups = set()
+        for i in range(len(st.mats)):
+            mv = st.step_up(i)
+            if mv is None:
+                continue
+            moves, delta = mv
+            if len(moves) > 1 or (len(moves) == 1 and st.levels[moves[0][0]][moves[0][1]] == DENSE):
+                g = st.mats[i].group
+                if g is not None:
+                    if g in seen_groups:
+                        continue
+                    seen_groups.add(g)
+            if delta <= 0 or cost_now + delta > budget:
+                continue
+            gain = sum(loss(j, st.rank(j)) - loss(j, st.levels[j][k]) for j, k in moves)
+            score = gain / delta
+            if score > best_score:
+                best, best_score = moves, score
+        if best is None:
+            break
+        st.apply(best)
+    return st.ranks()
+
+
+def matrices_from_shapes(shapes: Mapping[str, Tuple[int, int]]) -> List[Matrix]:
+    """Matrix records from {module name: (in, out)}; gate/up share a group per layer."""
+    out = []
+    for name, (m, n) in shapes.items():
+        parent, _, proj = name.rpartition(".")
+        layer = _layer_index(name)
+        group = parent if proj in ("gate_proj", "up_proj") else None
+        out.append(Matrix(name=name, m=m, n=n, group=group, layer=layer))
+    return out
+
+
+def _layer_index(name: str) -> int:
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    return 0
