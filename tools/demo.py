@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="work", help="directory for the models and results (default: ./work)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of MLP parameters to remove (default 0.2)")
     p.add_argument("--bench-prompts", type=int, default=32, help="prompts per `vllm bench serve` run (default 32)")
-    p.add_argument("--eval-tokens", type=int, default=16 * 2048 + 1,
-                   help="held-out tokens evaluated (default: 16 windows of 2048; `vllm-neuronmlp eval` "
+    p.add_argument("--eval-tokens", type=int, default=4 * 2048 + 1,
+                   help="held-out tokens evaluated (default: 4 windows of 2048; `vllm-neuronmlp eval` "
                         "scores the whole split)")
     p.add_argument("--fresh", action="store_true", help="rebuild every artifact instead of reusing it")
     a = p.parse_args(argv)
