@@ -120,7 +120,7 @@ def run_child(src: str, out: str, extra) -> dict:
     proc = subprocess.run([sys.executable, "-c", code, src, out, json.dumps(extra)], capture_output=True, text=True)
     wall = time.time() - t0
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
+        raise RuntimeError(f"compress child exited with {proc.returncode}: {proc.stderr[-3000:]}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if peak_kib < before:
         peak_kib = before
@@ -135,6 +135,11 @@ def main():
     ap.add_argument("--smollm2", default=None, help="existing SmolLM2 checkpoint (else materialized)")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--tmp", default=None, help="parent of the temporary directory")
+    ap.add_argument("--layers", type=int, nargs="+", default=[8, 16],
+                    help="layer counts to run, smallest first (default 8 16)")
+    ap.add_argument("--prior", default=None,
+                    help="JSON lines of earlier runs (one per layer count) to merge, e.g. when the runs were "
+                         "made in separate invocations (peak RSS is per child process either way)")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="compress_memory-", dir=args.tmp)
@@ -143,7 +148,10 @@ def main():
         common = {"ratio": 0.2, "method": "whiten", "rank_allocation": "uniform", "calib_samples": 8,
                   "calib_seq_len": 128}
         # ru_maxrss of RUSAGE_CHILDREN is a max over all children so far: run the smaller model first
-        for layers in (8, 16):
+        if args.prior:
+            with open(args.prior) as fh:
+                results["runs"].extend(json.loads(line) for line in fh if line.strip().startswith("{"))
+        for layers in args.layers:
             src = os.path.join(tmp, f"llama1b-{layers}")
             t = time.time()
             nbytes = write_random_llama(src, layers)
@@ -155,13 +163,15 @@ def main():
             print(json.dumps(r), flush=True)
             shutil.rmtree(src)
             shutil.rmtree(os.path.join(tmp, f"out-{layers}"))
-        a, b = results["runs"][0], results["runs"][1]
-        diff = (b["peak_rss_mib"] - a["peak_rss_mib"]) * 2**20
-        results["peak_rss_diff_16_vs_8_bytes"] = diff
-        results["one_layer_bytes"] = layer_bytes()
-        results["streaming_ok"] = diff < layer_bytes()
-        print(f"peak RSS 16 vs 8 layers differs by {diff / 2**20:.1f} MiB; one layer is "
-              f"{layer_bytes() / 2**20:.1f} MiB -> {'OK' if results['streaming_ok'] else 'FAIL'}", flush=True)
+        by_layers = {r["layers"]: r for r in results["runs"]}
+        if 8 in by_layers and 16 in by_layers:
+            a, b = by_layers[8], by_layers[16]
+            diff = (b["peak_rss_mib"] - a["peak_rss_mib"]) * 2**20
+            results["peak_rss_diff_16_vs_8_bytes"] = diff
+            results["one_layer_bytes"] = layer_bytes()
+            results["streaming_ok"] = diff < layer_bytes()
+            print(f"peak RSS 16 vs 8 layers differs by {diff / 2**20:.1f} MiB; one layer is "
+                  f"{layer_bytes() / 2**20:.1f} MiB -> {'OK' if results['streaming_ok'] else 'FAIL'}", flush=True)
         if not args.skip_smollm2:
             smol = args.smollm2
             if smol is None:

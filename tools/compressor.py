@@ -241,6 +241,21 @@ def materialize_layer(sk: Skeleton, src: SourceCheckpoint, i: int) -> nn.Module:
 
 def release_layer(sk: Skeleton, i: int) -> None:
     sk.layers[i].to("meta")
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS after each layer. Without it glibc
+    keeps them (fragmented arenas) and the resident set creeps up with the
+    number of layers although the live data does not."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # ---------------------------------------------------------------------- calibration data
@@ -675,8 +690,10 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, spe
     else:
         val = unused[:VALIDATION_WINDOWS] if unused is not None and unused.shape[0] > 0 else None
         if val is None or opts.method == "plain":
-            all_ranks = candidates[next(n for n in candidates if n != "uniform")]
-            selection = {"chosen": "spectral-p1", "note": "no validation windows; first spectral candidate"}
+            spectral = [n for n in candidates if n != "uniform"]
+            chosen = "spectral-p2" if "spectral-p2" in candidates else spectral[0]
+            all_ranks = candidates[chosen]
+            selection = {"chosen": chosen, "note": "not scored (plain method or no unused calibration windows)"}
         else:
             scores = selection_pass(sk, src, ids, val, candidates, opts.damping, opts.progress)
             best = min(scores, key=scores.get)

@@ -8,8 +8,7 @@ recovery step and by the transformers perplexity path of the benchmarks.
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
