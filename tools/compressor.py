@@ -383,6 +383,19 @@ def _progress(iterable, enabled: bool, **kw):
     return tqdm(iterable, **kw)
 
 
+def _mlp_input_grams(sk: Skeleton, runner: "LayerRunner", layer: nn.Module, x: torch.Tensor):
+    """Run `x` through `layer` in place, accumulating the Gram matrices of the MLP
+    input (shared by gate and up) and of the down projection's input."""
+    acc_a = GramAccumulator(sk.hidden)
+    acc_z = GramAccumulator(getattr(layer.mlp, cf.DOWN).in_features)
+    for sl in _chunks(x.shape[0], x.shape[1]):
+        got = runner.run(layer, x[sl], want_mlp_in=True, want_down_in=True)
+        acc_a.add(got["mlp_in"])
+        acc_z.add(got["down_in"])
+        x[sl] = got["out"]
+    return acc_a, acc_z
+
+
 def spectra_pass(sk: Skeleton, src: SourceCheckpoint, ids: Optional[torch.Tensor], method: str, damping: float,
                  progress: bool) -> Dict[str, List[float]]:
     """Whitened singular values of every projection, from the dense model
@@ -401,13 +414,7 @@ def spectra_pass(sk: Skeleton, src: SourceCheckpoint, ids: Optional[torch.Tensor
                 w = getattr(layer.mlp, p).weight.T
                 spectra[name] = whitened_spectrum(w, None).tolist()
         else:
-            acc_a = GramAccumulator(sk.hidden)
-            acc_z = GramAccumulator(getattr(layer.mlp, cf.DOWN).in_features)
-            for sl in _chunks(x.shape[0], x.shape[1]):
-                got = runner.run(layer, x[sl], want_mlp_in=True, want_down_in=True)
-                acc_a.add(got["mlp_in"])
-                acc_z.add(got["down_in"])
-                x[sl] = got["out"]
+            acc_a, acc_z = _mlp_input_grams(sk, runner, layer, x)
             chol_a = robust_cholesky(acc_a.matrix, f"{names[cf.GATE]} input", damping).factor
             chol_z = robust_cholesky(acc_z.matrix, f"{names[cf.DOWN]} input", damping).factor
             for p, name in names.items():
@@ -452,13 +459,7 @@ def selection_pass(sk: Skeleton, src: SourceCheckpoint, ids: torch.Tensor, val: 
     for i in _progress(range(sk.num_layers), progress, desc="select allocation", unit="layer"):
         layer = materialize_layer(sk, src, i)
         names = module_names(sk, i)
-        acc_a = GramAccumulator(sk.hidden)
-        acc_z = GramAccumulator(getattr(layer.mlp, cf.DOWN).in_features)
-        for sl in _chunks(x.shape[0], x.shape[1]):
-            got = runner.run(layer, x[sl], want_mlp_in=True, want_down_in=True)
-            acc_a.add(got["mlp_in"])
-            acc_z.add(got["down_in"])
-            x[sl] = got["out"]
+        acc_a, acc_z = _mlp_input_grams(sk, runner, layer, x)
         chol = {cf.GATE: robust_cholesky(acc_a.matrix, names[cf.GATE], damping).factor,
                 cf.DOWN: robust_cholesky(acc_z.matrix, names[cf.DOWN], damping).factor}
         chol[cf.UP] = chol[cf.GATE]
