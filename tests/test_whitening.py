@@ -151,3 +151,44 @@ def test_factorize_rank_out_of_range():
         wh.factorize(torch.ones(4, 6), 0)
     with pytest.raises(ValueError, match="rank 5 out of range"):
         wh.factorize(torch.ones(4, 6), 5)
+
+
+def test_output_weighted_factors_are_optimal_in_the_weighted_metric():
+    # the fisher method minimizes ||X (W - W_r) D||_F over rank-r W_r; reference:
+    # truncated SVD of Q^T X W D (X = Q R), computed with numpy
+    x = anisotropic_inputs(n=2000, d=24)
+    g = np.random.default_rng(4)
+    w = torch.tensor(g.standard_normal((24, 40)))
+    d = torch.tensor(np.exp(g.standard_normal(40)))  # channel weights spanning ~e^±3
+    r = 6
+    f = wh.factorize(w, r, wh.robust_cholesky(gram(x)).factor, out_scale=d)
+    xn, wn, dn = x.numpy(), w.numpy(), d.numpy()
+    q, _ = np.linalg.qr(xn)
+    s = np.linalg.svd(q.T @ xn @ wn * dn, compute_uv=False)
+    got = np.linalg.norm(xn @ (f.u.numpy() @ f.v.numpy() - wn) * dn)
+    assert got == pytest.approx(np.sqrt(np.sum(s[r:] ** 2)), rel=1e-6)
+    # the dropped spectrum is the weighted loss: what the adaptive allocation compares
+    np.testing.assert_allclose(f.singular_values.numpy(), s, rtol=1e-6)
+    # and the unweighted fit is worse in the weighted metric
+    plain = wh.factorize(w, r, wh.robust_cholesky(gram(x)).factor)
+    assert np.linalg.norm(xn @ (plain.u.numpy() @ plain.v.numpy() - wn) * dn) > 1.05 * got
+
+
+def test_unit_output_weights_change_nothing():
+    x = anisotropic_inputs(n=1000, d=16)
+    w = torch.tensor(np.random.default_rng(5).standard_normal((16, 20)))
+    chol = wh.robust_cholesky(gram(x)).factor
+    a = wh.factorize(w, 5, chol)
+    b = wh.factorize(w, 5, chol, out_scale=torch.ones(20))
+    np.testing.assert_allclose((a.u @ a.v).numpy(), (b.u @ b.v).numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("scale, err, msg", [
+    (torch.ones(7), ValueError, "out_scale has 7 entries for 20 output channels"),
+    (torch.cat([torch.ones(19), torch.zeros(1)]), wh.FactorizationError, "finite and positive"),
+    (torch.full((20,), float("nan")), wh.FactorizationError, "finite and positive"),
+])
+def test_bad_output_weights_are_refused(scale, err, msg):
+    w = torch.tensor(np.random.default_rng(6).standard_normal((16, 20)))
+    with pytest.raises(err, match=msg):
+        wh.factorize(w, 4, None, out_scale=scale)

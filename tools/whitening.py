@@ -16,6 +16,18 @@ least-squares solution is `W* = C_c^-1 K W` and
 `||X_c M - X_o W||^2 = ||L^T (M - W*)||^2 + const`, so the same truncation
 applies to `L^T W* = L^-1 K W`. With X_c = X_o it reduces to the plain case.
 
+Output weighting (the `fisher` method): not every output channel matters
+equally to the model's loss. With per-channel weights `d_j = sqrt(F_j)`, F_j
+the mean squared loss gradient w.r.t. output channel j (the diagonal of the
+empirical Fisher of the layer's outputs, see sensitivity.py), the error
+`sum_j F_j ||X (W - W_r) e_j||^2 = ||L^T (W - W_r) D||_F^2`, D = diag(d), is a
+second-order estimate of the loss increase. It is minimized by truncating
+`L^T W D = P S Q^T` and undoing D on the right: `U = L^-T P_r S_r^1/2`,
+`V = S_r^1/2 Q_r^T D^-1`. The dropped `S^2` are then loss estimates, which
+is what the adaptive rank allocation compares across matrices. (Weighting
+the low-rank fit by Fisher information follows FWSVD, Hsu et al. 2022; here
+it weights output channels and combines with the input whitening.)
+
 Triangular solves only (no explicit inverse). Cholesky is made robust by
 symmetrizing and adding jitter proportional to the mean diagonal when the
 first attempt fails (e.g. dead input channels make C singular).
@@ -121,16 +133,31 @@ class Factorization:
 
 
 def whitened_target(weight_io: torch.Tensor, chol: Optional[torch.Tensor],
-                    cross: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    cross: Optional[torch.Tensor] = None, out_scale: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
     """`L^T W` (plain whitening), `L^-1 K W` (error-aware, K = X_c^T X_o), or W
-    itself when `chol` is None (plain SVD)."""
+    itself when `chol` is None (plain SVD); columns times `out_scale` (the
+    output-channel weights d) when given."""
     w = weight_io.to(torch.float64)
     if chol is None:
-        return w
-    if cross is None:
-        return chol.T @ w
-    with _single_thread():
-        return torch.linalg.solve_triangular(chol, cross.to(torch.float64) @ w, upper=False)
+        t = w
+    elif cross is None:
+        t = chol.T @ w
+    else:
+        with _single_thread():
+            t = torch.linalg.solve_triangular(chol, cross.to(torch.float64) @ w, upper=False)
+    if out_scale is not None:
+        t = t * _check_scale(out_scale, t.shape[1])[None, :]
+    return t
+
+
+def _check_scale(out_scale: torch.Tensor, n_out: int) -> torch.Tensor:
+    d = out_scale.to(torch.float64).reshape(-1)
+    if d.numel() != n_out:
+        raise ValueError(f"out_scale has {d.numel()} entries for {n_out} output channels")
+    if not (torch.isfinite(d).all() and bool((d > 0).all())):
+        raise FactorizationError("output-channel weights must be finite and positive")
+    return d
 
 
 class _single_thread:
@@ -174,23 +201,24 @@ def truncated_svd(t: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tenso
 
 
 def whitened_spectrum(weight_io: torch.Tensor, chol: Optional[torch.Tensor],
-                      cross: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """All singular values (descending) of the whitened target."""
-    t = whitened_target(weight_io, chol, cross)
+                      cross: Optional[torch.Tensor] = None, out_scale: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+    """All singular values (descending) of the whitened (and output-weighted) target."""
+    t = whitened_target(weight_io, chol, cross, out_scale)
     with _single_thread():
         evals = torch.linalg.eigvalsh(t @ t.T if t.shape[0] <= t.shape[1] else t.T @ t)
     return evals.flip(0).clamp_min(0).sqrt()
 
 
 def factorize(weight_io: torch.Tensor, rank: int, chol: Optional[torch.Tensor] = None,
-              cross: Optional[torch.Tensor] = None) -> Factorization:
+              cross: Optional[torch.Tensor] = None, out_scale: Optional[torch.Tensor] = None) -> Factorization:
     """Rank-`rank` factors `U [in, r]`, `V [r, out]` of `W [in, out]` minimizing
     the activation-weighted error (see the module docstring). `chol=None` gives
-    the plain truncated SVD."""
+    the plain truncated SVD; `out_scale` (d) weights the output channels."""
     n_in, n_out = weight_io.shape
     if not 0 < rank <= min(n_in, n_out):
         raise ValueError(f"rank {rank} out of range for a [{n_in}, {n_out}] matrix")
-    target = whitened_target(weight_io, chol, cross)
+    target = whitened_target(weight_io, chol, cross, out_scale)
     p, s, qh = truncated_svd(target, rank)
     root = s[:rank].sqrt()
     left = p * root  # L^T U = P_r S_r^1/2
@@ -200,6 +228,8 @@ def factorize(weight_io: torch.Tensor, rank: int, chol: Optional[torch.Tensor] =
     else:
         u = left
     v = root[:, None] * qh
+    if out_scale is not None:
+        v = v / _check_scale(out_scale, n_out)[None, :]  # undo D: W_r = L^-T (L^T W D)_r D^-1
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
         raise FactorizationError("factorization produced non-finite factors")
     return Factorization(u=u, v=v, singular_values=s)
