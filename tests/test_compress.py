@@ -76,10 +76,8 @@ def test_compress_llama_end_to_end(work):
     for key in ("ratio_requested", "ratio_achieved_mlp", "ratio_achieved_model", "method", "rank_allocation",
                 "calibration", "seed", "tool_version", "bytes_before", "bytes_after", "params_before"):
         assert key in prov, key
-    assert prov["method"] == "whiten" and prov["rank_allocation"] == "adaptive"
-    sel = prov["allocation_selection"]
-    assert sel["chosen"] in sel["validation_ppl"] and "uniform" in sel["validation_ppl"]
-    assert sel["validation_ppl"][sel["chosen"]] == min(sel["validation_ppl"].values())
+    assert prov["method"] == "fisher" and prov["rank_allocation"] == "adaptive"
+    assert prov["allocation_selection"]["chosen"] == "fisher-greedy"  # one allocation, in estimated-loss units
     assert prov["ratio_requested"] == 0.5
     assert prov["ratio_achieved_mlp"] == pytest.approx(cf.mlp_ratio(report.model_config, qc.ranks), abs=1e-6)
     assert abs(res.ratio_mlp - 0.5) <= 0.2  # coarse: block 32 on 128x384 matrices has levels 1/3, 2/3
@@ -131,7 +129,7 @@ def test_whitening_reduces_output_error_of_the_real_model(work):
     with torch.no_grad():
         ref = dense(input_ids=ids).logits
     errs = {}
-    for method in ("plain", "whiten", "error-aware"):
+    for method in ("plain", "whiten", "fisher", "error-aware"):
         out = str(work["dir"] / f"out-cmp-{method}")
         C.compress(work["llama"], out, 0.6, method=method, rank_allocation="uniform", dtype="float32",
                    **opts(work, calib_samples=48))
@@ -139,7 +137,17 @@ def test_whitening_reduces_output_error_of_the_real_model(work):
         with torch.no_grad():
             errs[method] = float((model(input_ids=ids).logits - ref).norm() / ref.norm())
     assert errs["whiten"] < errs["plain"]
+    assert errs["fisher"] < errs["plain"]
     assert errs["error-aware"] < errs["plain"]
+
+
+def test_whiten_adaptive_scores_its_candidates_and_keeps_the_best(work):
+    out = str(work["dir"] / "out-whiten-adaptive")
+    res = C.compress(work["llama"], out, 0.5, method="whiten", rank_allocation="adaptive", **opts(work))
+    sel = cf.read_quantization_config(out).provenance["allocation_selection"]
+    assert sel == res.selection
+    assert sel["chosen"] in sel["validation_ppl"] and "uniform" in sel["validation_ppl"]
+    assert sel["validation_ppl"][sel["chosen"]] == min(sel["validation_ppl"].values())
 
 
 def test_qwen3(work):

@@ -10,15 +10,18 @@ Face checkpoint SRC into two block-aligned low-rank factors, W ~ U V, and write
 an `svd_neuron` checkpoint to OUT that vLLM loads directly (`vllm serve OUT`).
 
 The model is streamed one decoder layer at a time (memory ~ one layer plus the
-calibration activations). Calibration text runs through the model and each
-factorization is whitened by the activations of its input (--method whiten,
-the default; error-aware also fits each layer to the inputs the compressed
-model really feeds it, and plain skips calibration). Ranks are multiples of
---block-size; the budget (--ratio, the fraction of MLP parameters removed) is
-met globally. --rank-allocation uniform gives every matrix the paper's eq.-5
-rank and meets the budget by mixing neighbouring block multiples; adaptive
-(default) also builds allocations from the whitened singular spectra and keeps
-the one with the lowest perplexity on held-aside calibration windows.
+calibration activations). Calibration text runs through the model. With the
+default --method fisher, each factorization is whitened by the activations of
+its input and weighted, per output channel, by how sensitive the loss is to it
+(the diagonal Fisher of the outputs, from one streamed backward pass); whiten
+is SVD-LLM's input whitening alone, error-aware fits each layer to the inputs
+the compressed model really feeds it, and plain skips calibration. Ranks are
+multiples of --block-size; the budget (--ratio, the fraction of MLP parameters
+removed) is met globally. --rank-allocation uniform gives every matrix the
+paper's eq.-5 rank and meets the budget by mixing neighbouring block
+multiples; adaptive (default) also builds a greedy allocation (estimated loss
+reduction per parameter, from the spectra) and keeps whichever has the lower
+perplexity on held-aside calibration windows.
 
 OUT is written to a temporary sibling directory and renamed at the end: an
 interrupted run leaves nothing under OUT. SRC is only read.
@@ -60,11 +63,12 @@ def add_parser(subparsers) -> None:
                    help="tokens per calibration window (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows (default %(default)s)")
     p.add_argument("--rank-allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
-                   help="adaptive: spend the budget where the whitened spectra gain most; uniform: eq.-5 ranks "
+                   help="adaptive: spend the budget where the spectra say the loss gains most; uniform: eq.-5 ranks "
                         "(default %(default)s)")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
-                   help="plain: SVD of W; whiten: SVD-LLM whitening; error-aware: whitening fit on the compressed "
-                        "model's own inputs (default %(default)s)")
+                   help="fisher: input whitening plus loss-sensitivity (Fisher) weights on output channels; "
+                        "whiten: SVD-LLM whitening; error-aware: whitening fit on the compressed model's own "
+                        "inputs; plain: SVD of W (default %(default)s)")
     p.add_argument("--damping", type=float, default=0.0,
                    help="ridge added to each activation covariance, relative to its mean diagonal "
                         "(default %(default)s)")
