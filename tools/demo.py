@@ -8,7 +8,9 @@
 6. one table with everything.
 
 Artifacts go to --work (default ./work, git-ignored); steps whose output is
-already there are reused unless --fresh.
+already there are reused unless --fresh. vLLM runs with --dtype (default
+float32: this CPU has no fast bf16 GEMMs, so bf16 is several times slower
+here for dense and compressed alike; the checkpoint itself stays bf16).
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=4 * 2048 + 1,
                    help="held-out tokens evaluated (default: 4 windows of 2048; `vllm-neuronmlp eval` "
                         "scores the whole split)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                   help="vLLM activation dtype for evaluation and serving (default float32, see above)")
     p.add_argument("--fresh", action="store_true", help="rebuild every artifact instead of reusing it")
     a = p.parse_args(argv)
 
@@ -64,10 +68,10 @@ def main(argv=None) -> int:
         comp = json.load(f)
     table["compress (s)"] = comp["wall_time_s"]
 
-    t = _step("3. held-out perplexity through vLLM (prompt logprobs)")
+    t = _step(f"3. held-out perplexity through vLLM (prompt logprobs, {a.dtype})")
     ppl = {}
     for name, path in (("dense", dense), ("compressed", compressed)):
-        r = evaluate(path, max_tokens=a.eval_tokens)
+        r = evaluate(path, max_tokens=a.eval_tokens, dtype=a.dtype)
         print(f"{name:10s} {r.describe()}", flush=True)
         ppl[name] = r
     table["eval (s)"] = time.time() - t
@@ -76,8 +80,9 @@ def main(argv=None) -> int:
     logs = os.path.join(a.work, "logs")
     os.makedirs(logs, exist_ok=True)
     bench = {}
+    serve_args = ["--max-model-len", "2048", "--dtype", a.dtype]
     with VllmServer(compressed, os.path.join(logs, "serve_compressed.log"), served_name="smollm2-svd",
-                    extra_args=["--max-model-len", "2048"]) as server:
+                    extra_args=serve_args) as server:
         from openai import OpenAI
 
         client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
         t = _step(f"5. vllm bench serve, {a.bench_prompts} prompts, 256 in / 128 out, concurrency 16")
         bench["compressed"] = summarize_bench(bench_serve(server, compressed, a.bench_prompts, 256, 128, 16))
     with VllmServer(dense, os.path.join(logs, "serve_dense.log"), served_name="smollm2",
-                    extra_args=["--max-model-len", "2048"]) as server:
+                    extra_args=serve_args) as server:
         bench["dense"] = summarize_bench(bench_serve(server, dense, a.bench_prompts, 256, 128, 16))
     table["serve + bench (s)"] = time.time() - t
 
@@ -103,7 +108,7 @@ def main(argv=None) -> int:
         ("median TPOT (ms)", f"{bench['dense']['median_tpot_ms']:.1f}", f"{bench['compressed']['median_tpot_ms']:.1f}"),
         ("failed requests", str(bench["dense"]["failed"]), str(bench["compressed"]["failed"])),
     ]
-    print("\n=== result (SmolLM2-135M-Instruct, single runs on this machine)")
+    print(f"\n=== result (SmolLM2-135M-Instruct, vLLM {a.dtype}, single runs on this machine)")
     print(f"{'':28s} {'dense':>12s} {'compressed':>12s}")
     for label, d, c in rows:
         print(f"{label:28s} {d:>12s} {c:>12s}")

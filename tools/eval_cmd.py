@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
                    help="score at most this many tokens (whole windows; default: the whole text)")
     p.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
                    help="vllm (the serving path, default) or hf (transformers, float32)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="activation dtype (default auto: the checkpoint's for vllm, float32 for hf); on CPUs "
+                        "without native bf16 GEMMs float32 is several times faster")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     p.set_defaults(func=run)
 
@@ -38,6 +41,8 @@ def run(args) -> int:
     from vllm_neuronmlp.tools.perplexity import evaluate
 
     kwargs = {}
+    if args.dtype != "auto":
+        kwargs["dtype"] = args.dtype
     if args.backend == "vllm":
         from vllm_neuronmlp import checkpoint_format as cf
 
