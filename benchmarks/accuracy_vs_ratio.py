@@ -1,12 +1,18 @@
 """Held-out perplexity of SmolLM2-135M-Instruct vs compression ratio, per method.
 
-Methods (all MLP-only, block size 128, same calibration windows):
-  plain/uniform          truncated SVD of W, eq.-5 ranks corrected to the budget
-  whiten/uniform         SVD-LLM-style whitening (dense activations)
-  whiten/adaptive        whitening + greedy spectral rank allocation
-  error-aware/uniform    error-aware fit (compressed-path inputs, original outputs)
-  error-aware/adaptive   error-aware fit with the adaptive allocation
-  ... + lora             whiten/adaptive (the default) followed by LoRA recovery
+Methods (all MLP-only, same calibration windows, 64 x 512 tokens as in the
+issue's baseline and the tool's default):
+  baseline/unaligned     the issue's reference: SVD-LLM whitening, the same rank
+                         r = floor((1 - ratio) m n / (m + n)) for every matrix,
+                         NOT block-aligned (computed here in a transformers
+                         model, outside the tool; not servable by the kernel)
+  plain/uniform          truncated SVD of W, eq.-5 ranks at block 128 corrected to the budget
+  whiten/uniform         whitening, block-aligned uniform ranks
+  whiten/adaptive        whitening + scored spectral allocations
+  fisher/adaptive        the tool's default: whitening + Fisher-weighted outputs,
+                         greedy allocation by estimated loss
+  error-aware/...        error-aware fit (compressed-path inputs, original outputs)
+  ... + loraN            followed by N steps of LoRA recovery (merged)
 
 Perplexity: token-level, non-overlapping 2048-token windows of the built-in
 held-out Wikipedia split (never used for calibration), the first
@@ -31,20 +37,20 @@ import sys
 import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DEFAULT_PLAN = [
+RATIOS = (0.05, 0.1, 0.2, 0.3, 0.4)
+DEFAULT_PLAN = (
     # (method, allocation, ratio, lora_steps) in priority order
-    ("whiten", "uniform", 0.05, 0), ("whiten", "uniform", 0.2, 0),
-    ("whiten", "adaptive", 0.05, 0), ("whiten", "adaptive", 0.2, 0),
-    ("plain", "uniform", 0.05, 0), ("plain", "uniform", 0.2, 0),
-    ("whiten", "adaptive", 0.2, 60),
-    ("error-aware", "adaptive", 0.2, 0), ("error-aware", "adaptive", 0.05, 0),
-    ("whiten", "uniform", 0.1, 0), ("whiten", "adaptive", 0.1, 0),
-    ("whiten", "uniform", 0.3, 0), ("whiten", "adaptive", 0.3, 0),
-    ("whiten", "uniform", 0.4, 0), ("whiten", "adaptive", 0.4, 0),
-    ("error-aware", "adaptive", 0.1, 0), ("error-aware", "adaptive", 0.3, 0), ("error-aware", "adaptive", 0.4, 0),
-    ("error-aware", "uniform", 0.05, 0), ("error-aware", "uniform", 0.2, 0),
-    ("plain", "uniform", 0.1, 0), ("plain", "uniform", 0.3, 0), ("plain", "uniform", 0.4, 0),
-]
+    [("baseline", "unaligned", r, 0) for r in RATIOS]
+    + [("fisher", "adaptive", r, 0) for r in (0.05, 0.2)]
+    + [("fisher", "adaptive", r, 100) for r in (0.05, 0.2)]
+    + [("plain", "uniform", r, 0) for r in (0.05, 0.2)]
+    + [("fisher", "adaptive", r, 0) for r in (0.1, 0.3, 0.4)]
+    + [("whiten", "uniform", r, 0) for r in (0.05, 0.2)]
+    + [("whiten", "adaptive", r, 0) for r in (0.05, 0.2)]
+    + [("plain", "uniform", r, 0) for r in (0.1, 0.3, 0.4)]
+    + [("whiten", "uniform", r, 0) for r in (0.1, 0.3, 0.4)]
+    + [("error-aware", "adaptive", r, 0) for r in (0.05, 0.2)]
+)
 
 
 def point_key(method, alloc, ratio, lora):
@@ -97,7 +103,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/vllm_neuronmlp_accuracy", help="scratch directory (model, checkpoints)")
     ap.add_argument("--json", default=os.path.join(RESULTS, "accuracy_vs_ratio.json"))
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=6, help="2048-token held-out windows per point")
     ap.add_argument("--only", nargs="*", help="run only these points, as method/allocation/ratio/loraN")
@@ -127,6 +133,7 @@ def main():
                 f"transformers float32 (perplexity_hf)",
         "calibration": f"built-in calibration split, {args.calib_samples} x {args.calib_seq_len} tokens, seed 0",
         "block_size": 128, "threads": args.threads,
+        "lora": "rank 8, batch 1 x 512 tokens, lr 3e-4, on the calibration windows",
     }
     if "dense" not in data:
         r = evaluate.perplexity_hf(model, "builtin:heldout", max_tokens=max_tokens)
@@ -146,9 +153,19 @@ def main():
             for s in args.only if s not in {point_key(*p) for p in plan}]
     done = {p["key"] for p in data["points"]}
     spectra_cache = {}
+    baseline_state = {}
     for method, alloc, ratio, lora_steps in plan:
         key = point_key(method, alloc, ratio, lora_steps)
         if key in done:
+            continue
+        if method == "baseline":
+            point = unaligned_baseline(model, ratio, args, max_tokens, dense_ppl, baseline_state)
+            point["key"] = key
+            data["points"].append(point)
+            save(args.json, data)
+            plot(data, os.path.splitext(args.json)[0] + ".png")
+            print(f"{key}: achieved {point['ratio_mlp']:.4f} ppl {point['ppl']:.3f} excess {point['excess']:.3f}",
+                  flush=True)
             continue
         out = os.path.join(args.work, "ckpt-" + key.replace("/", "_"))
         t0 = time.time()
@@ -186,6 +203,50 @@ def main():
             print("cross-check", checks[-1], flush=True)
         data["vllm_cross_check"] = checks
         save(args.json, data)
+
+
+def unaligned_baseline(model_path, ratio, args, max_tokens, dense_ppl, state):
+    """The issue's reference point: whitened SVD with one unaligned rank for
+    every MLP matrix, applied to a transformers model in memory (W <- U V)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_neuronmlp import checkpoint_format as cf
+    from vllm_neuronmlp.tools import compressor as C
+    from vllm_neuronmlp.tools import perplexity as evaluate
+    from vllm_neuronmlp.tools.whitening import GramAccumulator, factorize, robust_cholesky
+
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    linears = {n: m for n, m in model.named_modules() if n.rpartition(".")[2] in cf.MLP_PROJECTIONS}
+    if "chol" not in state:  # input Gram of every projection over the calibration windows, once
+        ids, _, _ = C.calibration_tokens(model_path, [C.DEFAULT_CALIB_TEXT], args.calib_samples,
+                                         args.calib_seq_len, 0)
+        grams = {n: GramAccumulator(m.in_features) for n, m in linears.items()}
+        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: grams[n].add(a[0])) for n, m in linears.items()]
+        with torch.no_grad():
+            for k in range(0, ids.shape[0], 4):
+                model(input_ids=ids[k:k + 4])
+        for h in hooks:
+            h.remove()
+        state["chol"] = {n: robust_cholesky(g.matrix, n).factor for n, g in grams.items()}
+    removed = total = 0
+    ranks = {}
+    with torch.no_grad():
+        for n, lin in linears.items():
+            m, k = lin.in_features, lin.out_features
+            r = int((1 - ratio) * m * k / (m + k))
+            f = factorize(lin.weight.T, r, state["chol"][n])
+            lin.weight.copy_((f.u @ f.v).T.to(lin.weight.dtype))
+            removed += m * k - r * (m + k)
+            total += m * k
+            ranks[str(r)] = ranks.get(str(r), 0) + 1
+    t_comp = time.time() - t0
+    r = evaluate.perplexity_hf(model_path, "builtin:heldout", max_tokens=max_tokens, model=model, progress=False)
+    return {"method": "baseline", "allocation": "unaligned", "ratio_requested": ratio, "ratio_mlp": removed / total,
+            "ratio_model": None, "lora_steps": 0, "ppl": r.ppl, "excess": r.ppl / dense_ppl - 1,
+            "compress_seconds": t_comp, "eval_seconds": r.seconds, "tokens_scored": r.tokens_scored, "lora": {},
+            "ranks_histogram": ranks, "allocation_selection": {}}
 
 
 def _hist(ranks, dense):
