@@ -133,3 +133,15 @@ def test_default_model(tmp_path):
     files = cf.safetensors_files(str(out))
     assert "model.layers.0.mlp.gate_proj.weight" in files
     assert cli_main(["default-model", str(out)]) == 2  # exists
+
+
+def test_find_in_distribution_finds_files_and_reports_what_is_missing():
+    from importlib import metadata
+
+    from vllm_neuronmlp.tools.installed_files import find_in_distribution
+
+    path, version = find_in_distribution("pytest", "__init__.py")
+    assert path is not None and os.path.isfile(path) and version == metadata.version("pytest")
+    assert find_in_distribution("pytest", "no-such-file.xyz") == (None, version)
+    with pytest.raises(metadata.PackageNotFoundError):
+        find_in_distribution("no-such-distribution-xyz", "a")

