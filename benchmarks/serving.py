@@ -5,7 +5,7 @@ dense / compressed for --repeats rounds so that drift of the machine hits both
 alike. Reports per-run numbers and the compressed/dense ratios of the median
 output throughput and median TPOT. Writes JSON + PNG to benchmarks/results/.
 
-    python benchmarks/serving.py --dense work/smollm2 --compressed work/smollm2-svd-0.2
+    python benchmarks/serving.py --dense work/smollm2-135m --compressed work/smollm2-135m-svd-0.2 --dtype float32
 """
 from __future__ import annotations
 
@@ -94,11 +94,14 @@ def main(argv=None) -> int:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="vLLM activation dtype for both servers (default auto = the checkpoint's; on CPUs "
+                        "without fast bf16 GEMMs float32 is the faster choice)")
     p.add_argument("--name", default="serving", help="results file stem in benchmarks/results/")
     a = p.parse_args(argv)
     os.makedirs(RESULTS, exist_ok=True)
     result = run(a.dense, a.compressed, a.repeats, a.num_prompts, a.input_len, a.output_len, a.concurrency,
-                 log_dir=os.path.join(RESULTS, "logs"))
+                 log_dir=os.path.join(RESULTS, "logs"), extra_args=["--dtype", a.dtype])
     result["command"] = "python benchmarks/serving.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with open(os.path.join(RESULTS, f"{a.name}.json"), "w") as f:
         json.dump(result, f, indent=2)
