@@ -84,7 +84,7 @@ def recover(ckpt_dir: str, train: torch.Tensor, val: Optional[torch.Tensor], ste
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         if progress and hasattr(it, "set_postfix"):
             it.set_postfix(loss=f"{losses[-1]:.3f}")
     peft_model.eval()
