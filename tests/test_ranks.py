@@ -108,7 +108,8 @@ def random_spectra(mats, seed=0):
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("ratio", [0.03, 0.05, 0.2, 0.4, 0.6])
-def test_adaptive_never_exceeds_budget(seed, ratio):
+@pytest.mark.parametrize("normalize", [True, False])  # False: the fisher method's loss-unit spectra
+def test_adaptive_never_exceeds_budget(seed, ratio, normalize):
     rnd = random.Random(seed)
     shapes = {}
     for i in range(rnd.randint(2, 8)):
@@ -116,7 +117,7 @@ def test_adaptive_never_exceeds_budget(seed, ratio):
         shapes.update({f"model.layers.{i}.mlp.gate_proj": (h, f), f"model.layers.{i}.mlp.up_proj": (h, f),
                        f"model.layers.{i}.mlp.down_proj": (f, h)})
     mats = rk.matrices_from_shapes(shapes)
-    ranks = rk.allocate_adaptive(mats, random_spectra(mats, seed), ratio, 128)
+    ranks = rk.allocate_adaptive(mats, random_spectra(mats, seed), ratio, 128, normalize=normalize)
     assert rk.total_cost(mats, ranks) <= rk.budget_params(mats, ratio)
     assert all(r == rk.DENSE or (r % 128 == 0 and rk.saves_parameters(m.m, m.n, r))
                for m, r in zip(mats, (ranks[m.name] for m in mats)))
