@@ -7,31 +7,35 @@ from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import compressor as C
 from vllm_neuronmlp.tools import sensitivity, tiny
 from vllm_neuronmlp.tools.source import SourceCheckpoint
+from vllm_neuronmlp.tools.whitening import robust_cholesky, whitened_spectrum
 
 
 def reference_fisher(path, ids):
-    """sum over tokens of (dL/dy)^2 per output channel, L = summed next-token NLL,
-    by one backward through the whole model."""
+    """(sum over tokens of (dL/dy)^2 per output channel, L = summed next-token NLL,
+    by one backward through the whole model; each projection's input Gram; weights [in, out])."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outs = {}
+    outs, grams, weights = {}, {}, {}
     hooks = []
 
     def keep(name):
-        def hook(_mod, _args, out):
+        def hook(_mod, args, out):
             out.retain_grad()
             outs[name] = out
+            a = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            grams[name] = a.T @ a
         return hook
 
     for name, mod in model.named_modules():
         if name.rpartition(".")[2] in cf.MLP_PROJECTIONS:
             hooks.append(mod.register_forward_hook(keep(name)))
+            weights[name] = mod.weight.detach().T
     logits = model(input_ids=ids).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                              reduction="sum")
     loss.backward()
     for h in hooks:
         h.remove()
-    return {n: o.grad.double().pow(2).sum(dim=(0, 1)) for n, o in outs.items()}
+    return {n: o.grad.double().pow(2).sum(dim=(0, 1)) for n, o in outs.items()}, grams, weights
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -41,13 +45,18 @@ def test_streamed_fisher_matches_whole_model_backward(tmp_path, arch):
     sk = C.build_skeleton(src)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, sk.config.vocab_size, (5, 48), generator=g)
-    got = sensitivity.output_fisher(sk, src, ids, progress=False)
-    ref = reference_fisher(path, ids)
-    assert sorted(got) == sorted(ref) and len(got) == 3 * 3
+    got, spectra = sensitivity.sensitivity_pass(sk, src, ids, progress=False)
+    ref, grams, weights = reference_fisher(path, ids)
+    assert sorted(got) == sorted(ref) == sorted(spectra) and len(got) == 3 * 3
     for name in ref:
         assert got[name].shape == ref[name].shape
         rel = float((got[name] - ref[name]).norm() / ref[name].norm())
         assert rel < 0.03, (name, rel)  # hidden states are stored in bf16 between the passes
+        # the spectra the allocation uses: singular values of L^T W D from the reference statistics
+        expect = whitened_spectrum(weights[name], robust_cholesky(grams[name]).factor,
+                                   out_scale=sensitivity.output_weights(ref[name]))
+        torch.testing.assert_close(torch.tensor(spectra[name], dtype=torch.float64), expect, rtol=0.03,
+                                   atol=0.03 * float(expect[0]))
 
 
 def test_output_weights_floor_and_scale():

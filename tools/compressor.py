@@ -6,9 +6,12 @@ Pipeline (design notes §7):
    device (no memory), check that every decoder layer has a gate/up/down MLP.
 2. Tokenize the calibration text; pick `calib_samples` non-overlapping windows
    of `calib_seq_len` tokens at random (seeded).
-3. Choose ranks: `uniform` (eq. 5 per matrix, corrected to the global
-   budget) or `adaptive` (candidates from the whitened spectra, scored on
-   held-aside calibration windows; two extra streamed passes).
+3. `fisher` method: one streamed forward/backward pass (sensitivity.py) gives
+   every projection's output-channel Fisher weights and, for `adaptive`, its
+   Fisher-weighted whitened spectrum. Choose ranks: `uniform` (eq. 5 per
+   matrix, corrected to the global budget) or `adaptive` (fisher: greedy by
+   estimated loss; other methods: candidates from the whitened spectra,
+   scored on held-aside calibration windows, two extra streamed passes).
 4. Stream: for each decoder layer, materialize it alone on CPU (float32) from
    its safetensors tensors, run the calibration hidden states through it,
    accumulate float64 Gram matrices of the MLP inputs, factor, write the
@@ -27,7 +30,8 @@ Methods (`method`):
   pass over calibration windows; sensitivity.py, whitening.py). Dropped
   singular values become loss estimates, so the adaptive allocation ranks
   all matrices of the model in one unit. On SmolLM2 it cuts the excess
-  perplexity of uniform whitening by 77-93 % (benchmarks/accuracy_vs_ratio.py).
+  perplexity of the unaligned whitened baseline by 77-92 % at ratios
+  0.05-0.4 (benchmarks/accuracy_vs_ratio.py).
 - `error-aware`: the calibration text also runs through the already-compressed
   layers; each factorization is fit so that the compressed layer, fed the
   inputs it will really see, reproduces the original layer's outputs (closed
@@ -406,11 +410,10 @@ def _mlp_input_grams(sk: Skeleton, runner: "LayerRunner", layer: nn.Module, x: t
 
 
 def spectra_pass(sk: Skeleton, src: SourceCheckpoint, ids: Optional[torch.Tensor], method: str, damping: float,
-                 progress: bool, out_scales: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, List[float]]:
+                 progress: bool) -> Dict[str, List[float]]:
     """Whitened singular values of every projection, from the dense model
-    (plain singular values when method is `plain`; output-weighted by
-    `out_scales` for `fisher`)."""
-    scales = out_scales or {}
+    (plain singular values when method is `plain`). The fisher method gets
+    its output-weighted spectra from sensitivity.sensitivity_pass instead."""
     spectra: Dict[str, List[float]] = {}
     x = None
     runner = None
@@ -430,8 +433,7 @@ def spectra_pass(sk: Skeleton, src: SourceCheckpoint, ids: Optional[torch.Tensor
             chol_z = robust_cholesky(acc_z.matrix, f"{names[cf.DOWN]} input", damping).factor
             for p, name in names.items():
                 w = getattr(layer.mlp, p).weight.T
-                spectra[name] = whitened_spectrum(w, chol_z if p == cf.DOWN else chol_a,
-                                                  out_scale=scales.get(name)).tolist()
+                spectra[name] = whitened_spectrum(w, chol_z if p == cf.DOWN else chol_a).tolist()
         release_layer(sk, i)
     return spectra
 
@@ -463,8 +465,7 @@ def candidate_allocations(sk: Skeleton, opts: CompressOptions, spectra: Optional
 
 @torch.no_grad()
 def selection_pass(sk: Skeleton, src: SourceCheckpoint, ids: torch.Tensor, val: torch.Tensor,
-                   candidates: Dict[str, Dict[str, int]], damping: float, progress: bool,
-                   out_scales: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
+                   candidates: Dict[str, Dict[str, int]], damping: float, progress: bool) -> Dict[str, float]:
     """Validation perplexity of each candidate allocation, streamed layer by layer.
 
     The calibration windows run through the dense layers (whitening statistics,
@@ -490,7 +491,7 @@ def selection_pass(sk: Skeleton, src: SourceCheckpoint, ids: torch.Tensor, val: 
                 r = ranks[names[p]]
                 if r != rk.DENSE:
                     if (p, r) not in cache:
-                        f = factorize(dense[p].weight.T, r, chol[p], out_scale=(out_scales or {}).get(names[p]))
+                        f = factorize(dense[p].weight.T, r, chol[p])
                         cache[(p, r)] = FactoredLinear(f.u.to(torch.bfloat16), f.v.to(torch.bfloat16))
                     setattr(layer.mlp, p, cache[(p, r)])
             for sl in _chunks(xv[name].shape[0], xv[name].shape[1]):
@@ -738,7 +739,7 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, spe
             all_ranks = candidates[chosen]
             selection = {"chosen": chosen, "note": "not scored (plain method or no unused calibration windows)"}
         else:
-            scores = selection_pass(sk, src, ids, val, candidates, opts.damping, opts.progress, out_scales)
+            scores = selection_pass(sk, src, ids, val, candidates, opts.damping, opts.progress)
             best = min(scores, key=scores.get)
             all_ranks = candidates[best]
             selection = {"chosen": best, "validation_ppl": {k: round(v, 4) for k, v in scores.items()},
