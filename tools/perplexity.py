@@ -80,13 +80,18 @@ def perplexity_vllm(model_path: str, text: str, seq_len: int = DEFAULT_SEQ_LEN, 
     Call from under `if __name__ == "__main__":` (vLLM spawns workers)."""
     windows, total = eval_windows(model_path, text, seq_len, max_tokens)
     t0 = time.time()
-    if llm is None:
+    owned = llm is None
+    if owned:
         llm = start_llm(model_path, max_model_len=seq_len + 1, **llm_kwargs)
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=True)
+    try:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=True)
+    finally:
+        if owned:  # free the engine's processes and KV cache now, not at interpreter exit
+            shutdown_llm(llm)
     nll, scored = 0.0, 0
     for w, out in zip(windows, outs):
         lps = out.prompt_logprobs
@@ -96,6 +101,13 @@ def perplexity_vllm(model_path: str, text: str, seq_len: int = DEFAULT_SEQ_LEN, 
             scored += 1
     return PerplexityResult(model_path, text_data.describe(text), "vllm", seq_len, len(windows), total, scored, nll,
                             math.exp(nll / scored), time.time() - t0)
+
+
+def shutdown_llm(llm) -> None:
+    """Stop the engine-core process of a `vllm.LLM` (vLLM 0.32 has no public close)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 def start_llm(model_path: str, max_model_len: int = DEFAULT_SEQ_LEN, **kwargs):
