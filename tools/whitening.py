@@ -17,9 +17,10 @@ least-squares solution is `W* = C_c^-1 K W` and
 applies to `L^T W* = L^-1 K W`. With X_c = X_o it reduces to the plain case.
 
 Output weighting (the `fisher` method): not every output channel matters
-equally to the model's loss. With per-channel weights `d_j = sqrt(F_j)`, F_j
-the mean squared loss gradient w.r.t. output channel j (the diagonal of the
-empirical Fisher of the layer's outputs, see sensitivity.py), the error
+equally to the model's loss. With per-channel weights `d_j = sqrt(F_j)` (plus
+a small floor), F_j the squared loss gradient w.r.t. output channel j summed
+over tokens (the diagonal of the empirical Fisher of the layer's outputs, see
+sensitivity.py), the error
 `sum_j F_j ||X (W - W_r) e_j||^2 = ||L^T (W - W_r) D||_F^2`, D = diag(d), is a
 second-order estimate of the loss increase. It is minimized by truncating
 `L^T W D = P S Q^T` and undoing D on the right: `U = L^-T P_r S_r^1/2`,
