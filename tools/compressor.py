@@ -681,8 +681,9 @@ def compress_with_options(src_path: str, out_path: str, opts: CompressOptions,
                           spectra_cache: Optional[Dict] = None) -> CompressResult:
     """`compress` with a CompressOptions. `on_layer(i)` is called after layer i
     is written (tests use it to interrupt); `spectra_cache`, a dict shared
-    between calls on the same source and calibration, saves the spectra pass
-    of the adaptive allocation (benchmarks sweep ratios with it)."""
+    between calls on the same source and calibration, saves the ratio-independent
+    passes (the fisher method's sensitivity pass, the spectra pass of the
+    adaptive allocation) across calls (benchmarks sweep ratios with it)."""
     try:
         return _compress(src_path, out_path, opts, on_layer, spectra_cache)
     except FactorizationError as e:

@@ -39,17 +39,12 @@ FISHER_WINDOWS = 32  # calibration windows used for the Fisher estimate (memory 
 FISHER_FLOOR = 1e-3  # weight floor relative to the mean Fisher: every channel keeps some weight
 
 
-def output_fisher(sk, src, ids: torch.Tensor, progress: bool = True) -> Dict[str, torch.Tensor]:
-    """{module name: F [out] (float64)} for every gate/up/down projection, from
-    the calibration windows `ids` [n, seq_len] through the dense model."""
-    return sensitivity_pass(sk, src, ids, progress, with_spectra=False)[0]
-
-
 def sensitivity_pass(sk, src, ids: torch.Tensor, progress: bool = True, with_spectra: bool = True,
                      damping: float = 0.0) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[float]]]:
-    """(Fisher diagonals as in `output_fisher`, and, `with_spectra`, the
-    singular values of `L^T W D` for every projection: input-whitened,
-    output-weighted by `output_weights(F)`)."""
+    """({module name: F [out] (float64)} for every gate/up/down projection, from
+    the calibration windows `ids` [n, seq_len] through the dense model; and,
+    `with_spectra`, the singular values of `L^T W D` for every projection:
+    input-whitened, output-weighted by `output_weights(F)`)."""
     from vllm_neuronmlp.tools import compressor as C
 
     ids = ids[:FISHER_WINDOWS]
