@@ -1,0 +1,106 @@
+"""The MLP families vllm-neuronmlp can factor: the one place that spells them.
+
+A gated MLP computes `down(act(gate(x)) * up(x))`. Models differ only in the
+names of the three projections, the activation, where the layers live, and the
+`model_type` their config.json carries. Each family below records those facts,
+so supporting another model of this shape is one more `MLPFamily` entry.
+
+vLLM merges gate and up into one stacked linear (`merged_gate_up`); the
+checkpoint keeps the Hugging Face names (docs/checkpoint_format.md).
+
+This module imports nothing of the project and no torch, so the checkpoint
+format, the tools and the plugin can all use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Tuple
+
+SILU = "silu"            # x * sigmoid(x)
+GELU_TANH = "gelu_tanh"  # GELU with the tanh approximation
+ACTIVATIONS = (SILU, GELU_TANH)
+
+
+@dataclass(frozen=True)
+class MLPFamily:
+    """How one family of decoder models names and runs its gated MLP."""
+
+    name: str                          # "llama", "qwen2", ...
+    model_types: Tuple[str, ...]       # HF config.model_type values it covers
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    activation: str = SILU             # act(gate) * up
+    layer_prefix: str = "model.layers"  # module path = f"{layer_prefix}.{i}.mlp.{proj}"
+    merged_gate_up: str = "gate_up_proj"  # vLLM's stacked gate+up linear
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MLPFamily {self.name!r}: activation {self.activation!r} is not one of {ACTIVATIONS}")
+
+    @property
+    def projections(self) -> Tuple[str, str, str]:
+        """(gate, up, down) in HF naming."""
+        return (self.gate, self.up, self.down)
+
+
+FAMILIES: Tuple[MLPFamily, ...] = (
+    MLPFamily("llama", ("llama",)),
+    MLPFamily("mistral", ("mistral",)),
+    MLPFamily("qwen2", ("qwen2",)),
+    MLPFamily("qwen3", ("qwen3",)),
+)
+
+
+class UnsupportedModelError(ValueError):
+    """A model whose config.json model_type matches no known MLP family."""
+
+
+def supported_model_types() -> Tuple[str, ...]:
+    return tuple(t for f in FAMILIES for t in f.model_types)
+
+
+def _model_types(cfg: Any) -> Tuple[Any, ...]:
+    """model_type of the text model (multimodal configs nest it) and of the whole config."""
+    if isinstance(cfg, Mapping):
+        text = cfg.get("text_config") or {}
+        return (text.get("model_type"), cfg.get("model_type"))
+    text = getattr(cfg, "text_config", None)
+    return (getattr(text, "model_type", None), getattr(cfg, "model_type", None))
+
+
+def family_for_model_type(model_type: Any) -> MLPFamily:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise UnsupportedModelError(
+        f"config.json model_type {model_type!r} has no known MLP family; vllm-neuronmlp supports "
+        f"model_type {', '.join(supported_model_types())} (add an MLPFamily to vllm_neuronmlp/mlp_families.py "
+        f"for another gated-MLP model)")
+
+
+def family_for_config(cfg: Any) -> MLPFamily:
+    """The family of a model config: a config.json dict or a transformers
+    PretrainedConfig (a multimodal config's `text_config` is tried first)."""
+    text_type, top_type = _model_types(cfg)
+    for model_type in (text_type, top_type):
+        if model_type is not None and model_type in supported_model_types():
+            return family_for_model_type(model_type)
+    return family_for_model_type(top_type if top_type is not None else text_type)
+
+
+def module_name(family: MLPFamily, layer: int, proj: str) -> str:
+    """HF module name of one MLP projection, e.g. `model.layers.3.mlp.down_proj`."""
+    if proj not in family.projections:
+        raise ValueError(f"{proj!r} is not an MLP projection of family {family.name!r}; expected one of {family.projections}")
+    return f"{family.layer_prefix}.{layer}.mlp.{proj}"
+
+
+def all_projection_names() -> Tuple[str, ...]:
+    """Every projection leaf name any family uses (gate, up, down order, no duplicates)."""
+    seen: list = []
+    for family in FAMILIES:
+        for p in family.projections:
+            if p not in seen:
+                seen.append(p)
+    return tuple(seen)
