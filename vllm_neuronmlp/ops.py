@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,3 +122,22 @@ def svd_mlp(x: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tensor, d
     """
     return svd_mlp_op(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank,
                       backend or select_backend(x.device))
+
+
+# ---------------------------------------------------------------- one factored linear
+def factored_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank_offsets: Optional[Sequence[int]] = None,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`(x @ U) @ V`: one linear stored as its two factors (U [in, r], V [r, out]).
+
+    The one implementation of the factored product, used by vLLM's per-linear
+    method, transformers' `SVDLinear` and the compression tools. Never forms the
+    dense `U V`. With `rank_offsets` ([0, r_0, r_0 + r_1, ...]) U holds several
+    packed modules side by side and V stacks their rows: each module's slice of
+    `x U` meets only its own rows of V, and the outputs are concatenated.
+    """
+    t = x @ u
+    if rank_offsets is None or len(rank_offsets) <= 2:
+        y = t @ v
+    else:
+        y = torch.cat([t[..., a:b] @ v[a:b] for a, b in zip(rank_offsets[:-1], rank_offsets[1:])], dim=-1)
+    return y if bias is None else y + bias
