@@ -38,8 +38,8 @@ examples:
 
 def add_parser(subparsers) -> None:
     from vllm_neuronmlp import checkpoint_format as cf
-    from vllm_neuronmlp.tools.compressor import (ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_CALIB_TEXT, DEFAULT_METHOD,
-                                               DTYPE_CHOICES, METHODS)
+    from vllm_neuronmlp.tools.compressor import (ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_CALIB_TEXT,
+                                                 DEFAULT_FISHER_SAMPLES, DEFAULT_METHOD, DTYPE_CHOICES, METHODS)
 
     p = subparsers.add_parser("compress", help="SVD-compress the MLPs of a Hugging Face checkpoint",
                               description=DESCRIPTION, epilog=EPILOG,
@@ -61,7 +61,12 @@ def add_parser(subparsers) -> None:
                    help="number of calibration windows (default %(default)s)")
     p.add_argument("--calib-seq-len", type=int, default=512,
                    help="tokens per calibration window (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows (default %(default)s)")
+    p.add_argument("--fisher-samples", type=int, default=DEFAULT_FISHER_SAMPLES,
+                   help="calibration windows of the fisher method's backward pass, drawn at random from the "
+                        "--calib-samples ones (at most that many are used); memory of the pass grows with "
+                        "them (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for picking calibration windows and their random subsets (default %(default)s)")
     p.add_argument("--rank-allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
                    help="adaptive: spend the budget where the spectra say the loss gains most; uniform: eq.-5 ranks "
                         "(default %(default)s)")
@@ -94,7 +99,7 @@ def run(args) -> int:
     opts = CompressOptions(
         ratio=args.ratio, block_size=args.block_size, rounding_threshold=args.rounding_threshold,
         calib_text=tuple(args.calib_text), calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-        seed=args.seed, rank_allocation=args.rank_allocation, method=args.method, damping=args.damping,
+        fisher_samples=args.fisher_samples, seed=args.seed, rank_allocation=args.rank_allocation, method=args.method, damping=args.damping,
         lora_steps=args.lora_steps, lora_rank=args.lora_rank, lora_lr=args.lora_lr, dtype=args.dtype,
         overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024 ** 3),
         progress=not args.no_progress)

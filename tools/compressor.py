@@ -81,7 +81,8 @@ DEFAULT_METHOD = "fisher"  # best measured on SmolLM2 (benchmarks/results/accura
 DEFAULT_ALLOCATION = "adaptive"
 DEFAULT_CALIB_TEXT = text_data.BUILTIN_PREFIX + "calibration"
 CHUNK_TOKENS = 4096  # tokens per forward chunk during calibration
-VALIDATION_WINDOWS = 8  # unused calibration windows that rank the adaptive candidates
+VALIDATION_WINDOWS = 8  # unused calibration windows that rank the adaptive candidates (and judge LoRA)
+DEFAULT_FISHER_SAMPLES = 32  # calibration windows of the Fisher pass (its stored activations grow with them)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class CompressOptions:
     calib_text: Sequence[str] = (DEFAULT_CALIB_TEXT,)
     calib_samples: int = 64
     calib_seq_len: int = 512
+    fisher_samples: int = DEFAULT_FISHER_SAMPLES  # at most calib_samples are used
     seed: int = 0
     rank_allocation: str = DEFAULT_ALLOCATION
     method: str = DEFAULT_METHOD
@@ -118,6 +120,8 @@ class CompressOptions:
             raise UserError(f"--rounding-threshold must be in (0, 1], got {self.rounding_threshold}")
         if self.calib_samples < 1:
             raise UserError(f"--calib-samples must be at least 1, got {self.calib_samples}")
+        if self.fisher_samples < 1:
+            raise UserError(f"--fisher-samples must be at least 1, got {self.fisher_samples}")
         if self.calib_seq_len < 2:
             raise UserError(f"--calib-seq-len must be at least 2, got {self.calib_seq_len}")
         if self.rank_allocation not in ALLOCATIONS:
@@ -303,6 +307,19 @@ def calibration_tokens(src_path: str, texts: Sequence[str], samples: int, seq_le
     info = {"source": [text_data.describe(t) for t in texts], "tokens_available": len(ids), "samples": samples,
             "seq_len": seq_len, "tokens_used": samples * seq_len, "seed": seed}
     return chosen, unused, info
+
+
+# distinct seeded streams for the subsets, so each is a random draw independent of the others
+FISHER_STREAM, VALIDATION_STREAM = 1, 2
+
+
+def random_subset(windows: torch.Tensor, k: int, seed: int, stream: int) -> torch.Tensor:
+    """`min(k, len(windows))` windows drawn uniformly at random (seeded) from
+    `windows` [n, seq_len]. The calibration windows are kept in text order, so
+    taking the first k would see only the start of the text."""
+    g = torch.Generator().manual_seed(seed * 1000 + stream)
+    pick = torch.randperm(windows.shape[0], generator=g)[:k]
+    return windows[pick.sort().values]
 
 
 # ---------------------------------------------------------------------- layer execution
@@ -698,23 +715,27 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, spe
     sk = build_skeleton(src)
     warnings: List[str] = []
 
-    ids = unused = None
+    ids = val = None
     calib_info: Dict = {}
     if opts.method != "plain" or opts.lora_steps > 0:
         ids, unused, calib_info = calibration_tokens(src_path, opts.calib_text, opts.calib_samples,
                                                      opts.calib_seq_len, opts.seed)
+        if unused.shape[0] > 0:
+            val = random_subset(unused, VALIDATION_WINDOWS, opts.seed, VALIDATION_STREAM)
 
     cache = spectra_cache if spectra_cache is not None else {}
     calib_key = (os.path.abspath(src_path), tuple(opts.calib_text), opts.calib_samples, opts.calib_seq_len,
-                 opts.seed, opts.damping)
+                 opts.seed, opts.damping, opts.fisher_samples)
     out_scales = spectra = None
     if opts.method == "fisher":
         # one streamed forward/backward gives the Fisher weights and (adaptive) the weighted spectra
         from vllm_neuronmlp.tools.sensitivity import output_weights, sensitivity_pass
 
         key = ("fisher", opts.rank_allocation == "adaptive") + calib_key
+        fisher_ids = random_subset(ids, opts.fisher_samples, opts.seed, FISHER_STREAM)
+        calib_info["fisher_samples"] = int(fisher_ids.shape[0])
         if key not in cache:
-            cache[key] = sensitivity_pass(sk, src, ids, opts.progress, opts.rank_allocation == "adaptive",
+            cache[key] = sensitivity_pass(sk, src, fisher_ids, opts.progress, opts.rank_allocation == "adaptive",
                                           opts.damping)
         fisher, spectra = cache[key]
         out_scales = {name: output_weights(f) for name, f in fisher.items()}
@@ -733,7 +754,6 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, spe
         if chosen != "uniform":
             selection = {"chosen": chosen, "note": "greedy by estimated loss (Fisher-weighted spectra); not scored"}
     else:
-        val = unused[:VALIDATION_WINDOWS] if unused is not None and unused.shape[0] > 0 else None
         if val is None or opts.method == "plain":
             spectral = [n for n in candidates if n != "uniform"]
             chosen = "spectral-p2" if "spectral-p2" in candidates else spectral[0]
@@ -808,7 +828,7 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, spe
             write_json(os.path.join(stage.path, cf.CONFIG_FILE),
                        {**config, cf.QUANTIZATION_CONFIG_KEY: cf.QuantizationConfig(
                            block_size=opts.block_size, ranks=factored, provenance=provenance).to_dict()})
-            lora_info = lora.recover(stage.path, ids, unused, steps=opts.lora_steps, rank=opts.lora_rank,
+            lora_info = lora.recover(stage.path, ids, val, steps=opts.lora_steps, rank=opts.lora_rank,
                                      lr=opts.lora_lr, batch=opts.lora_batch, seed=opts.seed,
                                      progress=opts.progress, max_shard_bytes=opts.max_shard_bytes)
             provenance["lora"] = lora_info

@@ -13,7 +13,7 @@ unit, estimated loss.
 Gradients need a backward pass through the whole network, but the model is
 never loaded whole. Forward: layer by layer, keeping each layer's input
 hidden states (bfloat16, `layers x tokens x hidden`: about 0.5 GiB for
-SmolLM2 at 32 x 512 tokens). Head: the final norm and LM head give
+SmolLM2 at 32 x 512 tokens, the default `--fisher-samples`). Head: the final norm and LM head give
 `dL/dh` for the last hidden states (summed token NLL). Backward: layer by
 layer from the top, each layer is materialized again, re-run on its stored
 input with autograd, and `dL/dh` is pulled back through it, while hooks on
@@ -35,19 +35,18 @@ from torch import nn
 from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools.whitening import GramAccumulator, robust_cholesky, whitened_spectrum
 
-FISHER_WINDOWS = 32  # calibration windows used for the Fisher estimate (memory grows with them)
 FISHER_FLOOR = 1e-3  # weight floor relative to the mean Fisher: every channel keeps some weight
 
 
 def sensitivity_pass(sk, src, ids: torch.Tensor, progress: bool = True, with_spectra: bool = True,
                      damping: float = 0.0) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[float]]]:
     """({module name: F [out] (float64)} for every gate/up/down projection, from
-    the calibration windows `ids` [n, seq_len] through the dense model; and,
+    the calibration windows `ids` [n, seq_len] (the caller's random subset,
+    `--fisher-samples` of them) through the dense model; and,
     `with_spectra`, the singular values of `L^T W D` for every projection:
     input-whitened, output-weighted by `output_weights(F)`)."""
     from vllm_neuronmlp.tools import compressor as C
 
-    ids = ids[:FISHER_WINDOWS]
     runner = C.LayerRunner(sk, ids.shape[1])
     chunks = C._chunks(ids.shape[0], ids.shape[1])
 
