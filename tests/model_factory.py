@@ -1,4 +1,4 @@
-"""Tiny random Llama/Qwen3 checkpoints built by the tests (nothing downloaded).
+"""Tiny random Llama, Mistral, Qwen2 and Qwen3 checkpoints built by the tests (nothing downloaded).
 
 `make_dense_and_factored` writes a factored `svd_neuron` checkpoint and its dense
 twin whose MLP weights are exactly `W = U V` (the product computed in float64,
@@ -14,6 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import mlp_families
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")  # one per MLP family of mlp_families
 
 TOKENIZER_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -42,7 +45,7 @@ def make_tokenizer(path: str, vocab_size: int) -> None:
 
 
 def make_config(arch: str, hidden: int, intermediate: int, layers: int, vocab: int, dtype: torch.dtype):
-    from transformers import LlamaConfig, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=hidden // HEAD_DIM, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
@@ -51,7 +54,17 @@ def make_config(arch: str, hidden: int, intermediate: int, layers: int, vocab: i
         return LlamaConfig(**common)
     if arch == "qwen3":
         return Qwen3Config(head_dim=HEAD_DIM, **common)
-    raise ValueError(arch)
+    if arch == "qwen2":  # q/k/v projections with bias, unlike the others
+        return Qwen2Config(**common)
+    if arch == "mistral":  # full attention, as Mistral-7B v0.2+ (no sliding window)
+        return MistralConfig(sliding_window=None, **common)
+    raise ValueError(f"no tiny config for {arch!r}; choose one of {ARCHS}")
+
+
+def mlp_module(arch: str, layer: int, role: str) -> str:
+    """HF name of one MLP projection of a tiny `arch` model, by role (mlp_families.GATE, UP, DOWN)."""
+    family = mlp_families.family_for_model_type(arch)
+    return mlp_families.module_name(family, layer, family.projection(role))
 
 
 def write_random_model(path: str, arch: str = "llama", hidden: int = 192, intermediate: int = 200,
@@ -90,10 +103,10 @@ def make_dense_and_factored(root: str, arch: str = "llama", hidden: int = 192, i
     all_ranks: Dict[str, int] = {}
     fact_state = dict(state)
     for i in factored_layers:
-        for proj in fmt.MLP_PROJECTIONS:
-            module = fmt.mlp_module_name(i, proj)
+        for role in mlp_families.ROLES:
+            module = mlp_module(arch, i, role)
             r = (ranks or {}).get(module, rank)
-            n_in, n_out = (hidden, intermediate) if proj != fmt.DOWN else (intermediate, hidden)
+            n_in, n_out = (hidden, intermediate) if role != mlp_families.DOWN else (intermediate, hidden)
             u, v = _factor_pair(n_in, n_out, r, dtype, gen)
             state[fmt.weight_name(module)] = (u.double() @ v.double()).T.contiguous().to(dtype)
             del fact_state[fmt.weight_name(module)]

@@ -6,12 +6,13 @@ import shutil
 import pytest
 import torch
 
-from model_factory import edit_checkpoint, make_dense_and_factored
+from model_factory import edit_checkpoint, make_dense_and_factored, mlp_module
 from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp.mlp_families import DOWN, GATE, UP
 
-L0_GATE = fmt.mlp_module_name(0, fmt.GATE)
-L0_UP = fmt.mlp_module_name(0, fmt.UP)
-L1_DOWN = fmt.mlp_module_name(1, fmt.DOWN)
+L0_GATE = mlp_module("llama", 0, GATE)
+L0_UP = mlp_module("llama", 0, UP)
+L1_DOWN = mlp_module("llama", 1, DOWN)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_non_finite_values(ckpt):
 
 def test_stray_factor(ckpt):
     config = fmt.read_config(ckpt)
-    for m in (fmt.mlp_module_name(1, p) for p in (fmt.GATE, fmt.UP)):
+    for m in (mlp_module("llama", 1, role) for role in (GATE, UP)):
         del config["quantization_config"]["ranks"][m]
     with open(os.path.join(ckpt, "config.json"), "w") as f:
         json.dump(config, f)

@@ -1,11 +1,18 @@
-"""transformers loads an svd_neuron checkpoint after `import vllm_neuronmlp`."""
+"""transformers loads an svd_neuron checkpoint after `import vllm_neuronmlp`, for
+every MLP family, and peft trains LoRA adapters on its factors and merges them back."""
+import json
+import os
+
 import pytest
 import torch
 
 import vllm_neuronmlp  # noqa: F401  (registers the HF quantizer)
-from model_factory import edit_checkpoint, make_dense_and_factored
+from model_factory import ARCHS, edit_checkpoint, make_dense_and_factored
 from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.hf_quantizer import SVDLinear
+
+IDS = torch.tensor([[5, 17, 33, 2, 9, 41]])
 
 
 @pytest.fixture(scope="module")
@@ -14,16 +21,28 @@ def twins(tmp_path_factory):
                                    rank=32, factored_layers=[1])
 
 
-def test_from_pretrained_matches_dense_twin_and_saves_format_v1(twins, tmp_path):
+def load(path):
     from transformers import AutoModelForCausalLM
 
-    dense = AutoModelForCausalLM.from_pretrained(twins[0], dtype=torch.float32)
-    fact = AutoModelForCausalLM.from_pretrained(twins[1], dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_family_matches_its_dense_twin(arch, tmp_path):
+    dense_dir, fact_dir = make_dense_and_factored(str(tmp_path), arch, hidden=192, intermediate=200, rank=32)
+    dense, fact = load(dense_dir), load(fact_dir)
+    for module in fmt.validate(fact_dir).factored:
+        assert isinstance(fact.get_submodule(module), SVDLinear), module
+    with torch.no_grad():
+        torch.testing.assert_close(fact(IDS).logits, dense(IDS).logits, rtol=0, atol=1e-4)
+
+
+def test_from_pretrained_matches_dense_twin_and_saves_format_v1(twins, tmp_path):
+    dense, fact = load(twins[0]), load(twins[1])
     assert isinstance(fact.model.layers[1].mlp.down_proj, SVDLinear)
     assert isinstance(fact.model.layers[0].mlp.down_proj, torch.nn.Linear)  # layer 0 stays dense
-    ids = torch.tensor([[5, 17, 33, 2, 9, 41]])
     with torch.no_grad():
-        torch.testing.assert_close(fact(ids).logits, dense(ids).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(fact(IDS).logits, dense(IDS).logits, rtol=0, atol=1e-4)
     fact.save_pretrained(tmp_path / "resaved")
     report = fmt.validate(str(tmp_path / "resaved"))
     assert report.quant.ranks == fmt.validate(twins[1]).quant.ranks
@@ -32,10 +51,86 @@ def test_from_pretrained_matches_dense_twin_and_saves_format_v1(twins, tmp_path)
 def test_bad_quantization_config_is_named(twins, tmp_path):
     import shutil
 
-    from transformers import AutoModelForCausalLM
-
     path = tmp_path / "bad"
     shutil.copytree(twins[1], path)
     edit_checkpoint(str(path), quant_update={"format_version": 9})
     with pytest.raises(fmt.CheckpointFormatError, match="format_version is 9"):
-        AutoModelForCausalLM.from_pretrained(path)
+        load(path)
+
+
+def write_unsupported_model(path: str) -> None:
+    """A tiny Phi-3 (its HF MLP stores gate and up as one `gate_up_proj`: no known
+    family) whose config claims an svd_neuron factorization."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    config = Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    raw = fmt.read_config(path)
+    raw[fmt.QUANTIZATION_CONFIG_KEY] = fmt.QuantizationConfig(
+        block_size=32, ranks={"model.layers.0.mlp.down_proj": 32}).to_dict()
+    with open(os.path.join(path, fmt.CONFIG_FILE), "w") as f:
+        json.dump(raw, f)
+
+
+def test_unsupported_model_type_is_named(tmp_path):
+    write_unsupported_model(str(tmp_path))
+    with pytest.raises(mlp_families.UnsupportedModelError,
+                       match=r"model_type 'phi3' has no known MLP family; vllm-neuronmlp supports model_type "
+                             r"llama, mistral, qwen2, qwen3"):
+        load(tmp_path)
+
+
+# ---- peft: LoRA on the factors themselves, merged back into U and V
+LORA_R, LORA_ALPHA = 4, 8
+
+
+def test_peft_lora_trains_and_merges_into_the_factors(twins, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = load(twins[1])
+    factored = sorted(fmt.validate(twins[1]).factored)
+    before = {m: (model.get_submodule(m).svd_u.detach().double().clone(),
+                  model.get_submodule(m).svd_v.detach().double().clone()) for m in factored}
+    # SVDLinear is not an nn.Linear: peft targets its two parameters (one LoRA per factor),
+    # so the merged update keeps the form x (U + dU) (V + dV) at the same rank.
+    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=[],
+                        target_parameters=[fmt.U_SUFFIX, fmt.V_SUFFIX])
+    peft_model = get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 * len(factored)  # lora_A and lora_B for each of U and V
+    opt = torch.optim.SGD(trainable, lr=0.05)
+
+    loss0 = peft_model(input_ids=IDS, labels=IDS).loss
+    loss0.backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        out = peft_model(input_ids=IDS, labels=IDS)
+    assert out.loss < loss0, "one LoRA step did not lower the loss on its own batch"
+
+    # dW = (alpha / r) * B A for each wrapped factor, read off the adapters before merging
+    deltas = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "parameter_name") and "default" in getattr(module, "lora_A", {}):
+            owner = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+            b, a = module.lora_B["default"].weight.double(), module.lora_A["default"].weight.double()
+            deltas[(owner, module.parameter_name)] = (LORA_ALPHA / LORA_R) * (b @ a)
+    assert set(deltas) == {(m, leaf) for m in factored for leaf in (fmt.U_SUFFIX, fmt.V_SUFFIX)}
+
+    merged = peft_model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, out.logits, rtol=0, atol=1e-5)
+    for m in factored:
+        layer = merged.get_submodule(m)
+        assert type(layer) is SVDLinear
+        u0, v0 = before[m]
+        want_u, want_v = u0 + deltas[(m, fmt.U_SUFFIX)], v0 + deltas[(m, fmt.V_SUFFIX)]
+        assert deltas[(m, fmt.U_SUFFIX)].abs().max() > 0 and deltas[(m, fmt.V_SUFFIX)].abs().max() > 0
+        torch.testing.assert_close(layer.svd_u.detach().double(), want_u, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.svd_v.detach().double(), want_v, rtol=0, atol=1e-6)
+
+    merged.save_pretrained(tmp_path / "merged")  # still format v1, ranks unchanged
+    assert fmt.validate(str(tmp_path / "merged")).quant.ranks == fmt.validate(twins[1]).quant.ranks
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "merged")(IDS).logits, out.logits, rtol=0, atol=1e-5)

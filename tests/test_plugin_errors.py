@@ -6,13 +6,14 @@ the message on stderr: never a silently half-loaded model.
 import pytest
 import torch
 
-from model_factory import edit_checkpoint, make_dense_and_factored
+from model_factory import edit_checkpoint, make_dense_and_factored, mlp_module
 from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp.mlp_families import DOWN, GATE
 from vllm_runner import run_engine
 
 pytestmark = pytest.mark.timeout(600)
-DOWN1 = fmt.mlp_module_name(1, fmt.DOWN)
-GATE0 = fmt.mlp_module_name(0, fmt.GATE)
+DOWN1 = mlp_module("llama", 1, DOWN)
+GATE0 = mlp_module("llama", 0, GATE)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ sharded with `model.safetensors.index.json` when large). Its config.json carries
         "quant_method": "svd_neuron",
         "format_version": 1,
         "block_size": 128,
-        "ranks": {"model.layers.0.mlp.gate_proj": 512, ...},
+        "ranks": {"<layer prefix>.0.mlp.<gate projection>": 512, ...},
         ... provenance under other keys ...
     }
 
@@ -17,10 +17,12 @@ Every module named in `ranks` is stored as two factors and no `.weight`:
     <module>.svd_v   [r, out_features]   applied second     y = (x @ svd_u) @ svd_v
 
 Modules not in `ranks` stay dense. The gate and up projections of one layer are
-factored together or not at all (vLLM runs them as one merged linear).
+factored together or not at all (vLLM runs them as one merged linear). Module
+names are the model's Hugging Face names; `mlp_families` spells them per model
+family. docs/checkpoint_format.md describes the format for readers.
 
-This module imports nothing else of the project, so the plugin, the tool and the
-kernels' tests can all use it.
+This module imports only `mlp_families` of the project (no torch at import), so
+the plugin, the tool and the kernels' tests can all use it.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+from vllm_neuronmlp import mlp_families as families
 
 QUANT_METHOD = "svd_neuron"
 FORMAT_VERSION = 1
@@ -50,14 +54,12 @@ U_SUFFIX = "svd_u"
 V_SUFFIX = "svd_v"
 WEIGHT_SUFFIX = "weight"
 
-# The MLP projections the format knows, in HF naming, and how their shapes
-# follow from the model config: (in_features key, out_features key).
-GATE, UP, DOWN = "gate_proj", "up_proj", "down_proj"
-MLP_PROJECTIONS = (GATE, UP, DOWN)
-_PROJECTION_SHAPE_KEYS = {
-    GATE: ("hidden_size", "intermediate_size"),
-    UP: ("hidden_size", "intermediate_size"),
-    DOWN: ("intermediate_size", "hidden_size"),
+# How the shape of each MLP projection (by its role, see mlp_families) follows
+# from the model config: (in_features key, out_features key).
+_ROLE_SHAPE_KEYS = {
+    families.GATE: ("hidden_size", "intermediate_size"),
+    families.UP: ("hidden_size", "intermediate_size"),
+    families.DOWN: ("intermediate_size", "hidden_size"),
 }
 
 SAFETENSORS_SINGLE_FILE = "model.safetensors"
@@ -83,29 +85,12 @@ def weight_name(module: str) -> str:
     return f"{module}.{WEIGHT_SUFFIX}"
 
 
-def mlp_module_name(layer_index: int, projection: str, prefix: str = "model.layers") -> str:
-    """HF name of one MLP projection, e.g. `model.layers.3.mlp.down_proj`."""
-    if projection not in MLP_PROJECTIONS:
-        raise ValueError(f"unknown MLP projection {projection!r}; expected one of {MLP_PROJECTIONS}")
-    return f"{prefix}.{layer_index}.mlp.{projection}"
-
-
 def split_factor_name(tensor_name: str) -> Optional[Tuple[str, str]]:
     """`a.b.svd_u` -> (`a.b`, `svd_u`); None for a tensor that is not a factor."""
     module, _, leaf = tensor_name.rpartition(".")
     if leaf in (U_SUFFIX, V_SUFFIX) and module:
         return module, leaf
     return None
-
-
-def projection_of(module: str) -> Optional[str]:
-    leaf = module.rpartition(".")[2]
-    return leaf if leaf in MLP_PROJECTIONS else None
-
-
-def sibling(module: str, projection: str) -> str:
-    """The module of another projection in the same MLP (gate <-> up)."""
-    return f"{module.rpartition('.')[0]}.{projection}"
 
 
 # ---------------------------------------------------------------- config
@@ -158,13 +143,11 @@ class QuantizationConfig:
                     f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_RANKS}[{module!r}] is {rank!r}, expected a "
                     f"positive multiple of block_size {block}")
         for module in ranks:
-            proj = projection_of(module)
-            if proj in (GATE, UP):
-                other = sibling(module, UP if proj == GATE else GATE)
-                if other not in ranks:
-                    raise CheckpointFormatError(
-                        f"{source}: {module} is factored but {other} is not; gate_proj and up_proj of one "
-                        f"layer must be factored together (vLLM merges them into gate_up_proj)")
+            other = families.gate_up_partner(module)
+            if other is not None and other not in ranks:
+                raise CheckpointFormatError(
+                    f"{source}: {module} is factored but {other} is not; the gate and up projections of one "
+                    f"layer must be factored together (vLLM merges them into one linear)")
         provenance = {k: v for k, v in qc.items()
                       if k not in (KEY_QUANT_METHOD, KEY_FORMAT_VERSION, KEY_BLOCK_SIZE, KEY_RANKS)}
         if KEY_PROVENANCE in provenance and isinstance(provenance[KEY_PROVENANCE], Mapping):
@@ -200,12 +183,13 @@ def read_quantization_config(checkpoint_dir: str) -> QuantizationConfig:
 
 def expected_shape(model_config: Mapping[str, Any], module: str) -> Tuple[int, int]:
     """(in_features, out_features) of an MLP projection, from the model's config."""
-    proj = projection_of(module)
-    if proj is None:
+    role = families.role_of(module)
+    if role is None:
         raise CheckpointFormatError(
-            f"{module}: not an MLP projection ({', '.join(MLP_PROJECTIONS)}); format v1 factors only those")
+            f"{module}: not an MLP projection ({', '.join(families.all_projection_names())}); "
+            f"format v1 factors only those")
     text = model_config.get("text_config", model_config)
-    in_key, out_key = _PROJECTION_SHAPE_KEYS[proj]
+    in_key, out_key = _ROLE_SHAPE_KEYS[role]
     try:
         return int(text[in_key]), int(text[out_key])
     except KeyError as e:

@@ -17,6 +17,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import mlp_families
+from vllm_neuronmlp.ops import factored_linear
 
 
 class SVDLinear(nn.Module):
@@ -32,8 +34,7 @@ class SVDLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ getattr(self, fmt.U_SUFFIX)) @ getattr(self, fmt.V_SUFFIX)
-        return y if self.bias is None else y + self.bias
+        return factored_linear(x, getattr(self, fmt.U_SUFFIX), getattr(self, fmt.V_SUFFIX), bias=self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -61,6 +62,7 @@ class SVDNeuronHfQuantizer(HfQuantizer):
     requires_calibration = True  # only pre-factored checkpoints load; the tool makes them
 
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
+        mlp_families.family_for_config(model.config)  # refuses a model_type whose MLP the format does not know
         ranks = self.quantization_config.ranks
         for name in ranks:
             try:

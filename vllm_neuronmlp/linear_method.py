@@ -9,7 +9,7 @@ For the merged gate_up linear that is `[U_g | U_u]` and `[V_g ; V_u]`: one GEMM
 for the first stage, then each V multiplies only its own slice of `x U`, so no
 zero blocks are ever stored or multiplied.
 
-Tensor parallelism (design notes section 4), exact for every layer kind:
+Tensor parallelism (docs/vllm.md), exact for every layer kind:
 - column parallel (incl. merged gate_up): input whole, output split. U is
   replicated; V is split along its columns (each shard's own slice).
 - row parallel (down): input split, output all-reduced by the layer. U is split
@@ -26,6 +26,8 @@ from typing import List, Optional
 import torch
 
 from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp.mlp_families import MLPFamily
+from vllm_neuronmlp.ops import factored_linear, select_backend
 
 
 def _linear_method_base():
@@ -35,7 +37,8 @@ def _linear_method_base():
 
 
 class SVDLinearMethod(_linear_method_base()):
-    def __init__(self, hf_modules: List[str], ranks: List[int]) -> None:
+    def __init__(self, hf_modules: List[str], ranks: List[int], family: MLPFamily) -> None:
+        self.family = family  # the model's MLP family: names and activation (mlp_fusion reads it)
         self.hf_modules = list(hf_modules)
         self.ranks = list(ranks)
         self.rank_offsets = [sum(self.ranks[:k]) for k in range(len(self.ranks) + 1)]
@@ -127,20 +130,11 @@ class SVDLinearMethod(_linear_method_base()):
                 # GEMMs, bf16 ones above all on CPUs without AVX512-BF16, run several
                 # times faster with it (measured 6x for `x @ U` in bf16 on AVX2).
                 param.data = param.data.t().contiguous().t()
+        # Chosen once, here, where the weights' device is known and outside any
+        # torch.compile trace; the fused MLP op reads it (mlp_fusion).
+        layer.svd_backend = select_backend(layer.svd_u.device)
 
     # ------------------------------------------------------------ compute
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return factored_linear(x, layer.svd_u, layer.svd_v, self.rank_offsets, bias)
 
-
-def factored_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank_offsets: List[int],
-                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`(x @ U) @ V` per packed module, outputs side by side (the reference path)."""
-    t = x @ u
-    if len(rank_offsets) == 2:
-        y = t @ v
-    else:
-        y = torch.cat([t[..., a:b] @ v[a:b] for a, b in zip(rank_offsets[:-1], rank_offsets[1:])], dim=-1)
-    if bias is not None:
-        y = y + bias
-    return y

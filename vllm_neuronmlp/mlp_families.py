@@ -5,8 +5,9 @@ names of the three projections, the activation, where the layers live, and the
 `model_type` their config.json carries. Each family below records those facts,
 so supporting another model of this shape is one more `MLPFamily` entry.
 
-vLLM merges gate and up into one stacked linear (`merged_gate_up`); the
-checkpoint keeps the Hugging Face names (docs/checkpoint_format.md).
+The checkpoint keeps the Hugging Face names (docs/checkpoint_format.md). vLLM's
+model classes merge gate and up into one stacked linear and hold the activation
+as a module; `vllm_gate_up` and `vllm_act` name those (docs/vllm.md).
 
 This module imports nothing of the project and no torch, so the checkpoint
 format, the tools and the plugin can all use it.
@@ -14,11 +15,13 @@ format, the tools and the plugin can all use it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 SILU = "silu"            # x * sigmoid(x)
 GELU_TANH = "gelu_tanh"  # GELU with the tanh approximation
 ACTIVATIONS = (SILU, GELU_TANH)
+GATE, UP, DOWN = "gate", "up", "down"  # the three roles in act(gate(x)) * up(x) -> down
+ROLES = (GATE, UP, DOWN)
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,8 @@ class MLPFamily:
     down: str = "down_proj"
     activation: str = SILU             # act(gate) * up
     layer_prefix: str = "model.layers"  # module path = f"{layer_prefix}.{i}.mlp.{proj}"
-    merged_gate_up: str = "gate_up_proj"  # vLLM's stacked gate+up linear
+    vllm_gate_up: str = "gate_up_proj"  # vLLM's stacked gate+up linear
+    vllm_act: str = "act_fn"            # vLLM's activation-and-mul module
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -42,6 +46,10 @@ class MLPFamily:
     def projections(self) -> Tuple[str, str, str]:
         """(gate, up, down) in HF naming."""
         return (self.gate, self.up, self.down)
+
+    def projection(self, role: str) -> str:
+        """This family's name for the projection of one role (GATE, UP or DOWN)."""
+        return self.projections[ROLES.index(role)]
 
 
 FAMILIES: Tuple[MLPFamily, ...] = (
@@ -96,11 +104,35 @@ def module_name(family: MLPFamily, layer: int, proj: str) -> str:
     return f"{family.layer_prefix}.{layer}.mlp.{proj}"
 
 
-def all_projection_names() -> Tuple[str, ...]:
-    """Every projection leaf name any family uses (gate, up, down order, no duplicates)."""
-    seen: list = []
+def _roles_by_name() -> Dict[str, str]:
+    roles: Dict[str, str] = {}
     for family in FAMILIES:
-        for p in family.projections:
-            if p not in seen:
-                seen.append(p)
-    return tuple(seen)
+        for proj, role in zip(family.projections, ROLES):
+            if roles.setdefault(proj, role) != role:
+                raise ValueError(f"projection name {proj!r} is {roles[proj]} in one family and {role} in another")
+    return roles
+
+
+_ROLE_OF = _roles_by_name()
+
+
+def all_projection_names() -> Tuple[str, ...]:
+    """Every projection name any family uses."""
+    return tuple(_ROLE_OF)
+
+
+def role_of(module: str) -> Optional[str]:
+    """GATE, UP or DOWN for an MLP module name such as `model.layers.3.mlp.up_proj`
+    (judged by its last component, in any family), else None."""
+    return _ROLE_OF.get(module.rpartition(".")[2])
+
+
+def gate_up_partner(module: str) -> Optional[str]:
+    """The up module of a gate module and vice versa (same MLP), else None:
+    vLLM runs the two as one merged linear, so they are factored together."""
+    parent, _, leaf = module.rpartition(".")
+    for family in FAMILIES:
+        if leaf in (family.gate, family.up):
+            other = family.up if leaf == family.gate else family.gate
+            return f"{parent}.{other}" if parent else other
+    return None

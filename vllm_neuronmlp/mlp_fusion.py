@@ -1,12 +1,16 @@
 """Run each factored MLP as one op instead of three linears and an activation.
 
 A quantization method sees one linear at a time, so the fusion hooks in one
-level up: a global torch module-registration hook watches for a module that
-gains both a `gate_up_proj` and a `down_proj` served by `SVDLinearMethod`, i.e.
-the MLP of a Llama/Qwen-style model (any vLLM model built that way), and gives
-that instance a forward that calls `ops.svd_mlp`. The per-linear path stays
-available (and is what runs when the MLP does not fit the pattern: a bias, an
-activation other than SiLU-and-mul), and tests check that both agree.
+level up: a global torch module-registration hook watches vLLM build each MLP.
+Once a module holds the merged gate/up linear, the down linear (both served by
+`SVDLinearMethod`) and an activation module that computes its family's
+activation (`mlp_families`), that instance gets a forward calling `ops.svd_mlp`.
+The decision is made once, while vLLM builds the model, never inside a forward
+that torch.compile traces.
+
+The per-linear path stays available and runs wherever the pattern does not hold
+(a bias, an activation the fused op does not compute); tests check that both
+paths agree, eager and compiled (docs/vllm.md).
 
 Set VLLM_NEURONMLP_FUSED_MLP=0 to keep the per-linear path.
 """
@@ -14,12 +18,19 @@ from __future__ import annotations
 
 import os
 import types
+from typing import Optional
 
 import torch
 
+from vllm_neuronmlp import mlp_families
+
 FUSED_MLP_ENV = "VLLM_NEURONMLP_FUSED_MLP"
+# Activations `ops.svd_mlp` computes (act(gate) * up).
+FUSED_ACTIVATIONS = (mlp_families.SILU,)
 
 _installed = False
+# Every vLLM module name the hook reacts to, over all families.
+_WATCHED = frozenset(n for f in mlp_families.FAMILIES for n in (f.vllm_gate_up, f.down, f.vllm_act))
 
 
 def fusion_enabled() -> bool:
@@ -35,44 +46,56 @@ def install_mlp_fusion() -> None:
     _installed = True
 
 
-def _is_factored(linear) -> bool:
+def computes_activation(act: torch.nn.Module, activation: str) -> bool:
+    """Whether vLLM's activation module `act` computes `activation(gate) * up`
+    on a `[gate | up]` input. Checked by type (out-of-tree replacements of
+    vLLM's ops subclass them) and, for GELU, by its approximation."""
+    from vllm.model_executor.layers import activation as vllm_act
+
+    if activation == mlp_families.SILU:
+        return isinstance(act, vllm_act.SiluAndMul)
+    if activation == mlp_families.GELU_TANH:
+        return isinstance(act, vllm_act.GeluAndMul) and act.approximate == "tanh"
+    return False
+
+
+def _svd_family(linear) -> Optional[mlp_families.MLPFamily]:
+    """The MLP family of a linear served by SVDLinearMethod, else None."""
     from vllm_neuronmlp.linear_method import SVDLinearMethod
 
-    return isinstance(getattr(linear, "quant_method", None), SVDLinearMethod)
+    method = getattr(linear, "quant_method", None)
+    return method.family if isinstance(method, SVDLinearMethod) else None
 
 
 def _on_submodule_registered(parent: torch.nn.Module, name: str, submodule):
-    if name not in ("gate_up_proj", "down_proj") or not fusion_enabled():
+    if name not in _WATCHED or not fusion_enabled() or hasattr(parent, "_svd_unfused_forward"):
         return None
-    gate_up = submodule if name == "gate_up_proj" else parent._modules.get("gate_up_proj")
-    down = submodule if name == "down_proj" else parent._modules.get("down_proj")
-    if gate_up is None or down is None or not (_is_factored(gate_up) and _is_factored(down)):
+    modules = {**parent._modules, name: submodule}
+    family = next((f for f in mlp_families.FAMILIES if f.vllm_gate_up in modules), None)
+    if family is None:
         return None
-    if hasattr(parent, "_svd_unfused_forward") or len(gate_up.svd_ranks) != 2 or getattr(gate_up, "bias", None) is not None \
+    gate_up, down, act = modules.get(family.vllm_gate_up), modules.get(family.down), modules.get(family.vllm_act)
+    if down is None or act is None or _svd_family(gate_up) is None or _svd_family(down) is None:
+        return None  # not (yet) a complete factored MLP; a later registration completes it
+    family = _svd_family(gate_up)
+    if family.activation not in FUSED_ACTIVATIONS or not computes_activation(act, family.activation):
+        return None
+    if len(gate_up.svd_ranks) != 2 or getattr(gate_up, "bias", None) is not None \
             or getattr(down, "bias", None) is not None:
         return None
     parent._svd_unfused_forward = parent.forward
+    parent._svd_family = family
     parent.forward = types.MethodType(fused_mlp_forward, parent)
     return None
 
 
-def _act_is_silu_and_mul(mlp: torch.nn.Module) -> bool:
-    act = getattr(mlp, "act_fn", None)
-    return act is not None and type(act).__name__ == "SiluAndMul"
-
-
 def fused_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`down(silu(gate(x)) * up(x))` as one `svd_mlp` op, all-reduced like the row-parallel down."""
-    if not _act_is_silu_and_mul(self):  # built with another activation: keep the reference path
-        return self._svd_unfused_forward(x)
     from vllm_neuronmlp.ops import svd_mlp
-    from vllm_neuronmlp.ops import select_backend
 
-    gate_up, down = self.gate_up_proj, self.down_proj
-    backend = getattr(self, "_svd_backend", None)
-    if backend is None:  # resolved once per MLP, on the device its weights live on
-        backend = self._svd_backend = select_backend(gate_up.svd_u.device)
-    y = svd_mlp(x, gate_up.svd_u, gate_up.svd_v, down.svd_u, down.svd_v, gate_up.svd_ranks[0], backend)
+    family = self._svd_family
+    gate_up, down = getattr(self, family.vllm_gate_up), getattr(self, family.down)
+    y = svd_mlp(x, gate_up.svd_u, gate_up.svd_v, down.svd_u, down.svd_v, gate_up.svd_ranks[0], gate_up.svd_backend)
     if down.reduce_results and down.tp_size > 1:
         from vllm.distributed import tensor_model_parallel_all_reduce
 

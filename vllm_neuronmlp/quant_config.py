@@ -4,7 +4,10 @@ vLLM adopts it from a checkpoint's config.json (`quant_method: svd_neuron`) with
 no flag, and `--quantization svd_neuron` must agree with it. It answers
 `get_quant_method` for every linear layer: the factored linear method for MLP
 projections listed in `ranks`, vLLM's own unquantized method for every other
-linear (attention, a dense MLP), and None for non-linear layers.
+linear (attention, a dense MLP), and None for non-linear layers. The model's
+MLP family (`mlp_families`, from config.json's model_type) says which HF
+modules vLLM's merged gate/up linear packs; an unknown model_type is refused
+with the supported ones named.
 """
 from __future__ import annotations
 
@@ -14,12 +17,17 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import mlp_families
 
 logger = logging.getLogger(__name__)
 
-# vLLM's stacked linears and the HF modules each one packs, used when a model
-# has not told the config its own mapping yet.
-DEFAULT_PACKED_MODULES = {"gate_up_proj": [fmt.GATE, fmt.UP]}
+
+def _model_family() -> mlp_families.MLPFamily:
+    """The MLP family of the model vLLM is building right now (get_quant_method
+    runs inside vLLM's model construction, where the current config is set)."""
+    from vllm.config import get_current_vllm_config
+
+    return mlp_families.family_for_config(get_current_vllm_config().model_config.hf_config)
 
 
 def _vllm_config_base():
@@ -87,11 +95,13 @@ class SVDNeuronConfig(_vllm_config_base()):
             self.ranks = mapped
 
     # ---- which method each layer gets
-    def hf_modules(self, prefix: str) -> List[str]:
-        """HF module names behind one vLLM layer prefix (a packed layer has several)."""
+    def hf_modules(self, prefix: str, family: mlp_families.MLPFamily) -> List[str]:
+        """HF module names behind one vLLM layer prefix (a packed layer has several).
+        The model's own `packed_modules_mapping` comes first; the family's merged
+        gate/up covers a model that has not set one."""
         head, _, leaf = prefix.rpartition(".")
-        packed = self.packed_modules_mapping or DEFAULT_PACKED_MODULES
-        members = packed.get(leaf, DEFAULT_PACKED_MODULES.get(leaf))
+        family_packed = {family.vllm_gate_up: [family.gate, family.up]}
+        members = (self.packed_modules_mapping or {}).get(leaf) or family_packed.get(leaf)
         if not members:
             return [prefix]
         return [f"{head}.{m}" if head else m for m in members]
@@ -101,7 +111,8 @@ class SVDNeuronConfig(_vllm_config_base()):
 
         if not isinstance(layer, LinearBase):
             return None
-        modules = self.hf_modules(prefix)
+        family = _model_family()
+        modules = self.hf_modules(prefix, family)
         factored = [m in self.ranks for m in modules]
         if not any(factored):
             return UnquantizedLinearMethod()
@@ -116,7 +127,7 @@ class SVDNeuronConfig(_vllm_config_base()):
         # Here, not in __init__: the config may be built in another process and
         # pickled to the workers, but the layers are built where this runs.
         install_mlp_fusion()
-        return SVDLinearMethod(hf_modules=modules, ranks=[self.ranks[m] for m in modules])
+        return SVDLinearMethod(hf_modules=modules, ranks=[self.ranks[m] for m in modules], family=family)
 
 
 def register_with_vllm() -> None:

@@ -1,0 +1,61 @@
+"""mlp_families: which model_types are supported, and the names each family gives its MLP."""
+import pytest
+
+from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import mlp_families
+from vllm_neuronmlp.mlp_families import DOWN, GATE, UP
+
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def test_each_supported_model_type_has_one_family():
+    assert set(mlp_families.supported_model_types()) == SUPPORTED
+    for model_type in SUPPORTED:
+        family = mlp_families.family_for_config({"model_type": model_type})
+        assert model_type in family.model_types
+        assert family.activation == mlp_families.SILU
+
+
+def test_transformers_configs_and_nested_text_config():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    for cls, name in ((LlamaConfig, "llama"), (MistralConfig, "mistral"), (Qwen2Config, "qwen2"),
+                      (Qwen3Config, "qwen3")):
+        assert mlp_families.family_for_config(cls()).name == name
+    # a multimodal config.json: the text model's type decides
+    assert mlp_families.family_for_config({"model_type": "llava", "text_config": {"model_type": "qwen2"}}).name == "qwen2"
+
+
+@pytest.mark.parametrize("cfg,shown", [({"model_type": "gpt2"}, "'gpt2'"), ({}, "None")])
+def test_unknown_model_type_names_it_and_the_supported_ones(cfg, shown):
+    with pytest.raises(mlp_families.UnsupportedModelError,
+                       match=rf"model_type {shown} has no known MLP family; vllm-neuronmlp supports model_type "
+                             r"llama, mistral, qwen2, qwen3"):
+        mlp_families.family_for_config(cfg)
+    assert issubclass(mlp_families.UnsupportedModelError, ValueError)
+
+
+def test_module_names_roles_and_partners():
+    llama = mlp_families.family_for_config({"model_type": "llama"})
+    assert mlp_families.module_name(llama, 3, llama.down) == "model.layers.3.mlp.down_proj"
+    assert [llama.projection(r) for r in (GATE, UP, DOWN)] == ["gate_proj", "up_proj", "down_proj"]
+    assert mlp_families.role_of("model.layers.0.mlp.up_proj") == UP
+    assert mlp_families.role_of("model.layers.0.self_attn.q_proj") is None
+    assert mlp_families.gate_up_partner("model.layers.2.mlp.gate_proj") == "model.layers.2.mlp.up_proj"
+    assert mlp_families.gate_up_partner("model.layers.2.mlp.up_proj") == "model.layers.2.mlp.gate_proj"
+    assert mlp_families.gate_up_partner("model.layers.2.mlp.down_proj") is None
+    with pytest.raises(ValueError, match=r"'q_proj' is not an MLP projection of family 'llama'"):
+        mlp_families.module_name(llama, 0, "q_proj")
+
+
+def test_checkpoint_shapes_follow_the_role():
+    config = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 96}
+    assert fmt.expected_shape(config, "model.layers.1.mlp.gate_proj") == (64, 96)
+    assert fmt.expected_shape(config, "model.layers.1.mlp.down_proj") == (96, 64)
+    with pytest.raises(fmt.CheckpointFormatError, match=r"model\.layers\.1\.self_attn\.o_proj: not an MLP projection"):
+        fmt.expected_shape(config, "model.layers.1.self_attn.o_proj")
+
+
+def test_a_family_with_an_unknown_activation_is_refused():
+    with pytest.raises(ValueError, match=r"activation 'relu' is not one of \('silu', 'gelu_tanh'\)"):
+        mlp_families.MLPFamily("toy", ("toy",), activation="relu")
