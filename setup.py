@@ -20,6 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "vllm_neuronmlp",
+        "vllm_neuronmlp.neuron",
         "vllm_neuronmlp.kernels",
         "vllm_neuronmlp.kernels.sim",
         "vllm_neuronmlp.tools",

@@ -80,9 +80,88 @@ def test_input_validation():
 
 
 @pytest.mark.skipif(nki_compat.REAL_NKI, reason="the Neuron SDK is installed here")
-def test_svd_mlp_nki_needs_the_sdk():
-    with pytest.raises(RuntimeError, match="needs the Neuron SDK"):
+def test_device_path_without_the_sdk_says_why_and_falls_back_once(caplog):
+    import torch
+
+    with pytest.raises(launch.DeviceUnavailable, match=r"Neuron SDK's `nki` \(with nki.jit\) is not importable"):
         launch.svd_mlp_nki(*([None] * 7))
+    fs = [torch.from_numpy(a) for a in mlp_factors(64, 32, 32, 128, 32, np.float32)]
+    x = torch.zeros(3, 64)
+    assert launch.device_support(x, *fs) == (False, "the Neuron SDK's `nki` (with nki.jit) is not importable")
+    launch._fallbacks_logged.clear()
+    with caplog.at_level("WARNING", logger=launch.__name__):
+        for _ in range(3):
+            assert launch.svd_mlp(x, *fs, fallback=lambda: "torch result") == "torch result"
+    said = [r for r in caplog.records if "torch fallback" in r.getMessage()]
+    assert len(said) == 1 and "svd_mlp" in said[0].getMessage() and "not importable" in said[0].getMessage()
+
+
+def test_logical_nc_config(monkeypatch):
+    monkeypatch.delenv(launch.LNC_ENV, raising=False)
+    assert launch.logical_nc_config() == 2                      # neuronx-cc's default on Trn2+
+    monkeypatch.setenv(launch.LNC_ENV, "1")
+    assert launch.logical_nc_config() == 1
+    assert launch.logical_nc_config(lambda: "2") == 2           # TorchNeuron's own answer wins
+    monkeypatch.setenv(launch.LNC_ENV, "4")
+    with pytest.raises(ValueError, match="NEURON_LOGICAL_NC_CONFIG='4': the logical NeuronCore degree is 1 or 2"):
+        launch.logical_nc_config()
+
+
+def test_device_launch_wiring_with_a_torchneuron_standin(monkeypatch):
+    """Unit test of the launcher's wiring against a stand-in for TorchNeuron's
+    `torch_neuronx.nki_hop` (wrap_nki / nki_op) and `torch_neuronx.utils`
+    (get_logical_neuron_cores), torch-neuronx 2.x. The stand-in's wrapped kernel runs our
+    emulator, so the values are real; what is checked is the op registration, the launch
+    grid (= the logical NeuronCore degree) and the transposed hand-off between the kernels.
+    Not a hardware test."""
+    import sys
+    import types
+
+    import torch
+
+    from vllm_neuronmlp.kernels import mlp, sim
+
+    launches, ops_registered = [], []
+
+    class Wrapped:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch_kernel(*tensors):
+                launches.append((self.kernel.__name__, grid))
+                out, _ = sim.run(self.kernel, *[t.numpy() for t in tensors])
+                return torch.from_numpy(np.asarray(out, dtype=np.float32))
+            return launch_kernel
+
+    def nki_op(name, mutates_args):
+        def register(fn):
+            ops_registered.append(name)
+            return fn
+        return register
+
+    hop = types.ModuleType("torch_neuronx.nki_hop")
+    hop.wrap_nki, hop.nki_op = Wrapped, nki_op
+    utils = types.ModuleType("torch_neuronx.utils")
+    utils.get_logical_neuron_cores = lambda: 2
+    pkg = types.ModuleType("torch_neuronx")
+    pkg.nki_hop, pkg.utils = hop, utils
+    monkeypatch.setitem(sys.modules, "torch_neuronx", pkg)
+    monkeypatch.setitem(sys.modules, "torch_neuronx.nki_hop", hop)
+    monkeypatch.setitem(sys.modules, "torch_neuronx.utils", utils)
+    monkeypatch.setattr(nki_compat, "REAL_NKI", True)
+    monkeypatch.setattr(mlp.up_gate, "nki_kernel", mlp.up_gate, raising=False)
+    monkeypatch.setattr(mlp.down, "nki_kernel", mlp.down, raising=False)
+    monkeypatch.setattr(launch, "_device_ops", None)
+
+    fs = mlp_factors(64, 32, 32, 128, 32, np.float32, seed=5)
+    x = np.random.default_rng(6).standard_normal((2, 3, 64)).astype(np.float32)
+    y = launch.svd_mlp_nki(torch.from_numpy(x), *[torch.from_numpy(a) for a in fs])
+    assert ops_registered == ["vllm_neuronmlp::nki_up_gate", "vllm_neuronmlp::nki_down"]
+    assert launches == [("up_gate", (2,)), ("down", (2,))]
+    assert y.shape == (2, 3, 64)
+    ref = mlp_reference(x.reshape(6, 64), *fs).reshape(2, 3, 64)
+    assert np.linalg.norm(d(y.numpy()) - ref) / np.linalg.norm(ref) <= 2e-6
 
 
 def test_kernels_need_neither_torch_nor_the_sdk():

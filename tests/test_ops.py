@@ -72,3 +72,33 @@ def test_backend_selection(monkeypatch):
 def test_nki_backend_without_sdk_says_so():
     with pytest.raises(ops.BackendError, match=r"needs the Neuron SDK .* use nki-sim"):
         ops.select_backend(torch.device("cpu"), "nki")
+
+
+def test_nki_available_is_not_fooled_by_the_pypi_placeholder(tmp_path):
+    """PyPI's `nki` is an empty placeholder: importable by name, no nki.jit. The backend
+    check must look for what the SDK provides, not for the name."""
+    import subprocess
+    import sys
+
+    (tmp_path / "nki").mkdir()
+    (tmp_path / "nki" / "__init__.py").write_text("# placeholder, like the PyPI package\n")
+    code = ("import importlib.util; from vllm_neuronmlp import ops;"
+            "print(importlib.util.find_spec('nki') is not None, ops.nki_available())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
+
+
+def test_nki_backend_goes_through_the_launcher_and_falls_back(caplog):
+    """The op's `nki` backend is kernels/launch.py; where the kernels cannot run (here: no
+    SDK, CPU tensors) it runs the torch backend and says so once."""
+    from vllm_neuronmlp.kernels import launch
+
+    args = _factors(torch.float32, seed=2)
+    launch._fallbacks_logged.clear()
+    with caplog.at_level("WARNING", logger=launch.__name__):
+        y = ops.svd_mlp(*args, gate_rank=RG, backend="nki")
+        ops.svd_mlp(*args, gate_rank=RG, backend="nki")
+    torch.testing.assert_close(y, ops.svd_mlp(*args, gate_rank=RG, backend="torch"), rtol=0, atol=0)
+    assert sum("torch fallback" in r.getMessage() for r in caplog.records) == 1

@@ -2,7 +2,8 @@
 
 `register()` is the `vllm.general_plugins` entry point. vLLM calls it in every
 process it starts (API server, engine core, each worker), so it is idempotent and
-cheap: it only registers the quantization config class.
+cheap: it registers the quantization config class and, only when vllm-neuron is
+installed, installs the Trainium model variant or its refusal (vllm_neuronmlp/neuron/).
 """
 __version__ = "0.1.0"
 
@@ -10,13 +11,16 @@ _registered = False
 
 
 def register() -> None:
-    """Register the `svd_neuron` quantization method with vLLM (idempotent)."""
+    """Register the `svd_neuron` quantization method with vLLM (idempotent); on
+    vllm-neuron, also hook our model variant into it (a no-op without vllm-neuron)."""
     global _registered
     if _registered:
         return
+    from vllm_neuronmlp.neuron.integrate import install as install_on_neuron
     from vllm_neuronmlp.quant_config import register_with_vllm
 
     register_with_vllm()
+    install_on_neuron()
     _registered = True
 
 

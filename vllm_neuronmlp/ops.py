@@ -6,8 +6,9 @@ Backends:
 - `torch`:   PyTorch GEMMs on whatever device vLLM runs on (CPU here). The first
              stage is one GEMM `x @ [U_g | U_u]`; each V multiplies only its own
              slice, so no zero block is ever multiplied.
-- `nki`:     the NKI kernels (`vllm_neuronmlp.kernels`) on Trainium; needs the
-             Neuron SDK and tensors on a Neuron device.
+- `nki`:     the NKI kernels (`vllm_neuronmlp.kernels`) on Trainium, launched by
+             kernels/launch.py through TorchNeuron (`wrap_nki` / `nki_op`); needs
+             the Neuron SDK and tensors on a Neuron device.
 - `nki-sim`: the same NKI kernels run by the project's CPU NKI emulator. Slow;
              it proves the kernels compute the right thing inside vLLM.
 
@@ -21,7 +22,6 @@ must not be traced).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional, Sequence
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 BACKEND_ENV = "VLLM_NEURONMLP_BACKEND"
 BACKENDS = ("torch", "nki", "nki-sim")
-NEURON_DEVICE_TYPES = ("xla", "neuron", "privateuseone")
+from vllm_neuronmlp.kernels.launch import NEURON_DEVICE_TYPES  # noqa: E402  (one definition)
 
 
 class BackendError(RuntimeError):
@@ -38,7 +38,12 @@ class BackendError(RuntimeError):
 
 
 def nki_available() -> bool:
-    return importlib.util.find_spec("nki") is not None
+    """True only when the real Neuron SDK's `nki` is importable. PyPI holds a placeholder
+    package named `nki`, so the name alone proves nothing: `nki_compat.REAL_NKI` checks
+    for what the SDK provides (nki.jit, nki.isa.nc_matmul, nki.language.ndarray)."""
+    from vllm_neuronmlp.kernels import nki_compat
+
+    return nki_compat.REAL_NKI
 
 
 def select_backend(device: torch.device, requested: Optional[str] = None) -> str:
@@ -90,10 +95,13 @@ def _mlp_nki_sim(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank: int) -> tor
 
 
 def _mlp_nki(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank: int) -> torch.Tensor:
+    """The kernels on the Neuron device through the one launcher (kernels/launch.py), which
+    falls back to `_mlp_torch` (saying so once in the log) when they cannot run."""
     from vllm_neuronmlp.kernels import launch
 
-    return launch.svd_mlp_nki(x, gate_up_u[:, :gate_rank], gate_up_v[:gate_rank],
-                              gate_up_u[:, gate_rank:], gate_up_v[gate_rank:], down_u, down_v)
+    return launch.svd_mlp(x, gate_up_u[:, :gate_rank].contiguous(), gate_up_v[:gate_rank],
+                          gate_up_u[:, gate_rank:].contiguous(), gate_up_v[gate_rank:], down_u, down_v,
+                          fallback=lambda: _mlp_torch(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank))
 
 
 _BACKEND_FUNCS = {"torch": _mlp_torch, "nki-sim": _mlp_nki_sim, "nki": _mlp_nki}

@@ -1,0 +1,160 @@
+"""The Trainium variant's MLP on CPU: tensor-parallel sharding of the factors is exact, and
+its forward equals `ops.svd_mlp` (torch backend and the NKI emulator).
+
+Unit tests of our logic; the vllm-neuron collectives and checkpoint reader are the
+stand-ins of tests/neuron_standins.py (not an integration test: vllm-neuron cannot be
+installed here)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from neuron_standins import FakeGroup, read_checkpoint_like_vllm_neuron
+from vllm_neuronmlp import mlp_families, ops
+from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP
+from vllm_neuronmlp.neuron.sharding import SVDShardingError
+
+H, I, S = 64, 256, 12
+RANKS = {"gate": 32, "up": 48, "down": 32}
+LLAMA = mlp_families.family_for_model_type("llama")
+PREFIX = "model.layers.0.mlp"
+# fp32 against a float64 reference built from the dense W = U V: relative to the output's
+# largest value, summation order alone moves fp32 results by ~1e-6.
+TOL = 1e-5
+
+
+def _factors(seed=0, dense=()):
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for role, proj in zip(mlp_families.ROLES, LLAMA.projections):
+        n_in, n_out = (H, I) if role != "down" else (I, H)
+        name = f"{PREFIX}.{proj}"
+        u = torch.randn(n_in, RANKS[role], generator=g, dtype=torch.float64) / n_in ** 0.5
+        v = torch.randn(RANKS[role], n_out, generator=g, dtype=torch.float64) / RANKS[role] ** 0.5
+        if role in dense:
+            t[f"{name}.weight"] = (u @ v).T.contiguous().float()     # HF layout [out, in]
+        else:
+            t[f"{name}.svd_u"], t[f"{name}.svd_v"] = u.float(), v.float()
+    return t
+
+
+def _dense_reference(tensors, x):
+    def w(proj):
+        name = f"{PREFIX}.{proj}"
+        if f"{name}.weight" in tensors:
+            return tensors[f"{name}.weight"].double().T
+        return tensors[f"{name}.svd_u"].double() @ tensors[f"{name}.svd_v"].double()  # W = U V
+    g, u, d = (w(p) for p in LLAMA.projections)
+    xd = x.double()
+    return (F.silu(xd @ g) * (xd @ u)) @ d
+
+
+def _rank_mlp(ckpt_dir, tp, rank, gathered=None, dense=()):
+    group = FakeGroup(tp, rank, gathered)
+    ranks = {r: (None if r in dense else RANKS[r]) for r in mlp_families.ROLES}
+    mlp = SVDNeuronMLP(layer=0, family=LLAMA, hidden_size=H, intermediate_size=I, ranks=ranks, tp_group=group,
+                       mlp_tp_group=group, mlp_tp_rank=rank, mlp_tp_size=tp, dtype=torch.float32)
+    holder = torch.nn.Module()
+    holder.model = torch.nn.Module()
+    holder.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    holder.model.layers[0].mlp = mlp
+    read_checkpoint_like_vllm_neuron(holder, ckpt_dir, mappings={}, rank=999)  # rank ignored: the MLP group's own
+    mlp.finalize()
+    return mlp, group
+
+
+def _write(tmp_path, tensors):
+    d = str(tmp_path)
+    save_file(tensors, os.path.join(d, "model.safetensors"))
+    return d
+
+
+def _rel(a, ref):
+    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    monkeypatch.setenv(ops.BACKEND_ENV, "torch")
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_decode_partials_sum_to_dense_mlp(tmp_path, tp):
+    tensors = _factors()
+    ckpt = _write(tmp_path, tensors)
+    x = torch.randn(S, H, generator=torch.Generator().manual_seed(5))
+    total = 0
+    for rank in range(tp):
+        mlp, group = _rank_mlp(ckpt, tp, rank)
+        gate = mlp.gate_proj
+        assert tuple(gate.svd_u.shape) == (H, RANKS["gate"]) and tuple(gate.svd_v.shape) == (RANKS["gate"], I // tp)
+        assert tuple(mlp.down_proj.svd_u.shape) == (I // tp, RANKS["down"])
+        assert tuple(mlp.down_proj.svd_v.shape) == (RANKS["down"], H)
+        y = mlp(x, is_prefill=False)
+        assert len(group.partials) == (1 if tp > 1 else 0)   # decode all-reduces over the MLP TP group
+        total = total + y
+    assert _rel(total, _dense_reference(tensors, x)) < TOL
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_prefill_gathers_tokens_and_reduce_scatters(tmp_path, tp):
+    tensors = _factors(seed=1)
+    ckpt = _write(tmp_path, tensors)
+    x = torch.randn(S * tp, H, generator=torch.Generator().manual_seed(6))
+    partials, outs = [], []
+    for rank in range(tp):
+        mlp, group = _rank_mlp(ckpt, tp, rank, gathered=x)
+        outs.append(mlp(x.chunk(tp)[rank], is_prefill=True))   # each rank holds its token chunk
+        partials += group.partials
+    assert len(partials) == tp and all(o.shape == (S, H) for o in outs)
+    summed = sum(partials)   # the reduce-scatter's sum; rank r keeps chunk r
+    ref = _dense_reference(tensors, x)
+    assert _rel(summed, ref) < TOL
+
+
+def test_mixed_layer_dense_down(tmp_path):
+    """A layer whose down projection stayed dense (the compressor keeps a module dense
+    when factoring saves nothing) still shards exactly."""
+    tensors = _factors(seed=2, dense=("down",))
+    ckpt = _write(tmp_path, tensors)
+    x = torch.randn(S, H, generator=torch.Generator().manual_seed(7))
+    total = sum(_rank_mlp(ckpt, 4, r, dense=("down",))[0](x, is_prefill=False) for r in range(4))
+    assert _rel(total, _dense_reference(tensors, x)) < TOL
+
+
+def test_tp_degree_that_does_not_divide_is_a_named_error():
+    group = FakeGroup(3, 0)
+    with pytest.raises(SVDShardingError, match=r"model\.layers\.0\.mlp: intermediate_size 256 does not divide by "
+                                               r"the MLP's tensor-parallel degree 3"):
+        SVDNeuronMLP(layer=0, family=LLAMA, hidden_size=H, intermediate_size=I, ranks=RANKS, tp_group=group,
+                     mlp_tp_group=group, mlp_tp_rank=0, mlp_tp_size=3, dtype=torch.float32)
+
+
+def test_forward_equals_ops_svd_mlp_torch_and_emulator(tmp_path, monkeypatch):
+    tensors = _factors(seed=3)
+    ckpt = _write(tmp_path, tensors)
+    x = torch.randn(S, H, generator=torch.Generator().manual_seed(8))
+    mlp, _ = _rank_mlp(ckpt, 1, 0)
+    t = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1]: v for k, v in tensors.items()}
+    args = (torch.cat([t["gate_proj.svd_u"], t["up_proj.svd_u"]], 1), torch.cat([t["gate_proj.svd_v"], t["up_proj.svd_v"]], 0),
+            t["down_proj.svd_u"], t["down_proj.svd_v"], RANKS["gate"])
+    ours_torch = mlp(x, is_prefill=False)
+    torch.testing.assert_close(ours_torch, ops.svd_mlp(x, *args, backend="torch"), rtol=0, atol=0)
+    monkeypatch.setenv(ops.BACKEND_ENV, "nki-sim")   # the same NKI kernels, run by the CPU emulator
+    ours_sim = mlp(x, is_prefill=False)
+    torch.testing.assert_close(ours_sim, ops.svd_mlp(x, *args, backend="nki-sim"), rtol=0, atol=0)
+    assert _rel(ours_sim, _dense_reference(tensors, x)) < TOL
+
+
+def test_bad_shape_and_non_finite_factor_are_named(tmp_path):
+    tensors = _factors(seed=4)
+    tensors[f"{PREFIX}.up_proj.svd_v"] = tensors[f"{PREFIX}.up_proj.svd_v"][:, :-1].contiguous()
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.mlp\.up_proj\.svd_v has shape \[48, 255\], "
+                                         r"expected \[48, 256\]"):
+        _rank_mlp(_write(tmp_path, tensors), 2, 0)
+    tensors = _factors(seed=4)
+    tensors[f"{PREFIX}.down_proj.svd_u"][3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.mlp\.down_proj\.svd_u has non-finite values"):
+        _rank_mlp(_write(tmp_path, tensors), 1, 0)

@@ -1,0 +1,171 @@
+"""The factored MLP that replaces vllm-neuron's stock dense MLP in a listed layer.
+
+It keeps the stock module's forward contract (vllm_neuron/model/llama3/model.py,
+`LlamaMLP.forward(hidden_states, is_prefill)`, vllm-neuron 0.21; Qwen3's MLP is the same):
+
+* prefill (sequence parallel): the tokens arrive split over the TP group; all-gather them
+  (dim 0), run the MLP on this rank's slice of the intermediate dimension, reduce-scatter
+  the partial sums back to the token split;
+* decode: run on all tokens, all-reduce the partial sums over the MLP's TP group.
+
+Each projection lives in a child module named like the checkpoint's (`gate_proj`,
+`up_proj`, `down_proj`, from vllm_neuronmlp/mlp_families.py) holding `svd_u` / `svd_v`
+(factored) or `weight` (left dense), so every parameter's name IS its checkpoint key and
+vllm-neuron's own checkpoint reader fills it with our `ShardLoader` (sharding.py).
+
+Compute, for a fully factored SiLU MLP: the two NKI kernels (`mlp.up_gate` then
+`mlp.down`) through the one launcher (kernels/launch.py) on a Neuron device, with the
+torch fallback `ops.svd_mlp` where they cannot run; `VLLM_NEURONMLP_BACKEND` picks
+`torch` / `nki-sim` on CPU like everywhere else (vllm_neuronmlp/ops.py). A layer with a
+dense projection (the compressor keeps a module dense when factoring saves nothing) runs
+each projection on its own: `ops.factored_linear` or `x @ W`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import mlp_families, ops
+from vllm_neuronmlp.neuron.sharding import ShardLoader, full_shape, intermediate_shard, shard_index
+
+
+class FactoredProjection(torch.nn.Module):
+    """One projection's shard on this rank: `svd_u`/`svd_v` (rank given) or `weight`."""
+
+    def __init__(self, tensor_prefix: str, role: str, hidden: int, intermediate: int, rank: Optional[int],
+                 tp_rank: int, tp_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.tensor_prefix, self.role, self.rank = tensor_prefix, role, rank
+        leaves = (fmt.U_SUFFIX, fmt.V_SUFFIX) if rank else (fmt.WEIGHT_SUFFIX,)
+        for leaf in leaves:
+            shape = full_shape(role, leaf, hidden, intermediate, rank)
+            index, transpose = shard_index(role, leaf, shape, tp_rank, tp_size)
+            local = [len(range(*s.indices(n))) for s, n in zip(index, shape)]
+            local = local[::-1] if transpose else local
+            param = torch.nn.Parameter(torch.empty(*local, dtype=dtype), requires_grad=False)
+            param.weight_loader = ShardLoader(f"{tensor_prefix}.{leaf}", role, leaf, shape, tp_rank, tp_size, dtype)
+            self.register_parameter(leaf, param)
+
+    @property
+    def factored(self) -> bool:
+        return bool(self.rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factored:
+            return ops.factored_linear(x, self.svd_u, self.svd_v)
+        return x @ self.weight
+
+
+_ACTIVATIONS = {mlp_families.SILU: F.silu, mlp_families.GELU_TANH: lambda t: F.gelu(t, approximate="tanh")}
+
+
+def _all_reduce(group, tensor: torch.Tensor) -> torch.Tensor:
+    # vllm-neuron's group all-reduce works in place and returns nothing in its model
+    # code; vLLM's GroupCoordinator returns the result. Accept both.
+    out = group.all_reduce(tensor)
+    return tensor if out is None else out
+
+
+class SVDNeuronMLP(torch.nn.Module):
+    """A drop-in for vllm-neuron's stock MLP whose listed projections are factored."""
+
+    def __init__(self, *, layer: int, family: mlp_families.MLPFamily, hidden_size: int, intermediate_size: int,
+                 ranks: Mapping[str, Optional[int]], tp_group, mlp_tp_group, mlp_tp_rank: int, mlp_tp_size: int,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.layer, self.family = layer, family
+        self.tp_group, self.mlp_tp_group = tp_group, mlp_tp_group
+        self.world_size = tp_group.world_size if tp_group is not None else 1
+        self.mlp_tp_rank, self.mlp_tp_size = mlp_tp_rank, mlp_tp_size
+        self.hidden_size = hidden_size
+        where = f"{family.layer_prefix}.{layer}.mlp"
+        self.intermediate_size_per_rank = intermediate_shard(intermediate_size, mlp_tp_size, where)
+        self.act = _ACTIVATIONS[family.activation]
+        for role, proj in zip(mlp_families.ROLES, family.projections):
+            module = mlp_families.module_name(family, layer, proj)
+            self.add_module(proj, FactoredProjection(module, role, hidden_size, intermediate_size,
+                                                     ranks.get(role), mlp_tp_rank, mlp_tp_size, dtype))
+        self._gate_up = None   # [U_g | U_u], [V_g ; V_u] for ops.svd_mlp, built by finalize()
+
+    @classmethod
+    def from_stock(cls, stock: torch.nn.Module, *, layer: int, family: mlp_families.MLPFamily, hidden_size: int,
+                   intermediate_size: int, ranks: Mapping[str, Optional[int]]) -> "SVDNeuronMLP":
+        """Take the stock MLP's process groups, MLP-TP rank/size and dtype (attribute names
+        of `LlamaMLP.__init__`, vllm_neuron/model/llama3/model.py, vllm-neuron 0.21; an MLP
+        without the MLP-DP group falls back to its TP group, as before MLP DP existed)."""
+        tp_group = stock.tp_group
+        mlp_tp_group = getattr(stock, "mlp_tp_group", tp_group)
+        mlp_tp_size = getattr(stock, "mlp_tp_size", getattr(stock, "world_size", 1))
+        mlp_tp_rank = getattr(stock, "mlp_tp_rank", getattr(stock, "rank", 0))
+        dtype = next((p.dtype for p in stock.parameters()), torch.bfloat16)
+        return cls(layer=layer, family=family, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                   ranks=ranks, tp_group=tp_group, mlp_tp_group=mlp_tp_group, mlp_tp_rank=mlp_tp_rank,
+                   mlp_tp_size=mlp_tp_size, dtype=dtype)
+
+    # ------------------------------------------------------------ structure
+    def projections(self) -> Dict[str, FactoredProjection]:
+        return {role: getattr(self, proj) for role, proj in zip(mlp_families.ROLES, self.family.projections)}
+
+    @property
+    def fully_factored(self) -> bool:
+        return all(p.factored for p in self.projections().values())
+
+    @property
+    def fused(self) -> bool:
+        """Runs as one fused MLP (kernels or ops.svd_mlp): all factored, SiLU."""
+        return self.fully_factored and self.family.activation == mlp_families.SILU
+
+    def finalize(self) -> None:
+        """After loading: build the side-by-side gate/up factors the torch and emulator
+        paths take (ops.svd_mlp), unless this MLP's tensors are where the device kernels run
+        (they take the four factors separately, so nothing is copied)."""
+        if not self.fused:
+            return
+        from vllm_neuronmlp.kernels import launch
+
+        p = self.projections()
+        gate, up = p[mlp_families.GATE], p[mlp_families.UP]
+        if launch.device_support(gate.svd_u)[0]:
+            self._gate_up = None
+            return
+        self._gate_up = (torch.cat([gate.svd_u, up.svd_u], dim=1), torch.cat([gate.svd_v, up.svd_v], dim=0))
+
+    # ------------------------------------------------------------ compute
+    def local_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """This rank's partial MLP output (before any reduction)."""
+        p = self.projections()
+        gate, up, down = p[mlp_families.GATE], p[mlp_families.UP], p[mlp_families.DOWN]
+        if not self.fused:
+            return down(self.act(gate(h)) * up(h))
+        backend = ops.select_backend(h.device)
+
+        def fused(name: str) -> torch.Tensor:
+            gate_up_u, gate_up_v = self._gate_up or (torch.cat([gate.svd_u, up.svd_u], dim=1),
+                                                     torch.cat([gate.svd_v, up.svd_v], dim=0))
+            return ops.svd_mlp(h, gate_up_u, gate_up_v, down.svd_u, down.svd_v, gate.rank, name)
+
+        if backend == "nki":
+            from vllm_neuronmlp.kernels import launch
+
+            return launch.svd_mlp(h, gate.svd_u, gate.svd_v, up.svd_u, up.svd_v, down.svd_u, down.svd_v,
+                                  fallback=lambda: fused("torch"))
+        return fused(backend)
+
+    def forward(self, hidden_states: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        if is_prefill and self.world_size > 1:
+            hidden_states = self.tp_group.all_gather(hidden_states, dim=0)
+        output = self.local_mlp(hidden_states)
+        if is_prefill:
+            if self.world_size > 1:
+                output = self.tp_group.reduce_scatter(output, dim=0)
+        elif self.mlp_tp_size > 1:
+            output = _all_reduce(self.mlp_tp_group, output)
+        return output
+
+    def extra_repr(self) -> str:
+        ranks = {role: proj.rank for role, proj in self.projections().items()}
+        return (f"layer={self.layer}, ranks={ranks}, mlp_tp={self.mlp_tp_rank}/{self.mlp_tp_size}, "
+                f"intermediate_per_rank={self.intermediate_size_per_rank}")

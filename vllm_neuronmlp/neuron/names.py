@@ -1,0 +1,75 @@
+"""Checkpoint tensor -> parameter of the variant, and the check that nothing is lost.
+
+Each parameter of an `SVDNeuronMLP` is named exactly like the checkpoint tensor it holds
+(`model.layers.3.mlp.gate_proj.svd_u`), and vllm-neuron's checkpoint reader falls back to
+the parameter name when its mapping table has no entry (`load_sharded` /
+`load_sharded_pipelined` in vllm_neuron/utils/checkpoints.py, vllm-neuron 0.21: "If
+parameter name not in mappings, uses parameter name as checkpoint key"). So the plan is
+the identity on our parameters; the stock mapping covers the rest of the model.
+
+The reader ignores checkpoint tensors nobody asked for, so a misnamed factor would be
+silently dropped. `check_mlp_tensors` refuses that before any loading: within every MLP we
+replaced, each checkpoint tensor must land in exactly one of our parameters and each of our
+parameters must find its tensor.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable
+
+import torch
+
+from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP
+
+
+class CheckpointMappingError(fmt.CheckpointFormatError):
+    """A checkpoint tensor has no parameter of the variant to land in, or a parameter
+    has no tensor; the message names them."""
+
+
+def svd_mlps(model: torch.nn.Module) -> Dict[str, SVDNeuronMLP]:
+    """module path -> our MLP, for every MLP the variant replaced."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SVDNeuronMLP)}
+
+
+def mlp_param_plan(model: torch.nn.Module) -> Dict[str, str]:
+    """parameter name -> checkpoint tensor name, for the parameters of our MLPs."""
+    plan = {}
+    for path, mlp in svd_mlps(model).items():
+        for name, _ in mlp.named_parameters():
+            full = f"{path}.{name}"
+            plan[full] = full
+    return plan
+
+
+def check_mlp_tensors(checkpoint_tensors: Iterable[str], model: torch.nn.Module, source: str = "checkpoint") -> None:
+    """Every tensor inside a replaced MLP maps to exactly one of our parameters and every
+    parameter has its tensor; otherwise CheckpointMappingError naming them."""
+    tensors = set(checkpoint_tensors)
+    plan = mlp_param_plan(model)
+    missing = sorted(p for p, t in plan.items() if t not in tensors)
+    if missing:
+        raise CheckpointMappingError(
+            f"{source}: the svd_neuron model variant needs tensor(s) {missing[:6]}"
+            f"{' ...' if len(missing) > 6 else ''} ({len(missing)} in all), which the checkpoint lacks; "
+            f"config.json {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS} lists their modules as factored "
+            f"(svd_u/svd_v) or the variant expected a dense .weight")
+    claimed = set(plan.values())
+    prefixes = tuple(f"{path}." for path in svd_mlps(model))
+    leftover = sorted(t for t in tensors if t.startswith(prefixes) and t not in claimed)
+    if leftover:
+        raise CheckpointMappingError(
+            f"{source}: tensor(s) {leftover[:6]}{' ...' if len(leftover) > 6 else ''} would be left over: "
+            f"no parameter of the svd_neuron model variant takes them (a .weight of a factored module, or a "
+            f"misnamed factor); fix the checkpoint or its {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS}")
+
+
+def check_loaded(model: torch.nn.Module) -> None:
+    """After loading: no parameter of our MLPs is still unfilled (the meta device, where the
+    model is built) -- a half-loaded model is never served."""
+    ours = mlp_param_plan(model)
+    empty = [name for name, p in model.named_parameters() if name in ours and p.device.type == "meta"]
+    if empty:
+        raise CheckpointMappingError(
+            f"after loading, parameter(s) {empty[:6]} of the svd_neuron model variant were never filled "
+            f"from the checkpoint; refusing to serve a half-loaded model")

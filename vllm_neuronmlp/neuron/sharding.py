@@ -1,0 +1,116 @@
+"""Tensor-parallel shards of one MLP's factors, read straight from the checkpoint.
+
+The stock native MLP (vllm_neuron/model/llama3/model.py, `LlamaMLP`, vllm-neuron 0.21)
+splits the intermediate dimension I over the MLP's tensor-parallel group: gate/up are
+column-parallel (output split), down is row-parallel (input split, partial sums reduced
+by the caller). For factors that means (docs/trainium.md):
+
+    gate, up  U [H, r] replicated        V [r, I] split by columns -> [r, I/tp]
+    down      U [I, r] split by rows     V [r, H] replicated
+    dense     HF weight [out, in]: gate/up rows split, down columns split, stored
+              transposed ([in, out]) like the stock MLP stores its own weights
+
+so `sum_k (h_k U_d,k) V_d = h U_d V_d` over the ranks is exact. A rank holds factors
+smaller than its dense shard only while r < H (I/tp) / (H + I/tp).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import mlp_families
+
+COLUMN_ROLES = (mlp_families.GATE, mlp_families.UP)   # output split
+ROW_ROLES = (mlp_families.DOWN,)                      # input split
+
+
+class SVDShardingError(ValueError):
+    """The MLP cannot be split over the tensor-parallel degree asked for."""
+
+
+def intermediate_shard(intermediate_size: int, tp_size: int, where: str) -> int:
+    """I / tp, or a named error when tp does not divide I."""
+    if tp_size < 1:
+        raise SVDShardingError(f"{where}: tensor-parallel degree must be >= 1, got {tp_size}")
+    if intermediate_size % tp_size:
+        divisors = [d for d in range(1, min(intermediate_size, 64) + 1) if intermediate_size % d == 0]
+        raise SVDShardingError(
+            f"{where}: intermediate_size {intermediate_size} does not divide by the MLP's tensor-parallel "
+            f"degree {tp_size} (tensor_parallel_size x mlp_dp_size), so the factors cannot be split evenly; "
+            f"degrees that divide it: {divisors}")
+    return intermediate_size // tp_size
+
+
+def full_shape(role: str, leaf: str, hidden: int, intermediate: int, rank: Optional[int]) -> Tuple[int, int]:
+    """Shape of the checkpoint tensor (HF layout) for one projection's leaf."""
+    n_in, n_out = (hidden, intermediate) if role in COLUMN_ROLES else (intermediate, hidden)
+    if leaf == fmt.U_SUFFIX:
+        return (n_in, rank)
+    if leaf == fmt.V_SUFFIX:
+        return (rank, n_out)
+    return (n_out, n_in)   # nn.Linear weight
+
+
+def shard_index(role: str, leaf: str, shape: Sequence[int], tp_rank: int, tp_size: int):
+    """(index tuple into the checkpoint tensor, transpose?) for this rank's shard.
+
+    Works on a torch tensor and on safetensors' lazy slice alike, so a rank reads only
+    its part of a split factor."""
+    every = slice(None)
+    if leaf == fmt.WEIGHT_SUFFIX:        # HF [out, in]: split `out` for column roles, `in` for row roles
+        dim = 0 if role in COLUMN_ROLES else 1
+        transpose = True
+    elif leaf == fmt.U_SUFFIX:           # [in, r]: split `in` for row roles only
+        dim = 0 if role in ROW_ROLES else None
+        transpose = False
+    else:                                # V [r, out]: split `out` for column roles only
+        dim = 1 if role in COLUMN_ROLES else None
+        transpose = False
+    index = [every, every]
+    if dim is not None and tp_size > 1:
+        size = shape[dim] // tp_size
+        index[dim] = slice(tp_rank * size, (tp_rank + 1) * size)
+    return tuple(index), transpose
+
+
+def shard_tensor(full: torch.Tensor, role: str, leaf: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This rank's shard of a whole checkpoint tensor (what the loader produces)."""
+    index, transpose = shard_index(role, leaf, full.shape, tp_rank, tp_size)
+    part = full[index]
+    return (part.t() if transpose else part).contiguous()
+
+
+class ShardLoader:
+    """Loads one parameter of our MLP from its checkpoint tensor.
+
+    Duck-types vllm-neuron's `SafetensorsWeightLoader` (vllm_neuron/utils/weight_loader.py,
+    0.21): its checkpoint reader calls `load(slices, rank)` with one lazy safetensors slice
+    per checkpoint key. Like the stock MLP's `with_rank_override`, the rank used is the
+    MLP group's own (`tp_rank` here), not the one passed in."""
+
+    def __init__(self, tensor_name: str, role: str, leaf: str, shape: Tuple[int, int],
+                 tp_rank: int, tp_size: int, dtype: torch.dtype):
+        self.tensor_name, self.role, self.leaf = tensor_name, role, leaf
+        self.shape, self.tp_rank, self.tp_size, self.dtype = tuple(shape), tp_rank, tp_size, dtype
+
+    def load(self, slices, rank: int = 0) -> torch.Tensor:
+        if len(slices) != 1:
+            raise fmt.CheckpointFormatError(
+                f"tensor {self.tensor_name}: expected exactly one checkpoint tensor, got {len(slices)}")
+        source = slices[0]
+        shape = tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
+        if shape != self.shape:
+            raise fmt.CheckpointFormatError(
+                f"tensor {self.tensor_name} has shape {list(shape)}, expected {list(self.shape)} "
+                f"(from config.json and {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS})")
+        index, transpose = shard_index(self.role, self.leaf, shape, self.tp_rank, self.tp_size)
+        part = source[index]
+        if not torch.isfinite(part).all():
+            raise fmt.CheckpointFormatError(f"tensor {self.tensor_name} has non-finite values (NaN or Inf)")
+        part = part.t() if transpose else part
+        return part.to(self.dtype).contiguous()
+
+    def __repr__(self) -> str:
+        return (f"ShardLoader({self.tensor_name}, {self.role}.{self.leaf}, rank {self.tp_rank}/{self.tp_size})")
