@@ -63,6 +63,20 @@ def read_checkpoint_like_vllm_neuron(model: torch.nn.Module, checkpoint_dir: str
     return state
 
 
+class StockTransposedLoader:
+    """At TP 1, the stock loaders of vllm_neuron/utils/weight_loader.py
+    (`sharding_weight_loader(..., is_storage_transposed=True)`, `fused_qkv_weight_loader`)
+    reduce to: concatenate the checkpoint tensors (q, k, v) and transpose HF's [out, in]."""
+
+    def load(self, slices, rank):
+        return torch.cat([s[:] for s in slices], dim=0).t().contiguous()
+
+
+def _stock(param: torch.nn.Parameter) -> torch.nn.Parameter:
+    param.weight_loader = StockTransposedLoader()
+    return param
+
+
 class StandinMLP(torch.nn.Module):
     """vllm_neuron/model/llama3/model.py `LlamaMLP`: the attributes our variant reads
     (tp_group, world_size, rank, mlp_tp_group, mlp_tp_size, mlp_tp_rank) and its dense
@@ -74,9 +88,9 @@ class StandinMLP(torch.nn.Module):
         self.world_size = self.mlp_tp_size = group.world_size
         self.rank = self.mlp_tp_rank = group.rank_in_group
         i_local = intermediate // group.world_size
-        self.gate_proj_weight = torch.nn.Parameter(torch.empty(hidden, i_local, dtype=dtype))
-        self.up_proj_weight = torch.nn.Parameter(torch.empty(hidden, i_local, dtype=dtype))
-        self.down_proj_weight = torch.nn.Parameter(torch.empty(i_local, hidden, dtype=dtype))
+        self.gate_proj_weight = _stock(torch.nn.Parameter(torch.empty(hidden, i_local, dtype=dtype)))
+        self.up_proj_weight = _stock(torch.nn.Parameter(torch.empty(hidden, i_local, dtype=dtype)))
+        self.down_proj_weight = _stock(torch.nn.Parameter(torch.empty(i_local, hidden, dtype=dtype)))
 
 
 class StandinLayer(torch.nn.Module):
@@ -91,7 +105,8 @@ class StandinLayer(torch.nn.Module):
 
 
 class StandinLlamaForCausalLM(torch.nn.Module):
-    """vllm_neuron/model/llama3/model.py `LlamaForCausalLM`: `from_configs(hf_config,
+    """vllm_neuron/model/llama3/model.py `LlamaForCausalLM` (and, with the QK-norms,
+    vllm_neuron/model/qwen3/model.py `Qwen3ForCausalLM`, which shares its structure): `from_configs(hf_config,
     neuron_config)` (the config code rejects an unknown `quant_method`, as
     vllm_neuron/model/llama3/quantization.py does), `model.layers[i].mlp`, and
     `load_weights(checkpoint_path, device, cache_dir)` with the stock mapping table (fused
@@ -111,8 +126,12 @@ class StandinLlamaForCausalLM(torch.nn.Module):
         self.model.norm.weight = torch.nn.Parameter(torch.empty(h))
         self.model.layers = torch.nn.ModuleList(StandinLayer(h, i, group, dtype) for _ in range(cfg["num_hidden_layers"]))
         for layer in self.model.layers:
-            layer.self_attn.qkv_proj_weight = torch.nn.Parameter(torch.empty(h, (heads + 2 * kv) * hd))
-            layer.self_attn.o_proj_weight = torch.nn.Parameter(torch.empty(heads * hd, h))
+            layer.self_attn.qkv_proj_weight = _stock(torch.nn.Parameter(torch.empty(h, (heads + 2 * kv) * hd)))
+            layer.self_attn.o_proj_weight = _stock(torch.nn.Parameter(torch.empty(heads * hd, h)))
+            if cfg.get("model_type") == "qwen3":   # vllm_neuron/model/qwen3/model.py: per-head QK-norm
+                for norm in ("q_norm", "k_norm"):
+                    layer.self_attn.add_module(norm, torch.nn.Module())
+                    getattr(layer.self_attn, norm).weight = torch.nn.Parameter(torch.empty(hd))
         self.lm_head = torch.nn.Module()
         self.lm_head.weight = torch.nn.Parameter(torch.empty(cfg["vocab_size"], h))
         self.tie_word_embeddings = cfg.get("tie_word_embeddings", False)

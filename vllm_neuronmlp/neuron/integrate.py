@@ -151,11 +151,11 @@ def _checkpoint_tensor_names(checkpoint_path: str) -> Optional[list]:
 
 def patch_model_class(cls) -> None:
     """Wrap `from_configs` and `load_weights` of one native model class (idempotent)."""
-    if getattr(cls, _PATCHED, False):
+    if cls.__dict__.get(_PATCHED, False):
         return
     from vllm_neuronmlp.neuron import names
 
-    original_from_configs = cls.__dict__["from_configs"].__func__
+    original_from_configs = cls.from_configs.__func__
     original_load_weights = cls.load_weights
 
     def from_configs(klass, hf_config, *args, **kwargs):
@@ -221,7 +221,8 @@ def call_after_import(fullname: str, callback: Callable) -> None:
 def _patch_hook_target(hook: ModelHook) -> Callable:
     def patch(module):
         cls = getattr(module, hook.cls, None)
-        if cls is None or "from_configs" not in cls.__dict__ or not hasattr(cls, "load_weights"):
+        if cls is None or not hasattr(getattr(cls, "from_configs", None), "__func__") \
+                or not hasattr(cls, "load_weights"):
             logger.error("vllm-neuronmlp: %s.%s has no from_configs/load_weights; svd_neuron checkpoints "
                          "of %s will be refused", hook.module, hook.cls, hook.architecture)
             return
