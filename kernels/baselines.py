@@ -3,8 +3,9 @@
 * `dense_xw(x, w)`: y = x @ w, blocked in the manner of AWS's "fully optimized" NKI
   matmul tutorial: all three dims blocked (BLOCK_M = 16 x 128 tokens, BLOCK_N = 2 x
   512 columns, BLOCK_K = 8 x 128), the whole [BLOCK_M, BLOCK_N] result block kept in
-  SBUF while the K blocks stream past, each K block's partial product folded into it
-  on the vector engine. Differences from the tutorial: an outer loop over M blocks
+  SBUF while the K blocks stream past (double-buffered), each K block's partial product
+  folded into it on the vector engine. The M blocks (the only loop whose trip count
+  grows with S) run in a `nl.dynamic_range` hardware loop, as in the fused kernels. Differences from the tutorial: an outer loop over M blocks
   (the tutorial keeps every M row of a column block in SBUF, which does not fit at
   S = 32K), fp32 SBUF accumulators (the tutorial accumulates in the input dtype),
   any shape (edges masked), and x taken in its natural [S, K] layout, loaded through
@@ -15,7 +16,8 @@
 Traffic: x (as x^T) is re-read once per column block of w, w once per M block.
 """
 from .nki_compat import jit, nisa, nl
-from .xuv import P, MM_N, _cdiv, check_dims
+from .xuv import (MM_N, P, Buffers, TransposeScratch, _cdiv, check_dims, load_transposed,
+                  n_buffers, over_strips)
 
 TILES_M, TILES_N, TILES_K = 16, 2, 8
 
@@ -26,41 +28,18 @@ def _blocks(dtype):
     return tm * P, TILES_N * MM_N, TILES_K * P
 
 
-def _load_xT_block(x, xT, m0, mb, k0, kb):
-    """xT[:, kt, 0:mb] <- x[m0:m0+mb, k-tile]^T for the k tiles of one K block."""
-    for kt in range(_cdiv(kb, P)):
-        ks = k0 + kt * P
-        kp = min(P, k0 + kb - ks)
-        if x.dtype == nl.float32:
-            for g0 in range(0, mb, P):
-                gp = min(P, mb - g0)
-                blk = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.sbuf)
-                nisa.dma_copy(dst=blk[0:gp, 0:kp], src=x[m0 + g0:m0 + g0 + gp, ks:ks + kp])
-                tp = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.psum)
-                nisa.nc_transpose(dst=tp[0:kp, 0:gp], data=blk[0:gp, 0:kp])
-                nisa.tensor_copy(dst=xT[0:kp, kt, g0:g0 + gp], src=tp[0:kp, 0:gp])
-        else:
-            nisa.dma_transpose(dst=xT[0:kp, kt, 0:mb], src=x[m0:m0 + mb, ks:ks + kp])
-
-
-def _load_w_block(w, wb, k0, kb, n0, nb):
-    for kt in range(_cdiv(kb, P)):
-        ks = k0 + kt * P
-        kp = min(P, k0 + kb - ks)
-        nisa.dma_copy(dst=wb[0:kp, kt, 0:nb], src=w[ks:ks + kp, n0:n0 + nb])
-
-
-def _kblock(xT, wb, acc, mb, nb, kb, first):
+def _kblock(xT, wb, acc, accs, mb, nb, kb, first):
     """acc[:, mt, :] (+)= x[m block, k block] @ w[k block, n block] for one K block:
     128-token tiles of x^T stationary, 512-column tiles of w moving, partial sums over
-    the block's k tiles in fp32 PSUM, then folded into the SBUF accumulator."""
+    the block's k tiles in fp32 PSUM (two one-bank tiles), then folded into the SBUF
+    accumulator."""
     nkt = _cdiv(kb, P)
-    for c0 in range(0, nb, MM_N):
+    for c0 in nl.static_range(0, nb, MM_N):
         cw = min(MM_N, nb - c0)
-        for mt in range(_cdiv(mb, P)):
+        for mt in nl.static_range(_cdiv(mb, P)):
             mp = min(P, mb - mt * P)
-            ps = nl.ndarray((P, MM_N), dtype=nl.float32, buffer=nl.psum)
-            for kt in range(nkt):
+            ps = accs.next()
+            for kt in nl.static_range(nkt):
                 kp = min(P, kb - kt * P)
                 nisa.nc_matmul(dst=ps[0:mp, 0:cw], stationary=xT[0:kp, kt, mt * P:mt * P + mp],
                                moving=wb[0:kp, kt, c0:c0 + cw], accumulate=(kt > 0))
@@ -71,34 +50,51 @@ def _kblock(xT, wb, acc, mb, nb, kb, first):
                 nisa.tensor_tensor(dst=dst, data1=dst, data2=ps[0:mp, 0:cw], op=nl.add)
 
 
-def _result_block(x, w, y, m0, mb, n0, nb, block_m, block_n, block_k):
-    """One [BLOCK_M, BLOCK_N] result block: K blocks stream through (x^T and w blocks
-    rebound per iteration, i.e. double-buffered), the result stays in SBUF (fp32)."""
-    K = x.shape[1]
-    acc = nl.ndarray((P, block_m // P, block_n), dtype=nl.float32, buffer=nl.sbuf)
-    for k0 in range(0, K, block_k):
-        kb = min(block_k, K - k0)
-        xT = nl.ndarray((P, block_k // P, block_m), dtype=x.dtype, buffer=nl.sbuf)
-        _load_xT_block(x, xT, m0, mb, k0, kb)
-        wb = nl.ndarray((P, block_k // P, block_n), dtype=x.dtype, buffer=nl.sbuf)
-        _load_w_block(w, wb, k0, kb, n0, nb)
-        _kblock(xT, wb, acc, mb, nb, kb, k0 == 0)
-    for mt in range(_cdiv(mb, P)):
-        mp = min(P, mb - mt * P)
-        o = nl.ndarray((P, block_n), dtype=y.dtype, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=o[0:mp, 0:nb], src=acc[0:mp, mt, 0:nb])
-        nisa.dma_copy(dst=y[m0 + mt * P:m0 + mt * P + mp, n0:n0 + nb], src=o[0:mp, 0:nb])
+def _m_block(x, w, y, strip, block_n, block_k):
+    """All result blocks of one M block (strip.height tokens): for each column block the
+    K blocks stream through (x^T and w blocks double-buffered), the [BLOCK_M, BLOCK_N]
+    result stays in SBUF (fp32), then leaves tile by tile."""
+    M, K = x.shape
+    N = w.shape[1]
+    mb = strip.height
+    nkb = _cdiv(K, block_k)
+    ncb = _cdiv(N, block_n)
+    acc = nl.ndarray((P, _cdiv(mb, P), block_n), dtype=nl.float32, buffer=nl.sbuf, name="acc")
+    xTs = Buffers("xT_block", (P, block_k // P, mb), x.dtype, n_buffers(nkb * ncb))
+    wbs = Buffers("w_block", (P, block_k // P, block_n), x.dtype, n_buffers(nkb * ncb))
+    outs = Buffers("y_tile", (P, block_n), y.dtype, n_buffers(ncb * _cdiv(mb, P)))
+    accs = Buffers("ps", (P, MM_N), nl.float32, 2, buffer=nl.psum, bank=0)
+    scratch = TransposeScratch(x.dtype, 2) if x.dtype == nl.float32 else None
+    for n0 in nl.static_range(0, N, block_n):
+        nb = min(block_n, N - n0)
+        for k0 in nl.static_range(0, K, block_k):
+            kb = min(block_k, K - k0)
+            xT = xTs.next()
+            for kt in nl.static_range(_cdiv(kb, P)):
+                ks = k0 + kt * P
+                kp = min(P, k0 + kb - ks)
+                load_transposed(xT[0:kp, kt, 0:mb],
+                                lambda g0, n, ks=ks, kp=kp: strip.rows(x, g0, n, ks, kp),
+                                mb, kp, x.dtype, scratch)
+            wb = wbs.next()
+            for kt in nl.static_range(_cdiv(kb, P)):
+                ks = k0 + kt * P
+                kp = min(P, k0 + kb - ks)
+                nisa.dma_copy(dst=wb[0:kp, kt, 0:nb], src=w[ks:ks + kp, n0:n0 + nb])
+            _kblock(xT, wb, acc, accs, mb, nb, kb, k0 == 0)
+        for mt in nl.static_range(_cdiv(mb, P)):
+            mp = min(P, mb - mt * P)
+            o = outs.next()
+            nisa.tensor_copy(dst=o[0:mp, 0:nb], src=acc[0:mp, mt, 0:nb])
+            nisa.dma_copy(dst=strip.rows(y, mt * P, mp, n0, nb), src=o[0:mp, 0:nb])
 
 
 def blocked_matmul(x, w, y):
-    """y[M, N] = x[M, K] @ w[K, N], all in HBM (the tutorial-style blocked matmul)."""
-    M, K = x.shape
-    N = w.shape[1]
+    """y[M, N] = x[M, K] @ w[K, N], all in HBM (the tutorial-style blocked matmul); the
+    M blocks run in a hardware loop (`xuv.over_strips`)."""
+    M = x.shape[0]
     block_m, block_n, block_k = _blocks(x.dtype)
-    for m0 in range(0, M, block_m):
-        mb = min(block_m, M - m0)
-        for n0 in range(0, N, block_n):
-            _result_block(x, w, y, m0, mb, n0, min(block_n, N - n0), block_m, block_n, block_k)
+    over_strips(M, min(block_m, M), lambda strip: _m_block(x, w, y, strip, block_n, block_k))
 
 
 @jit

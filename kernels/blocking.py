@@ -34,13 +34,10 @@ nr = sum of ceil(r_i / 128), nk = ceil(K / 128), W the U slab width:
     stage 2:               e nr BM + (double-buffered V blocks and output tiles)
     peak = max over both (`sbuf_peak_bytes` evaluates the exact terms).
 
-Cost (`modeled_time`): the same per-instruction rules as the emulator (kernels/sim),
-evaluated analytically from the plan -- tensor-engine cycles of every matmul, the
-vector/scalar evacuations, and every DMA's bytes at the documented efficiency of its
-contiguous bytes per partition (targets.dma_chunk_efficiency) plus its fixed cost;
-latency = max over engines (DMA: max(engine time / 16, HBM bytes / HBM bandwidth)) +
-two fixed DMA costs. It equals the emulator's modelled latency for the same launch
-(tested), at a tiny fraction of the cost of a count-only run.
+Cost (`modeled_time`): the emulator's modelled latency of the very launch, from a
+count-only run of the kernel (kernels/sim: the timeline of its instruction stream). There
+is one cost implementation; the strip loop is a hardware loop whose body the emulator
+traces once and replays, so such a run is cheap (cached per shape, block and target).
 
 Selector (`select_block_m`, default objective "time"): among the BMs (multiples of
 128, up to one strip covering S) whose peak SBUF stays within the budget,
@@ -52,12 +49,13 @@ objective="ridge": the paper's rule taken literally -- the smallest BM whose str
 clears RIDGE_MARGIN x the roofline ridge (peak FLOP/s / HBM bytes/s: ~224 for bf16 on
 trn1); objective="traffic": the fewest HBM bytes among the BMs clearing that ridge.
 
-Everything here is plain Python on integers: the kernels call it while tracing.
+The plan is plain Python on integers: the kernels call it while tracing. The selector
+runs the emulator (also plain Python) when a kernel is traced without a block size.
 """
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .sim.targets import DMA_TRANSPOSE_EFFICIENCY, dma_chunk_efficiency, get_target
+from .sim.targets import get_target
 
 P = 128                 # partitions / PE rows
 MM_N = 512              # moving free size of one matmul (one fp32 PSUM bank)
@@ -142,13 +140,21 @@ class StripPlan:
         return tuple((s0, min(bm, S - s0)) for s0 in range(0, S, bm))
 
 
+def n_slab_buffers(nk: int) -> int:
+    """U slab buffers of stage 1: two (the next K tile's slab loads while this one is in
+    use) unless there is a single K tile."""
+    return 2 if nk >= 2 else 1
+
+
 def stage1_bytes(ks: KernelShape, cum_prev: int, b: int) -> int:
-    """Peak SBUF/partition while sub-strip b is projected, `cum_prev` tokens of the strip
-    already cached: cache + x^T sub-strip + its (x u_i)^T pieces + two U slabs."""
+    """Peak SBUF/partition while sub-strip b is loaded and projected, `cum_prev` tokens of
+    the strip already cached: cache + x^T sub-strip + its (x u_i)^T pieces + the U slab
+    buffers (fp32 x: plus two 128x128 blocks of the transposing load)."""
     e = ks.e
     base = e * ks.nr * cum_prev + e * ks.nk * b
-    n_slabs = 2 if ks.nk >= 2 else 1
-    peak, pieces = 0, 0
+    n_slabs = n_slab_buffers(ks.nk)
+    peak = base + 2 * P * e if (e >= 4 and not ks.x_transposed) else 0
+    pieces = 0
     for r in ks.ranks:
         pieces += e * ceil_div(r, P) * b
         peak = max(peak, base + pieces + n_slabs * e * u_group_cols(r, b))
@@ -161,7 +167,7 @@ def sub_strip_heights(ks: KernelShape, bm: int, budget: int) -> tuple:
     of 128, at most MAX_SUB_M); never below 128 tokens (the emulator then rejects a
     block that cannot fit)."""
     heights, cum = [], 0
-    e, n_slabs = ks.e, (2 if ks.nk >= 2 else 1)
+    e, n_slabs = ks.e, n_slab_buffers(ks.nk)
     while cum < bm:
         b = min(bm - cum, MAX_SUB_M)
         # stage1_bytes >= this linear bound (slabs >= 128 columns): skip what cannot fit
@@ -182,9 +188,9 @@ def _n_blocks(ks, bn):
 
 
 def stage2_bytes(ks: KernelShape, bm: int, block_n: int, heights=None) -> int:
-    """Exact stage-2 SBUF/partition for a strip of `bm` tokens split as `heights`:
-    cache + V blocks (the next one loaded while the last is live: double-buffered) +
-    output tiles (two live across a rebinding) + the SiLU scratch of the MLP."""
+    """Exact stage-2 SBUF/partition for a strip of `bm` tokens split as `heights`: the
+    cache plus stage 2's explicit buffers (xuv.n_buffers: two of each streamed tile when
+    there is more than one) -- V blocks, output tiles, and the SiLU scratch of the MLP."""
     heights = heights if heights is not None else (bm,)
     bn = min(block_n, ks.N)
     blocks = _n_blocks(ks, bn)
@@ -199,14 +205,8 @@ def stage2_bytes(ks: KernelShape, bm: int, block_n: int, heights=None) -> int:
         G = 4 * MM_N if ks.out == "silu_cols" else 0
         n_o = sum(ceil_div(nb, P) for nb in blocks)
         n_g = n_o * sum(ceil_div(h, MM_N) for h in heights) if G else 0
-    peak = V + O + G
-    if n_o >= 2:
-        peak = max(peak, V + 2 * O + G)
-    if n_g >= 2:
-        peak = max(peak, V + O + 2 * G)
-    if len(blocks) >= 2:
-        peak = max(peak, 2 * V + O + G)
-    return cache + peak
+    two = lambda n: 2 if n >= 2 else 1   # noqa: E731
+    return cache + two(len(blocks)) * V + two(n_o) * O + (two(n_g) * G if G else 0)
 
 
 def choose_block_n(ks: KernelShape, bm: int, budget: int) -> int:
@@ -287,151 +287,44 @@ def arithmetic_intensity(ks: KernelShape, block_m: int, target="trn1") -> float:
     return flops(strip) / (r + w)
 
 
-# -- analytic cost: the emulator's per-instruction rules, evaluated from the plan ----------
+# -- modelled cost: the emulator's own count-only run -------------------------------------
 
-def _hbm_run(rows, cols, n_rows, n_cols, e):
-    """Contiguous bytes of a [rows, cols] slice of a row-major [n_rows, n_cols] array."""
-    if cols < n_cols:
-        return cols * e
-    return rows * n_cols * e if rows < n_rows else n_rows * n_cols * e
-
-
-class _Cost:
-    def __init__(self, t):
-        self.t = t
-        self.tensor = self.vector = self.scalar = self.port = 0.0   # cycles / seconds
-        self.dma_s = 0.0
-        self.dma_count = 0
-        self.hbm = 0
-
-    def dma(self, payload, run, hbm_bytes, transpose=False, times=1):
-        t = self.t
-        eff = DMA_TRANSPOSE_EFFICIENCY if transpose else dma_chunk_efficiency(max(1, run))
-        self.dma_s += times * (payload / (t.dma_cost_bytes_per_s * eff) + t.dma_fixed_s)
-        self.dma_count += times
-        self.hbm += times * hbm_bytes
-
-    def mm(self, n, e, times=1):
-        t = self.t
-        f = t.fp32_matmul_factor if e >= 4 else 1
-        self.tensor += times * max(t.matmul_min_cycles, n) * f
-
-    def vec(self, free, psum, inputs=1, times=1):
-        t = self.t
-        c = max(t.engine_min_cycles, free * (t.vector_two_input_factor if inputs >= 2 else 1))
-        self.vector += times * c
-        if psum and t.psum_shared_vector_scalar:
-            self.port += times * c / t.vector_hz
-
-    def act(self, free, psum, times=1):
-        t = self.t
-        c = max(t.engine_min_cycles, free)
-        self.scalar += times * c
-        if psum and t.psum_shared_vector_scalar:
-            self.port += times * c / t.scalar_hz
+def kernel_for(ks: KernelShape):
+    """(kernel, argument specs, kwargs) of the fused kernel launch `ks` describes."""
+    from . import mlp, xuv
+    from .sim import spec
+    dt = lambda e: "float32" if e >= 4 else "bfloat16"   # noqa: E731
+    if ks.out == "silu_cols":
+        rg, ru = ks.ranks
+        args = [spec((ks.S, ks.K), dt(ks.e)), spec((ks.K, rg), dt(ks.e_u)),
+                spec((rg, ks.N), dt(ks.e_v)), spec((ks.K, ru), dt(ks.e_u)),
+                spec((ru, ks.N), dt(ks.e_v))]
+        return mlp.up_gate, args, {}
+    (r,) = ks.ranks
+    if ks.x_transposed:
+        args = [spec((ks.K, ks.S), dt(ks.e)), spec((ks.K, r), dt(ks.e_u)),
+                spec((r, ks.N), dt(ks.e_v))]
+        return mlp.down, args, {}
+    args = [spec((ks.S, ks.K), dt(ks.e)), spec((ks.K, r), dt(ks.e_u)), spec((r, ks.N), dt(ks.e_v))]
+    return xuv.fused_xuv, args, {"transpose_out": ks.out == "cols"}
 
 
-def _tiles(n, size):
-    """[(width, count)] of the pieces of n split in chunks of `size` (full, then rest)."""
-    out = [(size, n // size)] if n >= size else []
-    if n % size:
-        out.append((n % size, 1))
-    return out
+def modeled_stats(ks: KernelShape, block_m: int, target="trn1"):
+    """The emulator's `Stats` for the launch with strips of `block_m` tokens (count-only
+    run: one cost implementation, the emulator's timeline)."""
+    return _modeled_stats(ks, int(block_m), get_target(target))
 
 
-def _cost_stage1(c, ks, b):
-    e, K = ks.e, ks.K
-    for kp, nkp in _tiles(K, P):
-        if ks.x_transposed:
-            run = min(_hbm_run(kp, b, K, ks.S, e), b * e)
-            c.dma(kp * b * e, run, kp * b * e, times=nkp)
-        elif e >= 4:
-            for gp, ngp in _tiles(b, P):
-                run = min(_hbm_run(gp, kp, ks.S, K, e), kp * e)
-                c.dma(gp * kp * e, run, gp * kp * e, times=nkp * ngp)
-                c.mm(gp, e, times=nkp * ngp)             # nc_transpose: max(64, partitions)
-                c.vec(gp, True, times=nkp * ngp)
-        else:
-            c.dma(kp * b * e, 0, kp * b * e, transpose=True, times=nkp)
-    chunks = _tiles(b, token_slot(b))
-    for r in ks.ranks:
-        nrt, gt = ceil_div(r, P), u_group_tiles(b)
-        for g0 in range(0, nrt, gt):
-            cols = min(gt * P, r - g0 * P)
-            tiles = min(gt, nrt - g0)
-            for kp, nkp in _tiles(K, P):
-                run = min(_hbm_run(kp, cols, K, r, ks.e_u), cols * e)
-                c.dma(kp * cols * max(e, ks.e_u), run, kp * cols * ks.e_u, times=nkp)
-            for cw, n in chunks:
-                c.mm(cw, e, times=n * tiles * ks.nk)
-                c.vec(cw, True, times=n * tiles)
-
-
-def _cost_stage2(c, ks, bm, heights, bn):
-    e, ey = ks.e, ks.e_y
-    for nb, nnb in _tiles(ks.N, bn):
-        for r in ks.ranks:
-            for rp, nrp in _tiles(r, P):
-                run = min(_hbm_run(rp, nb, r, ks.N, ks.e_v), nb * e)
-                c.dma(rp * nb * max(e, ks.e_v), run, rp * nb * ks.e_v, times=nnb * nrp)
-        if ks.out == "rows":
-            for h in heights:
-                for gp, ngp in _tiles(h, P):
-                    for cw, ncw in _tiles(nb, MM_N):
-                        c.mm(cw, e, times=nnb * ngp * ncw * ks.nr)
-                        c.vec(cw, True, times=nnb * ngp * ncw)
-                    run = min(nb * ey, _hbm_run(gp, nb, ks.S, ks.N, ey))
-                    c.dma(gp * nb * ey, run, gp * nb * ey, times=nnb * ngp)
-        else:
-            silu = ks.out == "silu_cols"
-            for jp, njp in _tiles(nb, P):
-                for h in heights:
-                    for cw, ncw in _tiles(h, MM_N):
-                        n = nnb * njp * ncw
-                        c.mm(cw, e, times=n * ks.nr)
-                        if silu:
-                            c.act(cw, True, times=n)
-                            c.vec(cw, True, inputs=2, times=n)
-                        else:
-                            c.vec(cw, True, times=n)
-                run = min(bm * ey, _hbm_run(jp, bm, ks.N, ks.S, ey))
-                c.dma(jp * bm * ey, run, jp * bm * ey, times=nnb * njp)
-
-
-def modeled_cost(ks: KernelShape, block_m: int, target="trn1") -> dict:
-    """Per-engine modelled times (s), latency (s), MFU and HBM bytes of the launch,
-    evaluated analytically with the emulator's cost rules (see module docstring)."""
-    return dict(_modeled_cost(ks, int(block_m), get_target(target)))
-
-
-@lru_cache(maxsize=4096)
-def _modeled_cost(ks, block_m, target):
-    t = target
-    p = plan(ks, block_m, target)
-    c = _Cost(t)
-    for bm, count in _distinct_strips(p).items():
-        one = _Cost(t)
-        heights = p.sub_heights(bm)
-        for b in heights:
-            _cost_stage1(one, ks, b)
-        _cost_stage2(one, ks, bm, heights, p.block_n)
-        for k in ("tensor", "vector", "scalar", "port", "dma_s", "dma_count", "hbm"):
-            setattr(c, k, getattr(c, k) + count * getattr(one, k))
-    times = {"tensor": c.tensor / t.pe_hz, "vector": c.vector / t.vector_hz,
-             "scalar": c.scalar / t.scalar_hz}
-    if t.psum_shared_vector_scalar:
-        times["psum_port"] = c.port
-    times["dma"] = max(c.dma_s / t.dma_engines, c.hbm / t.hbm_bytes_per_s)
-    bound = max(times, key=times.get)
-    latency = times[bound] + (2 * t.dma_fixed_s if c.dma_count else 0.0)
-    return tuple({"times": times, "latency_s": latency, "bound_by": bound,
-                  "mfu": flops(ks) / (t.peak_flops * latency), "hbm_bytes": c.hbm,
-                  "dma_count": c.dma_count}.items())
+@lru_cache(maxsize=1024)
+def _modeled_stats(ks, block_m, t):
+    from . import sim
+    kernel, args, kw = kernel_for(ks)
+    return sim.run(kernel, *args, target=t, count_only=True, block_m=block_m, **kw)[1]
 
 
 def modeled_time(ks: KernelShape, block_m: int, target="trn1") -> float:
     """Modelled latency (s) of the launch with strips of `block_m` tokens."""
-    return modeled_cost(ks, block_m, target)["latency_s"]
+    return modeled_stats(ks, block_m, target).modeled_latency_s
 
 
 # -- the selector -----------------------------------------------------------------------
@@ -452,9 +345,8 @@ def select_block_m(ks: KernelShape, target="trn1", objective="time",
     """Block size for the fused kernels.
 
     objective="time" (the default the kernels use): among the BMs that fit the budget,
-    those whose modelled time (`modeled_time`: tensor engine vs DMA at the documented
-    efficiency of each transfer's contiguous run, vs HBM) is within TIME_TIE of the
-    best; of those, the fewest HBM bytes for this S (ties: the smaller BM).
+    those whose modelled time (`modeled_time`: the emulator's timeline latency of a
+    count-only run of the kernel) is within TIME_TIE of the best; of those, the fewest HBM bytes for this S (ties: the smaller BM).
     objective="ridge": the paper's rule taken literally, the smallest BM clearing
     ridge_margin x the roofline ridge; objective="traffic": the fewest HBM bytes among
     the BMs clearing it. Small S: the whole S in one strip once BM >= S. If nothing

@@ -30,42 +30,155 @@ The paper's ideas, and where they live:
 from . import blocking
 from .nki_compat import jit, nisa, nl, target_name
 
-P = blocking.P          # partitions, PE rows, max stationary free size
-MM_N = blocking.MM_N    # max moving free size = one fp32 PSUM bank
+# Tile sizes from NKI's own constants (nl.tile_size, nki/api/nki.language.tile_size.rst);
+# `blocking` plans with the same numbers.
+P = nl.tile_size.pmax                       # partitions, PE rows
+MM_N = nl.tile_size.gemm_moving_fmax        # max moving free size = one fp32 PSUM bank
+assert P == blocking.P and MM_N == blocking.MM_N == nl.tile_size.psum_bank_fmax
+assert nl.tile_size.gemm_stationary_fmax == P
+PSUM_BANK_BYTES = 4 * MM_N
 
 
 def _cdiv(a, b):
     return -(-a // b)
 
 
+# -- strips, device loops and HBM addressing -------------------------------------------------
+#
+# Loops, as NKI 0.3+ compiles them (nki/deep-dives/nki-dynamic-loops.rst): `range` and its
+# aliases affine_range / sequential_range / static_range are unrolled at trace time, so
+# they are kept for the loops over K, r and N tiles (their trip counts depend on the
+# weights' shapes only). The one loop whose trip count grows with the token count S --
+# over row strips -- is `nl.dynamic_range`: a hardware loop, its body compiled once, its
+# variable a device register that can only address tensors through `.ap(...,
+# scalar_offset=reg)` (nki/deep-dives/nki-aps.rst). A last, shorter strip is peeled off
+# after the loop (the loop body must be the same in every iteration). So the static
+# instruction count does not depend on S.
+
+class Strip:
+    """Rows s0 .. s0 + height of the token dim: `reg` is the dynamic loop's register (the
+    strip start) or None for a strip at the compile-time start `base`."""
+
+    def __init__(self, reg, base, height):
+        self.reg, self.base, self.height = reg, base, height
+
+    def rows(self, t, r0, nr, c0, nc):
+        """t[strip + r0 : strip + r0 + nr, c0 : c0 + nc] of a 2-D HBM tensor whose rows
+        are tokens."""
+        if self.reg is None:
+            return t[self.base + r0:self.base + r0 + nr, c0:c0 + nc]
+        C = t.shape[1]
+        return t.ap([[C, nr], [1, nc]], offset=r0 * C + c0, scalar_offset=self.reg,
+                    indirect_dim=0)
+
+    def cols(self, t, r0, nr, c0, nc):
+        """t[r0 : r0 + nr, strip + c0 : strip + c0 + nc] of a 2-D HBM tensor whose columns
+        are tokens."""
+        if self.reg is None:
+            return t[r0:r0 + nr, self.base + c0:self.base + c0 + nc]
+        C = t.shape[1]
+        return t.ap([[C, nr], [1, nc]], offset=r0 * C + c0, scalar_offset=self.reg,
+                    indirect_dim=1)
+
+
+def over_strips(S, bm, body):
+    """body(strip) for every strip of bm tokens: full strips in one hardware loop, the
+    remainder (if any) once after it."""
+    n_full = S // bm
+    if n_full:
+        for s0 in nl.dynamic_range(0, n_full * bm, bm):
+            body(Strip(s0, 0, bm))
+    if S - n_full * bm:
+        body(Strip(None, n_full * bm, S - n_full * bm))
+
+
+# -- explicit buffers ------------------------------------------------------------------------
+#
+# Allocation is decided at compile time; multi-buffering is explicit, as nki-library writes
+# it (a buffer count per allocation, buffers used round-robin, PSUM tiles at fixed bank
+# addresses; src/nkilib_src/nkilib/core/mlp/mlp_cte/mlp_cte_allocation.py,
+# "Create 'multiple buffers' ... to facilitate overlapped loads").
+
+class Buffers:
+    """`count` tensors of one shape used round-robin: `next()` is the following one."""
+
+    def __init__(self, name, shape, dtype, count, buffer=None, bank=None):
+        self.tiles = []
+        for i in range(count):
+            if buffer is nl.psum:
+                banks = _cdiv(_free_bytes(shape, 4), PSUM_BANK_BYTES)
+                addr = (0, (bank + i * banks) * PSUM_BANK_BYTES)
+                self.tiles.append(nl.ndarray(shape, dtype=dtype, buffer=nl.psum,
+                                             name=f"{name}{i}", address=addr))
+            else:
+                self.tiles.append(nl.ndarray(shape, dtype=dtype, buffer=nl.sbuf,
+                                             name=f"{name}{i}"))
+        self.i = 0
+
+    def next(self):
+        t = self.tiles[self.i % len(self.tiles)]
+        self.i += 1
+        return t
+
+
+def _free_bytes(shape, e):
+    n = e
+    for d in shape[1:]:
+        n *= d
+    return n
+
+
+def n_buffers(uses):
+    """Double-buffer a stream of tiles (load the next while the current is in use);
+    one buffer when there is only one tile."""
+    return 2 if uses >= 2 else 1
+
+
+# -- fp32 transposing loads (the one PE-transpose fallback) ------------------------------------
+
+class TransposeScratch:
+    """SBUF/PSUM tiles for fp32 transposing loads: DMA transposes move 2-byte elements
+    (nisa.dma_transpose), so fp32 x^T is loaded in 128x128 blocks and transposed on the
+    tensor engine. PSUM: two one-bank tiles from bank `bank`."""
+
+    def __init__(self, dtype, bank):
+        self.blk = Buffers("xblk", (P, P), dtype, 2)
+        self.tp = Buffers("xtp", (P, P), nl.float32, 2, buffer=nl.psum, bank=bank)
+
+
+def load_transposed(dst, src_rows, nrows, ncols, dtype, scratch):
+    """dst [ncols, nrows] (SBUF) <- (src_rows(r0, n) [n tokens, ncols])^T: a transposing
+    DMA for 2-byte dtypes; for fp32 128-row blocks through the tensor engine."""
+    if dtype != nl.float32:
+        nisa.dma_transpose(dst=dst, src=src_rows(0, nrows))
+        return
+    for g0 in range(0, nrows, P):
+        gp = min(P, nrows - g0)
+        blk = scratch.blk.next()
+        tp = scratch.tp.next()
+        nisa.dma_copy(dst=blk[0:gp, 0:ncols], src=src_rows(g0, gp))
+        nisa.nc_transpose(dst=tp[0:ncols, 0:gp], data=blk[0:gp, 0:ncols])
+        nisa.tensor_copy(dst=dst[0:ncols, g0:g0 + gp], src=tp[0:ncols, 0:gp])
+
+
 # -- stage 1: (x u)^T strip into SBUF -------------------------------------------------------
 
-def _load_xT(x, xT, t0, tb, x_transposed):
-    """xT[:, kt, 0:tb] <- (x[t0:t0+tb, kt-th 128 columns])^T for every k tile."""
+def _load_xT(x, xT, strip, t0, tb, x_transposed):
+    """xT[:, kt, 0:tb] <- (x[strip t0 .. t0+tb, kt-th 128 columns])^T for every k tile."""
     K = x.shape[0] if x_transposed else x.shape[1]
-    for kt in range(_cdiv(K, P)):
+    scratch = TransposeScratch(x.dtype, 0) if (x.dtype == nl.float32 and not x_transposed) \
+        else None
+    for kt in nl.static_range(_cdiv(K, P)):
         k0 = kt * P
         kp = min(P, K - k0)
         if x_transposed:
             # The producer already wrote x^T (K on rows): a plain DMA lands it in place.
-            nisa.dma_copy(dst=xT[0:kp, kt, 0:tb], src=x[k0:k0 + kp, t0:t0 + tb])
-        elif x.dtype == nl.float32:
-            _load_xT_pe(x, xT, kt, k0, kp, t0, tb)
+            nisa.dma_copy(dst=xT[0:kp, kt, 0:tb], src=strip.cols(x, k0, kp, t0, tb))
         else:
-            # Transposing DMA: HBM rows of x become SBUF columns of x^T.
-            nisa.dma_transpose(dst=xT[0:kp, kt, 0:tb], src=x[t0:t0 + tb, k0:k0 + kp])
-
-
-def _load_xT_pe(x, xT, kt, k0, kp, t0, tb):
-    """fp32 fallback (DMA transposes move 2-byte elements): load 128x128 blocks and
-    transpose them on the tensor engine."""
-    for g0 in range(0, tb, P):
-        gp = min(P, tb - g0)
-        blk = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=blk[0:gp, 0:kp], src=x[t0 + g0:t0 + g0 + gp, k0:k0 + kp])
-        tp = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.psum)
-        nisa.nc_transpose(dst=tp[0:kp, 0:gp], data=blk[0:gp, 0:kp])
-        nisa.tensor_copy(dst=xT[0:kp, kt, g0:g0 + gp], src=tp[0:kp, 0:gp])
+            # Transposing load: HBM rows of x become SBUF columns of x^T.
+            load_transposed(xT[0:kp, kt, 0:tb],
+                            lambda g0, n, k0=k0, kp=kp: strip.rows(x, t0 + g0, n, k0, kp),
+                            tb, kp, x.dtype, scratch)
 
 
 def _project(xT, u, xuT, tb):
@@ -77,113 +190,119 @@ def _project(xT, u, xuT, tb):
     8 r tiles x 512 tokens, 16 x 256, 4 x 1024, ...); for each K tile one DMA brings the
     group's whole U row slab ([128 k, 128 * tiles] -- long contiguous runs per
     partition), which meets every token chunk of the sub-strip once. Partial sums over
-    k accumulate in fp32 PSUM.
-    """
-    nrt = _cdiv(u.shape[1], P)
+    k accumulate in fp32 PSUM. U slabs are double-buffered (`n_slabs`)."""
+    K, r = u.shape
+    nrt = _cdiv(r, P)
     gt = blocking.u_group_tiles(tb)
-    for g0 in range(0, nrt, gt):
-        _project_group(xT, u, xuT, tb, g0, min(gt, nrt - g0))
+    nk = _cdiv(K, P)
+    slabs = Buffers("u_slab", (P, blocking.u_group_cols(r, tb)), xT.dtype,
+                    blocking.n_slab_buffers(nk))
+    for g0 in nl.static_range(0, nrt, gt):
+        _project_group(xT, u, xuT, tb, g0, min(gt, nrt - g0), slabs)
 
 
-def _project_group(xT, u, xuT, tb, g0, tiles):
-    """One group of r tiles (g0 .. g0+tiles): its accumulators fill PSUM, so they are
-    allocated here and released on return, before the next group's."""
+def _project_group(xT, u, xuT, tb, g0, tiles, slabs):
+    """One group of r tiles (g0 .. g0+tiles): its accumulators fill PSUM from bank 0."""
     K, r = u.shape
     slot = blocking.token_slot(tb)
     nch = blocking.token_chunks(tb)
-    width = blocking.u_group_cols(r, tb)          # U slab tile width (columns)
     c0 = g0 * P
     cols = min(tiles * P, r - c0)
-    acc = nl.ndarray((P, tiles, nch * slot), dtype=nl.float32, buffer=nl.psum)
-    for kt in range(_cdiv(K, P)):
+    acc = nl.ndarray((P, tiles, nch * slot), dtype=nl.float32, buffer=nl.psum,
+                     name="xu_acc", address=(0, 0))
+    for kt in nl.static_range(_cdiv(K, P)):
         k0 = kt * P
         kp = min(P, K - k0)
-        # rebound every k tile: the next slab loads while this one is in use (2 buffers)
-        ut = nl.ndarray((P, width), dtype=xT.dtype, buffer=nl.sbuf)
+        ut = slabs.next()
         nisa.dma_copy(dst=ut[0:kp, 0:cols], src=u[k0:k0 + kp, c0:c0 + cols])
-        for j in range(tiles):
+        for j in nl.static_range(tiles):
             rp = min(P, r - c0 - j * P)
-            for c in range(nch):
+            for c in nl.static_range(nch):
                 t0 = c * slot
                 cw = min(slot, tb - t0)
                 nisa.nc_matmul(dst=acc[0:rp, j, t0:t0 + cw], stationary=ut[0:kp, j * P:j * P + rp],
                                moving=xT[0:kp, kt, t0:t0 + cw], accumulate=(kt > 0))
     # fp32 PSUM -> compute dtype, straight into the cached strip (vector engine)
-    for j in range(tiles):
+    for j in nl.static_range(tiles):
         rp = min(P, r - c0 - j * P)
-        for c in range(nch):
+        for c in nl.static_range(nch):
             t0 = c * slot
             cw = min(slot, tb - t0)
             nisa.tensor_copy(dst=xuT[0:rp, g0 + j, t0:t0 + cw], src=acc[0:rp, j, t0:t0 + cw])
 
 
-def _stage1_part(x, us, t0, tb, x_transposed):
+def _stage1_part(x, us, strip, t0, tb, x_transposed, j):
     """One stage-1 sub-strip: load its x^T once, project it through every u.
-    Returns the (x u_i)^T pieces [128, ceil(r_i/128), tb]; x^T dies on return."""
+    Returns the (x u_i)^T pieces [128, ceil(r_i/128), tb] (x^T's last use is here)."""
     K = x.shape[0] if x_transposed else x.shape[1]
-    xT = nl.ndarray((P, _cdiv(K, P), tb), dtype=x.dtype, buffer=nl.sbuf)
-    _load_xT(x, xT, t0, tb, x_transposed)
+    xT = nl.ndarray((P, _cdiv(K, P), tb), dtype=x.dtype, buffer=nl.sbuf, name=f"xT{j}")
+    _load_xT(x, xT, strip, t0, tb, x_transposed)
     outs = []
-    for u in us:
-        xuT = nl.ndarray((P, _cdiv(u.shape[1], P), tb), dtype=x.dtype, buffer=nl.sbuf)
+    for i, u in enumerate(us):
+        xuT = nl.ndarray((P, _cdiv(u.shape[1], P), tb), dtype=x.dtype, buffer=nl.sbuf,
+                         name=f"xuT{j}_{i}")
         _project(xT, u, xuT, tb)
         outs.append(xuT)
     return tuple(outs)
 
 
-def _stage1(x, us, s0, bm, plan, x_transposed):
-    """Cache the whole (x u)^T strip for tokens s0 .. s0+bm, sub-strip by sub-strip."""
+def _stage1(x, us, strip, plan, x_transposed):
+    """Cache the whole (x u)^T strip, sub-strip by sub-strip: [(t0, tb, pieces)], t0
+    relative to the strip start."""
     parts = []
-    t0 = s0
-    for tb in plan.sub_heights(bm):
-        parts.append((t0, tb, _stage1_part(x, us, t0, tb, x_transposed)))
+    t0 = 0
+    for j, tb in enumerate(plan.sub_heights(strip.height)):
+        parts.append((t0, tb, _stage1_part(x, us, strip, t0, tb, x_transposed, j)))
         t0 += tb
     return parts
 
 
 # -- stage 2: stream V against the cached strip ----------------------------------------------
 
-def _load_vblock(v, n0, nb, block_n, dtype):
-    """V[:, n0:n0+nb] as [128, ceil(r/128), block_n], one DMA per 128 rows of r."""
+def _load_vblock(v, vb, n0, nb):
+    """vb[:, :, 0:nb] <- V[:, n0:n0+nb], one DMA per 128 rows of r."""
     r = v.shape[0]
-    vb = nl.ndarray((P, _cdiv(r, P), block_n), dtype=dtype, buffer=nl.sbuf)
-    for rt in range(_cdiv(r, P)):
+    for rt in nl.static_range(_cdiv(r, P)):
         r0 = rt * P
         rp = min(P, r - r0)
         nisa.dma_copy(dst=vb[0:rp, rt, 0:nb], src=v[r0:r0 + rp, n0:n0 + nb])
-    return vb
 
 
-def _stage2_rows(parts, v, y, block_n):
+def _stage2_rows(parts, v, y, block_n, strip):
     """y[t, n] for the strip, normal layout: the cached (x u)^T tile [r, 128 tokens] is
     the stationary operand, the V block the moving one -> PSUM [tokens, block_n] (up to
-    4 banks); each output tile leaves as one DMA of block_n-wide rows."""
+    4 banks, two tiles); each output tile leaves as one DMA of block_n-wide rows."""
     r, N = v.shape
     nr = _cdiv(r, P)
     dtype = parts[0][2][0].dtype
-    for n0 in range(0, N, block_n):
-        nb = min(block_n, N - n0)
-        vb = _load_vblock(v, n0, nb, block_n, dtype)   # rebound per block: double-buffered
+    blocks = [(n0, min(block_n, N - n0)) for n0 in range(0, N, block_n)]
+    n_out = len(blocks) * sum(_cdiv(tb, P) for _, tb, _ in parts)
+    vbs = Buffers("v_block", (P, nr, block_n), dtype, n_buffers(len(blocks)))
+    outs = Buffers("y_tile", (P, block_n), y.dtype, n_buffers(n_out))
+    accs = Buffers("y_acc", (P, block_n), nl.float32, 2, buffer=nl.psum, bank=0)
+    for n0, nb in blocks:
+        vb = vbs.next()
+        _load_vblock(v, vb, n0, nb)
         for t0, tb, pieces in parts:
             xuT = pieces[0]
-            for g0 in range(0, tb, P):
+            for g0 in nl.static_range(0, tb, P):
                 gp = min(P, tb - g0)
-                ps = nl.ndarray((P, block_n), dtype=nl.float32, buffer=nl.psum)
-                for rt in range(nr):
+                ps = accs.next()
+                for rt in nl.static_range(nr):
                     rp = min(P, r - rt * P)
-                    for c0 in range(0, nb, MM_N):
+                    for c0 in nl.static_range(0, nb, MM_N):
                         cw = min(MM_N, nb - c0)
                         nisa.nc_matmul(dst=ps[0:gp, c0:c0 + cw],
                                        stationary=xuT[0:rp, rt, g0:g0 + gp],
                                        moving=vb[0:rp, rt, c0:c0 + cw], accumulate=(rt > 0))
-                o = nl.ndarray((P, block_n), dtype=y.dtype, buffer=nl.sbuf)
-                for c0 in range(0, nb, MM_N):
+                o = outs.next()
+                for c0 in nl.static_range(0, nb, MM_N):
                     cw = min(MM_N, nb - c0)
                     nisa.tensor_copy(dst=o[0:gp, c0:c0 + cw], src=ps[0:gp, c0:c0 + cw])
-                nisa.dma_copy(dst=y[t0 + g0:t0 + g0 + gp, n0:n0 + nb], src=o[0:gp, 0:nb])
+                nisa.dma_copy(dst=strip.rows(y, t0 + g0, gp, n0, nb), src=o[0:gp, 0:nb])
 
 
-def _stage2_cols(parts, vs, yT, block_n, silu_mul, s0, bm):
+def _stage2_cols(parts, vs, yT, block_n, silu_mul, strip):
     """y^T[n, t] for the strip: V tiles [r, 128 n] stationary, the cached (x u)^T moving
     -> PSUM [n, tokens], which is already the transposed output layout. Each 128-row
     output tile spans the whole strip ([128 n, bm tokens] in SBUF) and leaves as one DMA
@@ -193,53 +312,62 @@ def _stage2_cols(parts, vs, yT, block_n, silu_mul, s0, bm):
     silu(gate) on the scalar engine times up on the vector engine, before the store.
     """
     N = vs[0].shape[1]
+    bm = strip.height
     dtype = parts[0][2][0].dtype
-    for n0 in range(0, N, block_n):
-        nb = min(block_n, N - n0)
-        new_vbs = []          # loaded before the previous blocks are released: double-buffered
-        for v in vs:
-            new_vbs.append(_load_vblock(v, n0, nb, block_n, dtype))
-        vbs = new_vbs
-        for j0 in range(0, nb, P):
+    blocks = [(n0, min(block_n, N - n0)) for n0 in range(0, N, block_n)]
+    n_out = sum(_cdiv(nb, P) for _, nb in blocks)
+    n_g = n_out * sum(_cdiv(tb, MM_N) for _, tb, _ in parts)
+    vbs = [Buffers(f"v_block{i}_", (P, _cdiv(v.shape[0], P), block_n), dtype,
+                   n_buffers(len(blocks))) for i, v in enumerate(vs)]
+    outs = Buffers("yT_tile", (P, bm), yT.dtype, n_buffers(n_out))
+    gs = Buffers("silu", (P, MM_N), nl.float32, n_buffers(n_g)) if silu_mul else None
+    accs = [Buffers(f"yT_acc{i}_", (P, MM_N), nl.float32, 2, buffer=nl.psum, bank=2 * i)
+            for i in range(len(vs))]
+    for n0, nb in blocks:
+        vb = [b.next() for b in vbs]
+        for i, v in enumerate(vs):
+            _load_vblock(v, vb[i], n0, nb)
+        for j0 in nl.static_range(0, nb, P):
             jp = min(P, nb - j0)
-            o = nl.ndarray((P, bm), dtype=yT.dtype, buffer=nl.sbuf)
+            o = outs.next()
             for t0, tb, pieces in parts:
-                for c0 in range(0, tb, MM_N):
+                for c0 in nl.static_range(0, tb, MM_N):
                     cw = min(MM_N, tb - c0)
-                    new_acc = []      # next chunk's banks before this one's are released
-                    for i in range(len(vs)):
-                        r = vs[i].shape[0]
-                        ps = nl.ndarray((P, MM_N), dtype=nl.float32, buffer=nl.psum)
-                        for rt in range(_cdiv(r, P)):
+                    acc = []
+                    for i, v in enumerate(vs):
+                        r = v.shape[0]
+                        ps = accs[i].next()
+                        for rt in nl.static_range(_cdiv(r, P)):
                             rp = min(P, r - rt * P)
-                            nisa.nc_matmul(dst=ps[0:jp, 0:cw], stationary=vbs[i][0:rp, rt, j0:j0 + jp],
+                            nisa.nc_matmul(dst=ps[0:jp, 0:cw], stationary=vb[i][0:rp, rt, j0:j0 + jp],
                                            moving=pieces[i][0:rp, rt, c0:c0 + cw],
                                            accumulate=(rt > 0))
-                        new_acc.append(ps)
-                    acc = new_acc
-                    off = t0 - s0 + c0
+                        acc.append(ps)
+                    off = t0 + c0
                     if silu_mul:
-                        g = nl.ndarray((P, MM_N), dtype=nl.float32, buffer=nl.sbuf)
+                        g = gs.next()
                         nisa.activation(dst=g[0:jp, 0:cw], op=nl.silu, data=acc[0][0:jp, 0:cw])
                         nisa.tensor_tensor(dst=o[0:jp, off:off + cw], data1=g[0:jp, 0:cw],
                                            data2=acc[1][0:jp, 0:cw], op=nl.multiply)
                     else:
                         nisa.tensor_copy(dst=o[0:jp, off:off + cw], src=acc[0][0:jp, 0:cw])
-            nisa.dma_copy(dst=yT[n0 + j0:n0 + j0 + jp, s0:s0 + bm], src=o[0:jp, 0:bm])
+            nisa.dma_copy(dst=strip.cols(yT, n0 + j0, jp, 0, bm), src=o[0:jp, 0:bm])
 
 
 def run_strips(x, us, vs, y, plan, x_transposed, out):
-    """The fused kernels' outer loop: one row strip of BM tokens at a time."""
-    for s0, bm in plan.strips():
-        _strip(x, us, vs, y, s0, bm, plan, x_transposed, out)
+    """The fused kernels' outer loop: one row strip of BM tokens at a time (a hardware
+    loop over the full strips, see `over_strips`)."""
+    S = plan.shape.S
+    bm = min(plan.block_m, S)
+    over_strips(S, bm, lambda strip: _strip(x, us, vs, y, strip, plan, x_transposed, out))
 
 
-def _strip(x, us, vs, y, s0, bm, plan, x_transposed, out):
-    parts = _stage1(x, us, s0, bm, plan, x_transposed)     # (x u)^T strip cached in SBUF
+def _strip(x, us, vs, y, strip, plan, x_transposed, out):
+    parts = _stage1(x, us, strip, plan, x_transposed)     # (x u)^T strip cached in SBUF
     if out == "rows":
-        _stage2_rows(parts, vs[0], y, plan.block_n)
+        _stage2_rows(parts, vs[0], y, plan.block_n, strip)
     else:
-        _stage2_cols(parts, vs, y, plan.block_n, out == "silu_cols", s0, bm)
+        _stage2_cols(parts, vs, y, plan.block_n, out == "silu_cols", strip)
 
 
 def check_dims(name, **dims):

@@ -9,16 +9,20 @@ project's kernels use. It knows nothing about SVD.
   results within one 2 KiB PSUM bank, tensor-engine operands in SBUF and results in
   PSUM, no DMA to or from PSUM, SBUF/PSUM capacity per partition -- each refusal its
   own exception class under `NkiSimError`;
+* loops: `nl.dynamic_range` is a hardware loop (body compiled once, variable a device
+  register addressing tensors through `.ap`); affine/sequential/static_range unroll;
 * counts: HBM bytes, DMAs and their sizes, matmuls and FLOPs, per-engine cycles, peak
-  SBUF/PSUM bytes per partition; a modelled latency and MFU for trn1 or trn2
-  (see `runner` for the model, `core` for the memory-lifetime rules);
+  SBUF/PSUM bytes per partition (compile-time allocation, `core`), static and dynamic
+  instruction counts; a modelled latency and MFU for trn1 or trn2 from a timeline of
+  the instruction stream (`timeline`, `runner`);
 * `count_only=True` skips all arithmetic (shapes only) for large shapes.
 """
 from . import isa, language, nki_api
-from .errors import (DmaPsumError, DmaTransposeError, EngineAccessError, MatmulMemoryError,
+from .errors import (DmaPsumError, DmaTransposeError, DynamicIndexError, EngineAccessError,
+                     IndirectViewError, LoopBoundsError, LoopScopeError, MatmulMemoryError,
                      MovingFreeError, NkiSimError, PartitionDimError, PsumBankError,
-                     PsumCapacityError, SbufCapacityError, ShapeMismatchError,
-                     StationaryFreeError, UnsupportedError)
+                     PsumCapacityError, PsumPlacementError, SbufCapacityError,
+                     ShapeMismatchError, StationaryFreeError, UnsupportedError)
 from .runner import SimKernel, Stats, jit, model_stats, run, simulate, spec
 from .targets import TARGETS, TRN1, TRN2, Target, get_target
 
@@ -28,5 +32,6 @@ __all__ = [
     "NkiSimError", "PartitionDimError", "StationaryFreeError", "MovingFreeError",
     "PsumBankError", "MatmulMemoryError", "ShapeMismatchError", "DmaPsumError",
     "DmaTransposeError", "SbufCapacityError", "PsumCapacityError", "EngineAccessError",
-    "UnsupportedError",
+    "UnsupportedError", "LoopScopeError", "DynamicIndexError", "IndirectViewError",
+    "PsumPlacementError", "LoopBoundsError",
 ]

@@ -1,27 +1,29 @@
 """Emulator core: the run context, memory allocations and tensor views.
 
-Memory model
-------------
+Memory model (compile-time allocation)
+--------------------------------------
 * HBM tensors (kernel inputs, `nl.shared_hbm` outputs, `nl.hbm`/`nl.private_hbm`
   scratch) have no capacity limit.
 * An SBUF tile occupies `prod(shape[1:]) * itemsize` bytes in each of its
   partitions (dim 0 is the partition dim, at most 128). A PSUM tile occupies whole
-  2 KiB banks: `ceil(bytes per partition / 2 KiB)` of the 8 banks.
-* A tile is live from its `nl.ndarray` call until the last Python reference to it
-  (or to any view of it) disappears -- CPython reference counting makes this
-  deterministic. Consequences a kernel author should know:
-    - a tile allocated in a loop body and rebound on every iteration is live twice
-      at the moment of rebinding (the new one and the previous one): exactly the
-      double buffer that overlapping a load with compute needs, which is what the
-      latency model assumes;
-    - tiles local to a helper function die when it returns, so single-buffered
-      phases are written as helper functions.
-  The peak is the largest sum of live bytes per partition seen at any allocation.
-  Allocation fails (SbufCapacityError / PsumCapacityError) the moment the live
-  total would exceed the target's capacity. Fragmentation and alignment are not
-  modelled.
+  2 KiB banks: `ceil(bytes per partition / 2 KiB)` of the 8 banks; with an explicit
+  `address=(0, byte_offset)` it occupies exactly those banks.
+* Allocation is decided on the *static* program, as NKI's compiler does it (the
+  tensor allocator runs at compile time; nki/guides/architecture/
+  trainium_inferentia2_arch.rst, "Data Movement"): a tensor is live from its
+  `nl.ndarray` to its last use by an instruction of the static program; a tensor
+  allocated outside a `nl.dynamic_range` loop and used inside stays live for the whole
+  loop, and tensors allocated inside the loop body are allocated once and reused by
+  every iteration ("Tensors allocated inside the loop body are allocated once and
+  reused across iterations", nki/deep-dives/nki-dynamic-loops.rst). Python object
+  lifetimes play no part: multi-buffering is explicit (a kernel allocates as many
+  buffers as it wants in flight).
+  The peak is the largest sum of live bytes per partition at any point of the static
+  program; the run fails with SbufCapacityError / PsumCapacityError when it exceeds the
+  target's capacity. Fragmentation and alignment are not modelled.
 * In count-only mode no values exist: views carry shapes only, arithmetic is skipped,
-  every count is still exact.
+  every count is still exact; a dynamic loop's body is traced once and its instruction
+  stream replayed through the timeline for the remaining iterations.
 """
 import itertools
 import math
@@ -30,9 +32,10 @@ import threading
 import numpy as np
 import ml_dtypes
 
-from .errors import (PartitionDimError, PsumCapacityError, SbufCapacityError,
-                     UnsupportedError)
+from .errors import (IndirectViewError, LoopScopeError, PartitionDimError, PsumCapacityError, PsumPlacementError,
+                     SbufCapacityError, UnsupportedError)
 from .targets import Target
+from .timeline import CELL_BYTES, HBM_CELLS
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP32 = np.dtype(np.float32)
@@ -74,6 +77,10 @@ def _fmt_shape(shape) -> str:
 class Counters:
     """Raw event counts of one run; `runner.Stats` turns them into the report."""
 
+    SUMMED = ("hbm_read_bytes", "hbm_write_bytes", "dma_count", "dma_transpose_count",
+              "dma_bytes", "matmul_count", "matmul_flops", "pe_transpose_count",
+              "dynamic_instructions")
+
     def __init__(self):
         self.hbm_read_bytes = 0
         self.hbm_write_bytes = 0
@@ -83,56 +90,198 @@ class Counters:
         self.dma_min_bytes = None
         self.dma_max_bytes = 0
         self.dma_size_hist = {}          # power-of-two bucket (bytes) -> count
-        self.dma_engine_s = 0.0          # engine-seconds summed over all DMA engines
         self.dma_min_run_bytes = None    # smallest contiguous run (DMA buffer) of any copy
-        self.psum_port_s = 0.0           # NC-v2: VectorE+ScalarE time on PSUM operands
         self.matmul_count = 0
         self.matmul_flops = 0
         self.pe_transpose_count = 0
+        self.static_instructions = 0     # as the compiler sees them (dynamic loop bodies once)
+        self.dynamic_instructions = 0    # as the engines execute them
         self.cycles = {"tensor": 0, "vector": 0, "scalar": 0, "gpsimd": 0}
-        self.instructions = {"tensor": 0, "vector": 0, "scalar": 0, "gpsimd": 0}
+        self.instructions = {"tensor": 0, "vector": 0, "scalar": 0, "gpsimd": 0, "dma": 0}
+
+    def snapshot(self):
+        return ({k: getattr(self, k) for k in self.SUMMED}, dict(self.dma_size_hist),
+                dict(self.cycles), dict(self.instructions))
+
+    def add_since(self, snap, times):
+        """Add `times` x (counts now - counts at `snap`): the replayed loop iterations."""
+        flat, hist, cycles, instr = snap
+        for k in self.SUMMED:
+            setattr(self, k, getattr(self, k) + times * (getattr(self, k) - flat[k]))
+        for mine, old in ((self.dma_size_hist, hist), (self.cycles, cycles),
+                          (self.instructions, instr)):
+            for k in list(mine):
+                mine[k] += times * (mine[k] - old.get(k, 0))
+
+
+class DynamicLoop:
+    """State of one `nl.dynamic_range` loop while it runs."""
+
+    def __init__(self, depth):
+        self.depth = depth           # loops enclosing it
+        self.iteration = 0
+        self.allocs = []             # allocations made during iteration 0 (reused later)
+        self.cursor = 0
+        self.outer_uses = []         # allocations from outside the loop used inside it
+        self.closed = False
+        self.start_index = 0
+        self.tape = None
 
 
 class Context:
     """Everything one emulated kernel launch owns."""
 
-    def __init__(self, target: Target, count_only: bool):
+    def __init__(self, target: Target, count_only: bool, sync_latency_s=0.0):
+        from .timeline import Timeline
         self.target = target
         self.count_only = count_only
         self.counters = Counters()
-        self.sbuf_live = 0
-        self.sbuf_peak = 0
-        self.psum_live_banks = 0
-        self.psum_peak_banks = 0
+        self.timeline = Timeline(target, sync_latency_s)
+        self.loops = []              # active dynamic loops, outermost first
+        self.allocations = []        # on-chip allocations of the static program
         self.active = True
+        self.sbuf_peak = 0
+        self.psum_peak_banks = 0
 
-    # -- allocation bookkeeping -------------------------------------------------
-    def reserve(self, alloc: "Allocation"):
+    @property
+    def tracing(self) -> bool:
+        """True while the instruction stream is the static program (every enclosing
+        dynamic loop in its first iteration)."""
+        for loop in self.loops:
+            if loop.iteration:
+                return False
+        return True
+
+    # -- allocation ------------------------------------------------------------------
+    def reused_allocation(self, shape, dtype, buffer):
+        """In a dynamic loop's later iterations, nl.ndarray returns the tensor the same
+        call made in the first iteration (compile-time allocation)."""
+        for loop in self.loops:
+            if loop.iteration:
+                if loop.cursor >= len(loop.allocs):
+                    raise UnsupportedError("nl.ndarray: a dynamic_range body allocated more "
+                                           "tensors than in its first iteration")
+                alloc = loop.allocs[loop.cursor]
+                loop.cursor += 1
+                if alloc.shape != tuple(shape) or alloc.dtype != dtype or alloc.buffer is not buffer:
+                    raise UnsupportedError("nl.ndarray: a dynamic_range body must allocate the "
+                                           "same tensors in every iteration")
+                return alloc
+        return None
+
+    def register(self, alloc):
+        alloc.first_use = self.counters.static_instructions
+        alloc.last_use = alloc.first_use - 1
+        alloc.loop = self.loops[-1] if self.loops else None
+        alloc.depth = len(self.loops)
+        for loop in self.loops:
+            loop.allocs.append(alloc)
+        if alloc.buffer.on_chip:
+            self.allocations.append(alloc)
+
+    def use(self, alloc):
+        """Liveness and loop-scope bookkeeping for an operand of a static instruction."""
+        loop = alloc.loop
+        if loop is not None and loop.closed:
+            raise LoopScopeError(
+                f"tensor {alloc.describe()} was allocated inside a nl.dynamic_range body and "
+                f"is used after the loop; the body's tensors are reused by every iteration "
+                f"and do not outlive it (nki/deep-dives/nki-dynamic-loops.rst)")
+        if self.tracing:
+            alloc.last_use = self.counters.static_instructions
+            if len(self.loops) > alloc.depth:
+                self.loops[alloc.depth].outer_uses.append(alloc)
+
+    def span(self, t):
+        """(storage key, first cell, last cell) of a view, for the timeline."""
+        alloc = t._alloc
+        first, last = t.byte_span()
+        if alloc.address is not None:
+            first += alloc.address
+            last += alloc.address
+            return ("psum", first // CELL_BYTES, last // CELL_BYTES)
+        c = alloc.cell
+        return (alloc.uid, first // c, last // c)
+
+    def issue(self, engine, cost_s, reads=(), writes=(), psum_port=False, queue=None,
+              occupancy_s=0.0):
+        """One instruction: liveness/scope checks, counts, and the timeline."""
+        from .timeline import Event
+        c = self.counters
+        for t in reads:
+            self.use(t._alloc)
+        for t in writes:
+            self.use(t._alloc)
+        rspans = []
+        for t in reads:
+            a = t._alloc
+            if a.buffer.on_chip or a.hbm_written:
+                rspans.append(self.span(t))
+        wspans = []
+        for t in writes:
+            if not t._alloc.buffer.on_chip:
+                t._alloc.hbm_written = True
+            wspans.append(self.span(t))
+        if self.tracing:
+            c.static_instructions += 1
+        c.dynamic_instructions += 1
+        c.instructions[engine] = c.instructions.get(engine, 0) + 1
+        self.timeline.schedule(Event(engine, cost_s, tuple(rspans), tuple(wspans), psum_port,
+                                     queue, occupancy_s))
+
+    def close_loop(self, loop):
+        end = self.counters.static_instructions - 1
+        for alloc in loop.outer_uses:
+            alloc.last_use = max(alloc.last_use, end)
+        loop.closed = True
+
+    def check_capacity(self):
+        """Peak live bytes of the static program, checked against the target."""
         t = self.target
-        if alloc.buffer is SBUF:
-            need = self.sbuf_live + alloc.bytes_pp
-            if need > t.sbuf_bytes_per_partition:
-                raise SbufCapacityError(
-                    f"nl.ndarray{_fmt_shape(alloc.shape)} {alloc.dtype.name} in SBUF needs "
-                    f"{alloc.bytes_pp} B/partition while {self.sbuf_live} B/partition are live: "
-                    f"{need} B > {t.name} capacity {t.sbuf_bytes_per_partition} B/partition")
-            self.sbuf_live = need
-            self.sbuf_peak = max(self.sbuf_peak, need)
-        elif alloc.buffer is PSUM:
-            need = self.psum_live_banks + alloc.banks
-            if need > t.psum_banks:
-                raise PsumCapacityError(
-                    f"nl.ndarray{_fmt_shape(alloc.shape)} {alloc.dtype.name} in PSUM needs "
-                    f"{alloc.banks} bank(s) while {self.psum_live_banks} are live: {need} > "
-                    f"{t.psum_banks} banks ({t.psum_bytes_per_partition} B/partition)")
-            self.psum_live_banks = need
-            self.psum_peak_banks = max(self.psum_peak_banks, need)
+        for buffer, size, cap, err in (
+                (SBUF, lambda a: a.bytes_pp, t.sbuf_bytes_per_partition, SbufCapacityError),
+                (PSUM, lambda a: a.banks, t.psum_banks, PsumCapacityError)):
+            allocs = [a for a in self.allocations if a.buffer is buffer]
+            events = []
+            for a in allocs:
+                events.append((a.first_use, 1, a))
+                events.append((max(a.last_use, a.first_use) + 1, 0, a))
+            events.sort(key=lambda e: (e[0], e[1]))
+            live, peak, peak_set, cur = 0, 0, None, set()
+            for _, kind, a in events:
+                if kind:
+                    live += size(a)
+                    cur.add(a)
+                    if live > peak:
+                        peak, peak_set = live, (a, list(cur))
+                else:
+                    live -= size(a)
+                    cur.discard(a)
+            if buffer is SBUF:
+                self.sbuf_peak = peak
+            else:
+                self.psum_peak_banks = peak
+            if peak > cap:
+                last, live_set = peak_set
+                others = ", ".join(x.describe() for x in live_set if x is not last)
+                unit = "B/partition" if buffer is SBUF else "banks"
+                raise err(
+                    f"nl.ndarray{_fmt_shape(last.shape)} {last.dtype.name} in "
+                    f"{buffer.name.upper()} needs {size(last)} {unit} while {peak - size(last)} "
+                    f"{unit} are live ({others}): {peak} {unit} > {t.name} capacity {cap} {unit}")
+        self.check_psum_placement()
 
-    def release(self, alloc: "Allocation"):
-        if alloc.buffer is SBUF:
-            self.sbuf_live -= alloc.bytes_pp
-        elif alloc.buffer is PSUM:
-            self.psum_live_banks -= alloc.banks
+    def check_psum_placement(self):
+        """PSUM tiles placed by address= must not overlap while both are live."""
+        placed = [a for a in self.allocations if a.buffer is PSUM and a.address is not None]
+        for i, a in enumerate(placed):
+            for b in placed[i + 1:]:
+                if a.address < b.address + b.bytes_pp and b.address < a.address + a.bytes_pp:
+                    if a.first_use <= max(b.last_use, b.first_use) and \
+                            b.first_use <= max(a.last_use, a.first_use):
+                        raise PsumPlacementError(
+                            f"{a.describe()} at PSUM byte {a.address} and {b.describe()} at "
+                            f"byte {b.address} overlap while both are live")
 
 
 _state = threading.local()
@@ -163,11 +312,12 @@ _alloc_ids = itertools.count()
 class Allocation:
     """One `nl.ndarray` (or kernel argument): storage plus capacity bookkeeping."""
 
-    __slots__ = ("buffer", "dtype", "shape", "array", "written", "ctx", "bytes_pp",
-                 "banks", "name", "uid", "__weakref__")
+    __slots__ = ("buffer", "dtype", "shape", "array", "written", "bytes_pp", "banks", "name",
+                 "uid", "address", "first_use", "last_use", "loop", "depth", "cell",
+                 "hbm_written", "strides")
 
-    def __init__(self, ctx: Context, shape, dtype, buffer: Buffer, name="", array=None):
-        self.ctx = ctx
+    def __init__(self, ctx: Context, shape, dtype, buffer: Buffer, name="", array=None,
+                 address=None):
         self.buffer = buffer
         self.dtype = dtype
         self.shape = tuple(int(s) for s in shape)
@@ -176,6 +326,9 @@ class Allocation:
         self.written = None
         self.bytes_pp = 0
         self.banks = 0
+        self.address = None
+        self.hbm_written = False
+        self.strides = tuple(math.prod(self.shape[d + 1:]) for d in range(len(self.shape)))
         if buffer.on_chip:
             if len(self.shape) == 0:
                 raise UnsupportedError("nl.ndarray: on-chip tiles need at least one dim")
@@ -186,8 +339,14 @@ class Allocation:
             free = math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
             self.bytes_pp = free * dtype.itemsize
             if buffer is PSUM:
-                self.banks = max(1, -(-self.bytes_pp // ctx.target.psum_bank_bytes))
-            ctx.reserve(self)
+                bank = ctx.target.psum_bank_bytes
+                self.banks = max(1, -(-self.bytes_pp // bank))
+                if address is not None:
+                    self.address = _psum_address(self, address, ctx.target)
+            self.cell = CELL_BYTES
+        else:
+            self.cell = max(CELL_BYTES, -(-math.prod(self.shape) * dtype.itemsize // HBM_CELLS))
+        ctx.register(self)
         if ctx.count_only:
             self.array = None
         elif array is not None:
@@ -201,13 +360,27 @@ class Allocation:
         if buffer is PSUM and not ctx.count_only:
             self.written = np.zeros(self.shape, dtype=bool)
 
-    def __del__(self):
-        ctx = self.ctx
-        if ctx is not None:
-            try:
-                ctx.release(self)
-            except Exception:  # interpreter shutdown
-                pass
+    def describe(self):
+        name = f" '{self.name}'" if self.name else ""
+        return f"nl.ndarray{_fmt_shape(self.shape)}{name}"
+
+
+def _psum_address(alloc, address, target):
+    """address=(partition_offset, byte_offset) of a PSUM tile: whole banks, inside PSUM."""
+    try:
+        part, off = address
+    except (TypeError, ValueError):
+        raise PsumPlacementError(f"{alloc.describe()}: address must be (partition_offset, "
+                                 f"byte_offset), got {address!r}") from None
+    bank = target.psum_bank_bytes
+    if part != 0 or off % bank:
+        raise PsumPlacementError(f"{alloc.describe()}: PSUM address {address!r} must start a bank "
+                                 f"(partition 0, a multiple of {bank} bytes)")
+    if off + alloc.banks * bank > target.psum_bytes_per_partition:
+        raise PsumPlacementError(
+            f"{alloc.describe()}: banks {off // bank}..{off // bank + alloc.banks - 1} do not "
+            f"exist ({target.psum_banks} banks of {bank} B)")
+    return off
 
 
 def _norm_key(key, ndim):
@@ -225,12 +398,13 @@ def _norm_key(key, ndim):
 class NkiTensor:
     """A view onto an allocation: per base dim either an int (dim dropped) or a range."""
 
-    __slots__ = ("_alloc", "_index", "_shape")
+    __slots__ = ("_alloc", "_index", "_shape", "_indirect")
 
-    def __init__(self, alloc: Allocation, index=None):
+    def __init__(self, alloc: Allocation, index=None, indirect=None):
         self._alloc = alloc
         self._index = index if index is not None else tuple(range(s) for s in alloc.shape)
         self._shape = tuple(len(r) for r in self._index if r.__class__ is range)
+        self._indirect = indirect      # base dim addressed through a register (see `ap`)
 
     # -- metadata ---------------------------------------------------------------
     @property
@@ -286,6 +460,11 @@ class NkiTensor:
                 break
             k = key[ki]
             ki += 1
+            if dim == self._indirect and not (k.__class__ is slice and k == slice(None)):
+                raise IndirectViewError(
+                    f"{self!r}: dim {dim} is addressed through a register (.ap(scalar_offset=...)); "
+                    f"an indirect view's indirect dimension cannot be sliced or selected again "
+                    f"(NkiTensor.is_indirect, nki/api/nki/language)")
             if k.__class__ is slice:
                 if k.step is not None and k.step <= 0:
                     raise UnsupportedError("negative or zero slice steps are not supported")
@@ -301,7 +480,71 @@ class NkiTensor:
                 return self[_norm_key(key, len(self._shape))]
             raise IndexError(f"too many indices ({nkey}) for a tensor with "
                              f"{len(self._shape)} dims")
-        return NkiTensor(self._alloc, tuple(new))
+        return NkiTensor(self._alloc, tuple(new), self._indirect)
+
+    def ap(self, pattern, offset=None, scalar_offset=None, vector_offset=None, indirect_dim=0,
+           dtype=None):
+        """Access pattern view (`NkiTensor.ap`, nki/deep-dives/nki-aps.rst): `pattern` is
+        [[step, num], ...] in elements, `offset` a compile-time element offset, and
+        `scalar_offset` a register (a `nl.dynamic_range` loop variable) counting elements
+        of dimension `indirect_dim` of the pattern. The emulator accepts patterns whose
+        steps are the strides of distinct dims of the tensor (row-major, outermost first),
+        which is every rectangular block."""
+        if vector_offset is not None or dtype is not None:
+            raise UnsupportedError(".ap: vector_offset and dtype are not emulated")
+        if self._index != tuple(range(s) for s in self._alloc.shape):
+            raise UnsupportedError(".ap is emulated on whole tensors only")
+        alloc = self._alloc
+        strides = alloc.strides
+        base = int(offset or 0)
+        dims = []
+        d = 0
+        for step, num in pattern:
+            while d < len(strides) and strides[d] != step:
+                d += 1
+            if d == len(strides):
+                raise UnsupportedError(f".ap pattern {pattern} does not follow the dims of "
+                                       f"{alloc.describe()} (strides {list(strides)})")
+            dims.append((d, int(num)))
+            d += 1
+        indirect = None
+        if scalar_offset is not None:
+            if not (0 <= indirect_dim < len(dims)):
+                raise UnsupportedError(f".ap: indirect_dim {indirect_dim} out of range")
+            base += _register_value(scalar_offset) * pattern[indirect_dim][0]
+            indirect = dims[indirect_dim][0]
+        starts = []
+        rem = base
+        for st in strides:
+            starts.append(rem // st)
+            rem %= st
+        index = [starts[d] for d in range(len(strides))]
+        for d, num in dims:
+            index[d] = range(starts[d], starts[d] + num)
+            if starts[d] + num > alloc.shape[d]:
+                raise IndexError(f".ap: dim {d} elements {starts[d]}..{starts[d] + num - 1} "
+                                 f"outside {alloc.describe()}")
+        return NkiTensor(alloc, tuple(index), indirect)
+
+    def is_indirect(self):
+        return self._indirect is not None
+
+    def byte_span(self):
+        """(first, last) byte touched: within one partition for on-chip tiles, in the
+        flat tensor for HBM."""
+        alloc = self._alloc
+        strides = alloc.strides
+        first = last = 0
+        for d in range(1 if alloc.buffer.on_chip else 0, len(strides)):
+            r = self._index[d]
+            if r.__class__ is int:
+                first += r * strides[d]
+                last += r * strides[d]
+            elif len(r):
+                first += r[0] * strides[d]
+                last += r[-1] * strides[d]
+        e = alloc.dtype.itemsize
+        return first * e, last * e + e - 1
 
     def _np_key(self):
         return tuple(r if isinstance(r, int) else slice(r.start, r.stop, r.step)
@@ -364,3 +607,11 @@ class NkiTensor:
     def numpy(self) -> np.ndarray:
         """A copy of the values (value mode only)."""
         return np.array(self.read(), copy=True)
+
+
+def _register_value(reg):
+    value = getattr(reg, "_value", None)
+    if value is None:
+        raise UnsupportedError(f".ap: scalar_offset must be a register (a nl.dynamic_range loop "
+                               f"variable), got {type(reg).__name__}")
+    return value

@@ -55,3 +55,26 @@ class EngineAccessError(NkiSimError):
 
 class UnsupportedError(NkiSimError):
     """An API or argument the emulator does not implement."""
+
+
+class LoopScopeError(NkiSimError):
+    """A tensor allocated inside a nl.dynamic_range body is used after the loop."""
+
+
+class DynamicIndexError(NkiSimError):
+    """A nl.dynamic_range loop variable (a device register) used as a Python value at trace
+    time: in `if`, comparisons, arithmetic, `range`, slicing."""
+
+
+class IndirectViewError(NkiSimError):
+    """The indirect dimension of a register-addressed view is sliced again."""
+
+
+class PsumPlacementError(NkiSimError):
+    """A PSUM tile placed by address= outside PSUM, off a bank boundary, or over another
+    live tile."""
+
+
+class LoopBoundsError(NkiSimError):
+    """nl.dynamic_range with a step that is not a compile-time positive int, or bounds that
+    are not ints/registers."""

@@ -91,21 +91,19 @@ def _fp32(t: NkiTensor) -> np.ndarray:
 _ENGINE_HZ = {"vector": "vector_hz", "scalar": "scalar_hz", "gpsimd": "gpsimd_hz"}
 
 
-def _charge(ctx, eng: str, free_elems: int, *operands, inputs: int = 1):
-    """Charge one vector/scalar/gpsimd instruction: max(64, F) cycles, x2 for a VectorE
-    instruction with two input tiles; on NC-v2 its PSUM-touching time also goes to the
-    VectorE/ScalarE shared PSUM port."""
+def _charge(ctx, eng: str, free_elems: int, reads, writes, inputs: int = 1):
+    """One vector/scalar/gpsimd instruction: N cycles (2N for a VectorE instruction with
+    two input tiles), plus the 100-cycle static instruction overhead when N < 128
+    (trainium_inferentia2_arch.rst, Vector Engine "Cost Model"); on NC-v2 an instruction
+    touching PSUM also holds the VectorE/ScalarE shared PSUM port."""
     t = ctx.target
-    work = int(free_elems)
-    if eng == "vector" and inputs >= 2:
-        work *= t.vector_two_input_factor
-    cycles = max(t.engine_min_cycles, work)
-    c = ctx.counters
-    c.cycles[eng] += cycles
-    c.instructions[eng] += 1
-    if (t.psum_shared_vector_scalar and eng in ("vector", "scalar")
-            and any(o.buffer is PSUM for o in operands)):
-        c.psum_port_s += cycles / getattr(t, _ENGINE_HZ[eng])
+    n = int(free_elems)
+    work = n * t.vector_two_input_factor if (eng == "vector" and inputs >= 2) else n
+    cycles = work + (t.engine_static_overhead_cycles if n < t.pe_rows else 0)
+    ctx.counters.cycles[eng] += cycles
+    port = (t.psum_shared_vector_scalar and eng in ("vector", "scalar")
+            and any(o.buffer is PSUM for o in reads + writes))
+    ctx.issue(eng, cycles / getattr(t, _ENGINE_HZ[eng]), reads, writes, psum_port=port)
 
 
 def _compute_engine(eng, default="vector"):
@@ -145,6 +143,10 @@ def _scalar_or_vector(v, data: NkiTensor, instr, role):
         col = _fp32(v).reshape(data.partitions(), *([1] * (len(data.shape) - 1)))
         return col
     return np.float32(v)
+
+
+def _tiles(*maybe):
+    return tuple(m for m in maybe if isinstance(m, NkiTensor))
 
 
 class _Shapes:
@@ -202,10 +204,13 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
 
     c = ctx.counters
     factor = tgt.fp32_matmul_factor if max(stationary.itemsize, moving.itemsize) >= 4 else 1
-    c.cycles["tensor"] += max(tgt.matmul_min_cycles, n) * factor
-    c.instructions["tensor"] += 1
+    cycles = max(tgt.matmul_min_cycles, n) * factor
+    c.cycles["tensor"] += cycles
     c.matmul_count += 1
     c.matmul_flops += 2 * k * m * n
+    # an accumulating matmul also reads its PSUM destination
+    reads = (stationary, moving, dst) if accumulate is not False else (stationary, moving)
+    ctx.issue("tensor", cycles / tgt.pe_hz, reads, (dst,))
     if ctx.count_only:
         return
     prod = _fp32(stationary).reshape(k, m).T @ _fp32(moving).reshape(k, n)
@@ -263,9 +268,10 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
     _check_bank(instr, dst, tgt, shapes)
     c = ctx.counters
     factor = tgt.fp32_matmul_factor if data.itemsize >= 4 else 1
-    c.cycles["tensor"] += max(tgt.matmul_min_cycles, p) * factor
-    c.instructions["tensor"] += 1
+    cycles = max(tgt.matmul_min_cycles, p) * factor
+    c.cycles["tensor"] += cycles
     c.pe_transpose_count += 1
+    ctx.issue("tensor", cycles / tgt.pe_hz, (data,), (dst,))
     if ctx.count_only:
         return
     dst.write(_fp32(data).reshape(p, f).T.reshape(dst.shape))
@@ -283,7 +289,7 @@ def tensor_copy(dst, src, engine=engine.unknown, name=None):
     _check_engine_access(instr, eng, dst, src)
     _same_layout(instr, dst, src, "dst and src")
     ctx = core.current()
-    _charge(ctx, eng, src.free_size(), dst, src)
+    _charge(ctx, eng, src.free_size(), (src,), (dst,))
     if not ctx.count_only:
         dst.write(np.asarray(src.read()).reshape(dst.shape))
 
@@ -309,7 +315,7 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
     _check_engine_access(instr, "scalar", dst, data)
     _same_layout(instr, dst, data, "dst and data")
     ctx = core.current()
-    _charge(ctx, "scalar", data.free_size(), dst, data)
+    _charge(ctx, "scalar", data.free_size(), (data,) + _tiles(bias, scale), (dst,))
     b = _scalar_or_vector(bias, data, instr, "bias")
     s = _scalar_or_vector(scale, data, instr, "scale")
     if not ctx.count_only:
@@ -345,7 +351,7 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     _same_layout(instr, data1, data2, "data1 and data2")
     _same_layout(instr, dst, data1, "dst and data1")
     ctx = core.current()
-    _charge(ctx, eng, data1.free_size(), dst, data1, data2, inputs=2)
+    _charge(ctx, eng, data1.free_size(), (data1, data2), (dst,), inputs=2)
     if not ctx.count_only:
         a = _fp32(data1).reshape(dst.shape)
         b = _fp32(data2).reshape(dst.shape)
@@ -364,7 +370,7 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     _check_engine_access(instr, eng, dst, data)
     _same_layout(instr, dst, data, "dst and data")
     ctx = core.current()
-    _charge(ctx, eng, data.free_size(), dst, data)
+    _charge(ctx, eng, data.free_size(), (data,) + _tiles(operand0, operand1), (dst,))
     a0 = _scalar_or_vector(operand0, data, instr, "operand0")
     a1 = _scalar_or_vector(operand1, data, instr, "operand1") if f1 is not None else None
     if not ctx.count_only:
@@ -382,7 +388,7 @@ def memset(dst, value, engine=engine.unknown, name=None):
     eng = _compute_engine(engine)
     _check_engine_access(instr, eng, dst)
     ctx = core.current()
-    _charge(ctx, eng, dst.free_size(), dst)
+    _charge(ctx, eng, dst.free_size(), (), (dst,))
     if not ctx.count_only:
         dst.write(np.full(dst.shape, value, dtype=np.float64))
         if dst.buffer is PSUM:
@@ -396,6 +402,10 @@ def _squeezed(shape):
 
 
 def _account_dma(ctx, dst: NkiTensor, src: NkiTensor, transpose=False):
+    """Counts of one DMA and its timeline event. Data time: bytes over the engines the
+    transfer spreads on (ceil(partitions / 8), at most 16) at the sustained per-engine
+    rate times the efficiency of its contiguous run; occupancy of the shared bandwidth:
+    bytes over all 16 engines' rate times that efficiency (see `timeline`)."""
     c = ctx.counters
     tgt = ctx.target
     payload = max(src.nbytes, dst.nbytes)
@@ -405,17 +415,29 @@ def _account_dma(ctx, dst: NkiTensor, src: NkiTensor, transpose=False):
         run = max(1, min(src.contiguous_run_bytes(), dst.contiguous_run_bytes()))
         c.dma_min_run_bytes = run if c.dma_min_run_bytes is None else min(c.dma_min_run_bytes, run)
         eff = dma_chunk_efficiency(run)
+    hbm = None
     if _is_hbm(src):
         c.hbm_read_bytes += src.nbytes
+        hbm = src
     if _is_hbm(dst):
         c.hbm_write_bytes += dst.nbytes
+        hbm = dst
     c.dma_count += 1
     c.dma_bytes += payload
     c.dma_min_bytes = payload if c.dma_min_bytes is None else min(c.dma_min_bytes, payload)
     c.dma_max_bytes = max(c.dma_max_bytes, payload)
     bucket = 1 << max(0, int(payload).bit_length() - 1) if payload else 0
     c.dma_size_hist[bucket] = c.dma_size_hist.get(bucket, 0) + 1
-    c.dma_engine_s += payload / (tgt.dma_cost_bytes_per_s * eff) + tgt.dma_fixed_s
+    on_chip = dst if dst.buffer.on_chip else src
+    parts = on_chip.partitions() if on_chip.buffer.on_chip else tgt.partitions
+    engines = min(tgt.dma_engines, max(1, -(-parts // tgt.dma_partitions_per_engine)))
+    rate = tgt.dma_cost_bytes_per_s * eff
+    occupancy = payload / (rate * tgt.dma_engines)
+    if tgt.hbm_bytes_per_s < tgt.dma_cost_bytes_per_s * tgt.dma_engines and hbm is not None:
+        occupancy = max(occupancy, payload / tgt.hbm_bytes_per_s)
+    queue = ("hbm", hbm._alloc.uid) if hbm is not None else ("sbuf",)
+    ctx.issue("dma", payload / (rate * engines), (src,), (dst,), queue=queue,
+              occupancy_s=occupancy)
 
 
 def _no_psum(instr, dst, src):

@@ -4,7 +4,7 @@ import numpy as np
 
 from . import core, isa
 from .core import BF16, FP16, FP32, NkiTensor, as_dtype
-from .errors import UnsupportedError
+from .errors import DynamicIndexError, LoopBoundsError, UnsupportedError
 
 # memory regions
 sbuf = core.SBUF
@@ -22,13 +22,23 @@ uint8 = np.dtype(np.uint8)
 
 
 class _TileSize:
-    """Hardware tile-size limits (`nl.tile_size.*`)."""
+    """Hardware tile-size limits (`nl.tile_size.*`, nki/api/nki.language.tile_size.rst)."""
 
     pmax = 128
     gemm_stationary_fmax = 128
     gemm_moving_fmax = 512
-    psum_fmax = 512
+    psum_fmax = 512                 # deprecated in 0.4.0 for psum_bank_fmax
+    psum_bank_fmax = 512
+    psum_bank_fmax_bytes = 2048
     bn_stats_fmax = 512
+
+    @property
+    def psum_num_banks(self):
+        return core.current().target.psum_banks
+
+    @property
+    def sbuf_fmax_bytes(self):
+        return core.current().target.sbuf_bytes_per_partition
 
     @property
     def total_available_sbuf_size(self):
@@ -39,14 +49,19 @@ tile_size = _TileSize()
 
 
 def ndarray(shape, dtype, buffer=sbuf, name="", address=None):
-    """Allocate an uninitialised tensor on `buffer` (default SBUF)."""
-    if address is not None:
-        raise UnsupportedError("nl.ndarray(address=...): manual placement is not emulated")
+    """Allocate an uninitialised tensor on `buffer` (default SBUF). `address` places a
+    PSUM tile: (0, byte offset of its first bank). Inside a `dynamic_range` body the
+    same call returns the same tensor in every iteration (compile-time allocation)."""
     if isinstance(buffer, str):
         raise UnsupportedError("nl.ndarray: pass a buffer object (nl.sbuf, nl.psum, "
                                "nl.shared_hbm), not a string")
+    if address is not None and buffer is not psum:
+        raise UnsupportedError("nl.ndarray(address=...): only PSUM placement is emulated")
     ctx = core.current()
-    alloc = core.Allocation(ctx, tuple(shape), as_dtype(dtype), buffer, name=name)
+    dt = as_dtype(dtype)
+    alloc = ctx.reused_allocation(tuple(int(d) for d in shape), dt, buffer)
+    if alloc is None:
+        alloc = core.Allocation(ctx, tuple(shape), dt, buffer, name=name, address=address)
     return NkiTensor(alloc)
 
 
@@ -71,16 +86,95 @@ def store(dst, value):
     isa.dma_copy(dst=dst, src=value)
 
 
-def affine_range(*args):
-    return range(*args)
+# Loops. affine_range, sequential_range and static_range are, in NKI 0.3+, aliases of
+# Python's range: fully unrolled at trace time (nki/api/nki/language: "This function is an
+# alias for Python's range()"; nki/deep-dives/nki-dynamic-loops.rst, table "Comparison
+# with Other Range Iterators"). Only dynamic_range emits a hardware loop whose body is
+# compiled once and whose variable is a device register.
+
+def affine_range(start, stop=None, step=1):
+    return range(start, stop, step) if stop is not None else range(start)
 
 
-def sequential_range(*args):
-    return range(*args)
+def sequential_range(start, stop=None, step=1):
+    return range(start, stop, step) if stop is not None else range(start)
 
 
-def static_range(*args):
-    return range(*args)
+def static_range(start, stop=None, step=1):
+    return range(start, stop, step) if stop is not None else range(start)
+
+
+class Register:
+    """A device register (NKI's VirtualRegister): the variable of a dynamic loop. It
+    addresses tensors through `.ap(..., scalar_offset=reg)`; any use as a Python value at
+    trace time is what the compiler rejects ("The loop variable is a device register, not
+    a Python int. You cannot use it in host-side Python expressions (e.g., if i == 0:)",
+    nki/deep-dives/nki-dynamic-loops.rst)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value):
+        self._value = value
+
+    def _refuse(self, *_args, **_kw):
+        raise DynamicIndexError(
+            "a nl.dynamic_range loop variable is a device register, not a Python int: it "
+            "cannot be used in trace-time Python (if/compare/arithmetic/range/slicing); "
+            "address tensors with .ap(pattern, offset=..., scalar_offset=reg)")
+
+    __bool__ = __int__ = __index__ = __float__ = _refuse
+    __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = _refuse
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _refuse
+    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __truediv__ = __neg__ = _refuse
+    __hash__ = object.__hash__
+
+    def __repr__(self):
+        return "<NKI register>"
+
+
+def dynamic_range(start, stop=None, step=1):
+    """A hardware loop (`nl.dynamic_range`): the body is compiled once, its variable is a
+    device register, tensors allocated in the body are allocated once. Values mode runs
+    the body once per iteration; count-only mode traces it once and replays its
+    instruction stream through the timeline for the other iterations."""
+    if stop is None:
+        start, stop = 0, start
+    for name, v in (("start", start), ("stop", stop)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise LoopBoundsError(f"nl.dynamic_range: {name} must be an int here, got {v!r}")
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step <= 0:
+        raise LoopBoundsError(f"nl.dynamic_range: step must be a compile-time positive int, "
+                              f"got {step!r} (nki/deep-dives/nki-dynamic-loops.rst)")
+    return _dynamic_loop(int(start), int(stop), int(step))
+
+
+def _dynamic_loop(start, stop, step):
+    ctx = core.current()
+    values = range(start, stop, step)
+    loop = core.DynamicLoop(len(ctx.loops))
+    ctx.loops.append(loop)
+    try:
+        if not values:
+            return
+        tape_mode = ctx.count_only
+        if tape_mode:
+            snap = ctx.counters.snapshot()
+            loop.tape = []
+            ctx.timeline.tapes.append(loop.tape)
+        yield Register(values[0])
+        if tape_mode:
+            ctx.timeline.tapes.pop()
+            rest = len(values) - 1
+            ctx.counters.add_since(snap, rest)
+            ctx.timeline.replay(loop.tape, rest)
+        else:
+            for v in values[1:]:
+                loop.iteration += 1
+                loop.cursor = 0
+                yield Register(v)
+    finally:
+        ctx.loops.pop()
+        ctx.close_loop(loop)
 
 
 class _Op:

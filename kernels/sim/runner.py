@@ -1,32 +1,24 @@
-"""Running a kernel in the emulator, and turning its counts into a modelled latency.
+"""Running a kernel in the emulator, and turning its instruction stream into a modelled
+latency.
 
-Latency model
--------------
-Each engine's busy time is the sum of its instructions' costs (see `isa` and `targets`
-for the per-instruction rules and the AWS documentation each number comes from):
-* tensor: cycles / tensor clock; vector, scalar, gpsimd: cycles / their own clock
-  (VectorE two-input instructions such as tensor_tensor at ~2 cycles per element);
-* psum_port (NeuronCore-v2 only): VectorE and ScalarE cannot access PSUM in parallel, so
-  the time of their PSUM-touching instructions adds up on one shared port;
-* DMA: max(sum over DMAs of (bytes / (sustained engine rate x efficiency) + 1.3 us)
-           / 16 engines,  HBM bytes / HBM bandwidth).
-  Sustained engine rate 17 B/ns (trn1) / 23 B/ns (trn2); efficiency from the documented
-  throughput-vs-bytes-per-partition curve at the copy's contiguous run (1.0 from 4 KiB,
-  0.84 at 2 KiB, 0.43 at 1 KiB, 0.105 at 256 B), 0.9 for a DMA transpose.
-  The fixed 1.3 us is charged once per DMA instruction (dma_copy / dma_transpose),
-  to one engine's time, while its bytes are striped over all engines.
-The engines run concurrently and are assumed to overlap perfectly (the kernel
-double-buffers its streamed tiles), so the busiest one bounds the time; the first
-load and the last store cannot overlap anything, which adds two fixed DMA costs:
+Latency model: the timeline (`timeline.Timeline`, docs/kernels.md "The cost model").
+Every instruction runs on its engine's in-order queue once the instructions producing its
+inputs have finished and the previous users of the storage it overwrites are done; DMA
+transfers pay a fixed latency and run in order per queue, sharing the 16 engines'
+bandwidth. Per-instruction costs come from `isa` (tensor engine max(64, N) cycles, x4 for
+fp32; VectorE N / 2N cycles + 100 for N < 128; DMA bytes at the documented efficiency of
+their contiguous run), each with its AWS source in `targets`.
 
-    latency = max(tensor, vector, scalar, gpsimd, psum_port, dma) + 2 * 1.3 us  (if any DMA)
+    latency = end of the last instruction;  MFU = matmul FLOPs / (peak bf16 FLOP/s x latency)
 
-MFU = matmul FLOPs / (peak bf16 FLOP/s * latency). Not modelled: dependency stalls
-between engines, semaphore waits, instruction issue overhead beyond the 64-cycle floors,
-the ~60-cycle SBUF/PSUM access overhead the docs say engines "can typically hide",
-strided (> 16 B) engine access penalties, SBUF bank conflicts. The LoadStationary cost
-(~M/4 = 32 cycles for a 128-column stationary with fast LoadStationary, nki_perf_guide.rst
-Opt #7) runs in the background and is below the 64-cycle matmul floor, so it never binds.
+Stats also reports each engine's busy time (sum of its instruction costs) and stall time
+(waiting on another engine's result with work queued), the static instruction count (the
+program the compiler sees: a nl.dynamic_range body once) and the dynamic one (what the
+engines execute). Not modelled: instruction fetch, the ~60-cycle SBUF access overhead the
+docs say engines "can typically hide", strided access penalties, SBUF bank conflicts,
+the compiler's reordering of independent instructions across engine queues (program order
+is kept per engine), write-after-read hazards between different tensors the allocator
+places at the same SBUF address.
 """
 import sys
 from dataclasses import dataclass, field, asdict
@@ -62,9 +54,9 @@ class Stats:
     matmul_count: int
     flops: int
     pe_transpose_count: int
-    instructions: dict
+    instructions: dict          # dynamic instructions per engine (incl. "dma")
     engine_cycles: dict
-    engine_time_s: dict
+    engine_time_s: dict         # busy time per engine (= engine_busy_s)
     sbuf_peak_bytes: int        # per partition
     psum_peak_bytes: int        # per partition (whole banks)
     psum_peak_banks: int
@@ -72,8 +64,12 @@ class Stats:
     psum_capacity_bytes: int
     modeled_latency_s: float
     mfu: float
-    bound_by: str
+    bound_by: str               # the engine with the most busy time
     peak_flops: float = field(default=0.0)
+    static_instructions: int = 0    # the program the compiler sees (dynamic loop bodies once)
+    dynamic_instructions: int = 0   # what the engines execute
+    engine_busy_s: dict = field(default_factory=dict)
+    engine_stall_s: dict = field(default_factory=dict)
 
     @property
     def hbm_bytes(self) -> int:
@@ -97,24 +93,16 @@ class Stats:
 
 
 def model_stats(ctx: core.Context) -> Stats:
-    """Combine a finished context's counts with its target's numbers."""
+    """A finished context's counts and timeline as a report."""
     t: Target = ctx.target
     c = ctx.counters
-    times = {
-        "tensor": c.cycles["tensor"] / t.pe_hz,
-        "vector": c.cycles["vector"] / t.vector_hz,
-        "scalar": c.cycles["scalar"] / t.scalar_hz,
-        "gpsimd": c.cycles["gpsimd"] / t.gpsimd_hz,
-    }
-    if t.psum_shared_vector_scalar:
-        times["psum_port"] = c.psum_port_s
-    hbm = c.hbm_read_bytes + c.hbm_write_bytes
-    times["dma"] = max(c.dma_engine_s / t.dma_engines, hbm / t.hbm_bytes_per_s)
-    bound = max(times, key=times.get)
-    latency = times[bound] + (2 * t.dma_fixed_s if c.dma_count else 0.0)
+    tl = ctx.timeline
+    busy = {k: v for k, v in tl.busy.items()}
+    latency = tl.end
+    bound = max(busy, key=busy.get)
     mfu = c.matmul_flops / (t.peak_flops * latency) if latency > 0 else 0.0
     cycles = dict(c.cycles)
-    cycles["dma"] = int(round(times["dma"] * t.pe_hz))   # DMA time in tensor-engine cycles
+    cycles["dma"] = int(round(busy["dma"] * t.pe_hz))   # DMA time in tensor-engine cycles
     return Stats(
         target=t.name, count_only=ctx.count_only,
         hbm_read_bytes=c.hbm_read_bytes, hbm_write_bytes=c.hbm_write_bytes,
@@ -124,13 +112,15 @@ def model_stats(ctx: core.Context) -> Stats:
         dma_min_run_bytes=c.dma_min_run_bytes or 0,
         matmul_count=c.matmul_count, flops=c.matmul_flops,
         pe_transpose_count=c.pe_transpose_count, instructions=dict(c.instructions),
-        engine_cycles=cycles, engine_time_s=times,
+        engine_cycles=cycles, engine_time_s=dict(busy),
         sbuf_peak_bytes=ctx.sbuf_peak,
         psum_peak_bytes=ctx.psum_peak_banks * t.psum_bank_bytes,
         psum_peak_banks=ctx.psum_peak_banks,
         sbuf_capacity_bytes=t.sbuf_bytes_per_partition,
         psum_capacity_bytes=t.psum_bytes_per_partition,
         modeled_latency_s=latency, mfu=mfu, bound_by=bound, peak_flops=t.peak_flops,
+        static_instructions=c.static_instructions, dynamic_instructions=c.dynamic_instructions,
+        engine_busy_s=dict(busy), engine_stall_s=dict(tl.stall),
     )
 
 
@@ -215,7 +205,8 @@ def run(kernel, *arrays, target="trn1", count_only=False, **kernel_kwargs):
     Returns (outputs, stats): outputs as numpy arrays (a tuple when the kernel returns
     several; None in count-only mode), stats a `Stats`.
     """
-    ctx = core.Context(get_target(target), bool(count_only))
+    t = get_target(target)
+    ctx = core.Context(t, bool(count_only), t.sync_latency_s)
     prev = core.push(ctx)
     try:
         with _EmulatedGlobals():
@@ -223,6 +214,7 @@ def run(kernel, *arrays, target="trn1", count_only=False, **kernel_kwargs):
             out = python_function(kernel)(*args, **kernel_kwargs)
             outputs = _from_hbm(ctx, out)
             del args, out
+        ctx.check_capacity()
     finally:
         core.pop(prev)
     return outputs, model_stats(ctx)

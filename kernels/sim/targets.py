@@ -1,11 +1,13 @@
 """Hardware numbers of the emulated NeuronCores, one `Target` per name.
 
-Sources (AWS Neuron documentation, as collected in the project's design notes):
+Sources (AWS Neuron documentation; docs/kernels.md lists them with the assumptions):
 tensor engine 128x128 PEs at 2.8 GHz (trn1) / 2.4 GHz (trn2); vector engine
-1.12 / 0.96 GHz, scalar engine 1.4 / 1.2 GHz (NKI architecture guides); SBUF
+1.12 / 0.96 GHz, scalar engine 1.4 / 1.2 GHz, GpSimd 1.4 / 1.2 GHz (tables "Data-path
+Width ... Frequency" of trainium_inferentia2_arch.rst and trainium2_arch.rst); SBUF
 128 partitions x 192 KiB (trn1) / 224 KiB (trn2); PSUM 128 x 16 KiB in 8 banks
-of 2 KiB; 16 DMA engines per core at ~27.2 GB/s each; ~1.3 us fixed cost per
-DMA transfer; HBM ~410 GB/s (trn1) / ~362 GB/s (trn2) per NeuronCore.
+of 2 KiB; 16 DMA engines per core at ~27.2 GB/s each; ~1.3 us latency per
+DMA transfer ("semaphore-to-start latency (~1300 ns cross-engine)",
+nki/deep-dives/nki-dma-bandwidth-guide.rst); HBM ~410 GB/s (trn1) / ~362 GB/s (trn2) per NeuronCore.
 
 Documented DMA and engine costs beyond those (each constant cites its page; paths are in
 github.com/aws-neuron/aws-neuron-sdk, the same text as awsdocs-neuron.readthedocs-hosted.com):
@@ -68,10 +70,23 @@ class Target:
     partitions: int = 128
     pe_rows: int = 128
     pe_cols: int = 128
-    matmul_min_cycles: int = 64    # initiation interval floor of one nc_matmul
-    engine_min_cycles: int = 64    # floor of one vector/scalar/gpsimd instruction
-    fp32_matmul_factor: int = 4    # 4-byte inputs take 4 passes through the PE array
-    vector_two_input_factor: int = 2   # VectorE with two input tiles: ~2N cycles (arch guide)
+    # nc_matmul initiation interval max(N, MM_INIT_LATENCY), "MM_INIT_LATENCY is 64 TensorE
+    # cycles on NeuronCore-v2" (trainium_inferentia2_arch.rst, Tensor Engine "Cost Model";
+    # used for trn2 as well, an assumption)
+    matmul_min_cycles: int = 64
+    # "For FP32 input data type, the instruction cost is roughly 4x higher" (same section)
+    fp32_matmul_factor: int = 4
+    # VectorE: ~N cycles, ~2N with two input tiles, plus "a static instruction overhead of
+    # 100 engine cycles" for N << 128 (same page, Vector Engine "Cost Model"); ScalarE and
+    # GpSimd are charged by the same rule (an assumption: no cost model is documented)
+    vector_two_input_factor: int = 2
+    engine_static_overhead_cycles: int = 100
+    # "each DMA engine is typically responsible for moving data for eight SBUF partitions"
+    # (nki-dma-overview.rst, "Performance Considerations")
+    dma_partitions_per_engine: int = 8
+    # Cross-engine semaphore wait added when a compute instruction waits on another
+    # engine's result. Not documented: 0 unless calibrated (docs/kernels.md).
+    sync_latency_s: float = 0.0
 
     @property
     def psum_bank_bytes(self) -> int:

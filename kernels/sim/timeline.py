@@ -1,0 +1,157 @@
+"""Timeline cost model: the instruction stream scheduled on the NeuronCore's engines.
+
+Every instruction the emulator executes becomes an `Event` and is scheduled here, in
+program order (docs/kernels.md, "The cost model"):
+
+* compute engines (tensor, vector, scalar, gpsimd) each run their own queue in program
+  order -- "each compute engine has its own sequencer ... four independent instruction
+  streams asynchronously in parallel", synchronised by semaphores on data dependencies
+  (nki/guides/architecture/trainium_inferentia2_arch.rst, "NeuronCore-v2 Architecture");
+* an instruction starts when its engine is free AND every instruction producing one of
+  its inputs has finished (read after write) AND every earlier reader/writer of the
+  storage it overwrites has finished (write after read / write after write: a buffer's
+  reuse waits for its previous use). Storage is tracked in cells of CELL_BYTES per
+  partition of each tensor (PSUM tiles with an explicit `address=` by physical bank
+  bytes, so two tiles placed in one bank wait for each other);
+* on NeuronCore-v2, VectorE and ScalarE "cannot access PSUM in parallel" (same page,
+  "Data Movement"): their PSUM-touching instructions also hold one shared PSUM port;
+* DMA: a transfer is triggered when its inputs are ready (and its destination's previous
+  users are done), starts moving data no earlier than DMA_FIXED latency after that
+  ("descriptor setup, synchronization, and semaphore-to-start latency (~1300 ns
+  cross-engine)", nki/deep-dives/nki-dma-bandwidth-guide.rst), and "DMA transfers within
+  a queue ... are executed in order" (nki/get-started/about/nki-dma-overview.rst): one
+  transfer in flight per queue. Each HBM tensor streams through its own queue (an
+  assumption: the compiler picks queues; see docs/kernels.md). A transfer moves
+  `bytes / (engines x per-engine rate x efficiency)` where engines = ceil(partitions / 8)
+  ("each DMA engine is typically responsible for moving data for eight SBUF partitions",
+  same overview page); all transfers share the 16 engines' aggregate bandwidth (one
+  bandwidth server, FIFO in program order).
+
+Latency = the end of the last instruction. Per engine: busy time (sum of its
+instructions' costs) and stall time (time its queue waited on dependencies while it had
+the next instruction ready in program order).
+"""
+from dataclasses import dataclass
+
+CELL_BYTES = 512            # dependency granularity within one partition of a tensor
+HBM_CELLS = 4096            # an HBM tensor is tracked in at most this many cells
+
+COMPUTE_ENGINES = ("tensor", "vector", "scalar", "gpsimd")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One instruction as the scheduler sees it.
+
+    engine: "tensor" | "vector" | "scalar" | "gpsimd" | "dma"
+    cost_s: execution time on its engine (compute) or data time (DMA, before sharing)
+    reads / writes: tuples of (storage key, first cell, last cell)
+    psum_port: holds NC-v2's shared VectorE/ScalarE PSUM port
+    queue: DMA queue key; occupancy_s: DMA time on the shared aggregate bandwidth
+    """
+    engine: str
+    cost_s: float
+    reads: tuple
+    writes: tuple
+    psum_port: bool = False
+    queue: object = None
+    occupancy_s: float = 0.0
+
+
+class Timeline:
+    """Schedules events in program order; see the module docstring."""
+
+    def __init__(self, target, sync_latency_s=0.0):
+        self.t = target
+        self.free = {e: 0.0 for e in COMPUTE_ENGINES}
+        self.busy = {e: 0.0 for e in COMPUTE_ENGINES + ("dma",)}
+        self.stall = {e: 0.0 for e in COMPUTE_ENGINES + ("dma",)}
+        self.port_free = 0.0
+        self.bw_free = 0.0
+        self.queue_free = {}
+        self.last_write = {}     # storage key -> list of end times per cell
+        self.last_read = {}
+        self.end = 0.0
+        self.sync_latency_s = sync_latency_s
+        self.tapes = []          # active recordings (count-only dynamic loops)
+
+    # -- storage bookkeeping ---------------------------------------------------------
+    def _cells(self, table, key, hi):
+        cells = table.get(key)
+        if cells is None:
+            cells = table[key] = [0.0] * (hi + 1)
+        elif len(cells) <= hi:
+            cells.extend([0.0] * (hi + 1 - len(cells)))
+        return cells
+
+    def _ready(self, ev):
+        ready = 0.0
+        lw, lr = self.last_write, self.last_read
+        for key, lo, hi in ev.reads:
+            cells = lw.get(key)
+            if cells is not None:
+                m = max(cells[lo:hi + 1], default=0.0)
+                if m > ready:
+                    ready = m
+        for key, lo, hi in ev.writes:
+            for table in (lw, lr):
+                cells = table.get(key)
+                if cells is not None:
+                    m = max(cells[lo:hi + 1], default=0.0)
+                    if m > ready:
+                        ready = m
+        return ready
+
+    def _commit(self, ev, end):
+        for key, lo, hi in ev.reads:
+            cells = self._cells(self.last_read, key, hi)
+            for i in range(lo, hi + 1):
+                if cells[i] < end:
+                    cells[i] = end
+        for key, lo, hi in ev.writes:
+            cells = self._cells(self.last_write, key, hi)
+            for i in range(lo, hi + 1):
+                cells[i] = end
+
+    # -- scheduling ------------------------------------------------------------------------
+    def schedule(self, ev: Event):
+        for tape in self.tapes:
+            tape.append(ev)
+        ready = self._ready(ev)
+        if ev.engine == "dma":
+            end = self._dma(ev, ready)
+        else:
+            eng = ev.engine
+            free = self.free[eng]
+            start = max(free, ready + (self.sync_latency_s if ready > 0.0 else 0.0))
+            if ev.psum_port and self.port_free > start:
+                start = self.port_free
+            if start > free:
+                self.stall[eng] += start - free
+            end = start + ev.cost_s
+            self.free[eng] = end
+            self.busy[eng] += ev.cost_s
+            if ev.psum_port:
+                self.port_free = end
+        self._commit(ev, end)
+        if end > self.end:
+            self.end = end
+        return end
+
+    def _dma(self, ev, ready):
+        t = self.t
+        qfree = self.queue_free.get(ev.queue, 0.0)
+        start = max(ready + t.dma_fixed_s, qfree, self.bw_free)
+        if start > max(qfree, self.bw_free):
+            self.stall["dma"] += start - max(qfree, self.bw_free)
+        self.bw_free = start + ev.occupancy_s
+        end = start + max(ev.cost_s, ev.occupancy_s)
+        self.queue_free[ev.queue] = end
+        self.busy["dma"] += ev.occupancy_s
+        return end
+
+    def replay(self, tape, times):
+        """Schedule a recorded loop body `times` more times (count-only loops)."""
+        for _ in range(times):
+            for ev in tape:
+                self.schedule(ev)
