@@ -15,6 +15,7 @@ Device (Trainium; torch tensors on the Neuron device):
                                                 config; `fn()` when the kernel cannot run,
                                                 said once in the log with the reason.
     svd_mlp_nki(x, ...)                         the device launch alone (no fallback).
+    wrap_for_device(kernel)                     any of our kernels, for benchmarks/neuron_check.py.
 
 The device path follows TorchNeuron's documented pattern (docs/trainium.md): a kernel
 wrapped once with `wrap_nki`, registered with `nki_op("ns::name", mutates_args={})`, and
@@ -155,31 +156,43 @@ def logical_nc_config(get_logical_neuron_cores=None) -> int:
     return 2
 
 
+def wrap_for_device(kernel):
+    """`fn(*tensors, **kwargs)` launching `kernel` (one of ours, a `nki_compat.Kernel`) on
+    the Neuron device through TorchNeuron's `wrap_nki`, with the launch grid equal to the
+    logical NeuronCore degree. Our kernels do not split their work by program id, so on an
+    LNC=2 graph both physical cores of the logical core compute the whole (identical)
+    result; the grid must still equal the graph's LNC degree (compiler error NCC_EVRF066)."""
+    wrap_nki, _, get_lnc = _torch_neuron_api()
+    wrapped = wrap_nki(kernel.nki_kernel)
+
+    def launch_kernel(*tensors, **kwargs):
+        return wrapped[(logical_nc_config(get_lnc),)](*tensors, **kwargs)
+
+    return launch_kernel
+
+
 _device_ops = None
 
 
 def _register_device_ops():
-    """Register our two kernels as torch ops (once per process) through TorchNeuron."""
+    """Register our two MLP kernels as torch ops (once per process) through TorchNeuron's
+    `nki_op`, so torch.compile sees each as one op whose lowering is the NKI kernel."""
     global _device_ops
     if _device_ops is not None:
         return _device_ops
-    wrap_nki, nki_op, get_lnc = _torch_neuron_api()
+    _, nki_op, _ = _torch_neuron_api()
     import torch
 
-    up_gate_k = wrap_nki(mlp.up_gate.nki_kernel)
-    down_k = wrap_nki(mlp.down.nki_kernel)
+    up_gate_k, down_k = wrap_for_device(mlp.up_gate), wrap_for_device(mlp.down)
 
-    # Our kernels do not split their work by program id, so on an LNC=2 graph both
-    # physical cores of the logical core compute the whole (identical) result; the
-    # launch grid must still equal the graph's LNC degree (NCC_EVRF066).
     @nki_op("vllm_neuronmlp::nki_up_gate", mutates_args={})
     def nki_up_gate(x: torch.Tensor, u_gate: torch.Tensor, v_gate: torch.Tensor,
                     u_up: torch.Tensor, v_up: torch.Tensor) -> torch.Tensor:
-        return up_gate_k[(logical_nc_config(get_lnc),)](x, u_gate, v_gate, u_up, v_up)
+        return up_gate_k(x, u_gate, v_gate, u_up, v_up)
 
     @nki_op("vllm_neuronmlp::nki_down", mutates_args={})
     def nki_down(h_t: torch.Tensor, u_down: torch.Tensor, v_down: torch.Tensor) -> torch.Tensor:
-        return down_k[(logical_nc_config(get_lnc),)](h_t, u_down, v_down)
+        return down_k(h_t, u_down, v_down)
 
     _device_ops = (nki_up_gate, nki_down)
     return _device_ops

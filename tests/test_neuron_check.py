@@ -1,0 +1,62 @@
+"""`make neuron-check` on a machine without the Neuron SDK: exits 0, reports the emulator
+results, lists every hardware step as skipped with the reason (CI runs it so the script
+cannot rot). Quick mode keeps it to seconds."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vllm_neuronmlp.kernels import nki_compat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import neuron_check  # noqa: E402
+
+HARDWARE_STEPS = ("device-kernels", "device-timing", "serve-accuracy", "serve-bench")
+
+
+@pytest.mark.skipif(nki_compat.REAL_NKI, reason="the Neuron SDK is installed: the hardware steps would run")
+def test_make_neuron_check_without_the_sdk(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(["make", "-s", "neuron-check", f"NEURON_PY={sys.executable}",
+                           f"NEURON_CHECK_ARGS=--quick --out {out} --work {tmp_path / 'work'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "VIRTUAL_ENV": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "quick mode" in proc.stdout
+    report = json.loads((out / "neuron_check.json").read_text())
+    assert (out / "neuron_check.png").stat().st_size > 0
+    status = {s["name"]: s for s in report["steps"]}
+    assert status["emulator-kernels"]["status"] == "ran" and status["emulator-predict"]["status"] == "ran"
+    for step in HARDWARE_STEPS:
+        assert status[step]["status"] == "skipped"
+        assert "`nki` is not importable" in status[step]["reason"]
+        assert f"{step}" in proc.stdout and "SKIPPED" in proc.stdout
+    checks = report["emulator"]["kernel_checks"]
+    assert {c["case"].split()[0] for c in checks} == {"fused_xuv", "up_gate", "down", "dense_xw", "sequential_xuv"}
+    assert all(c["ok"] and c["rel_err_vs_numpy"] <= c["tolerance"] for c in checks)
+    pred = report["emulator"]["predictions"]["by_target"]["trn2"]
+    for kernel in ("dense_xw", "sequential_xuv", "fused_xuv"):
+        assert set(pred[kernel]) == {"1024"} and pred[kernel]["1024"]["latency_ms"] > 0
+    assert pred["sweep"]["S"] == 1024 and set(pred["sweep"]["by_block"]) == {"128", "512", "1024"}
+
+
+def test_help_names_the_quick_mode():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "neuron_check.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--quick" in proc.stdout and "CI mode" in proc.stdout
+
+
+def test_serving_accuracy_rule():
+    """The comparison the Trainium host runs (served bf16 vs CPU float32), checked here so
+    its thresholds cannot rot."""
+    ref = [{"prompt_logprobs": [-1.0, -2.0, -0.5] * 10, "greedy_ids": list(range(16))} for _ in range(4)]
+    same = [{"prompt_logprobs": [x + 0.01 for x in r["prompt_logprobs"]], "greedy_ids": list(r["greedy_ids"])}
+            for r in ref]
+    res = neuron_check._compare(ref, same)
+    assert res["ok"] and res["greedy_full_agreement"] == 1.0 and res["logprob_abs_diff_median"] == pytest.approx(0.01)
+    drift = [dict(s, prompt_logprobs=[x + 0.2 for x in s["prompt_logprobs"]]) for s in same]
+    assert not neuron_check._compare(ref, drift)["ok"]              # median 0.2 > 0.05 nats
+    diverged = [dict(s, greedy_ids=[99] + s["greedy_ids"][1:]) for s in same]
+    assert not neuron_check._compare(ref, diverged)["ok"]           # first greedy token must agree
