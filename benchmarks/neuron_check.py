@@ -147,20 +147,24 @@ def rel_err(y, ref):
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
-def step_emulator_kernels(report):
+def cases_by_dtype(paper: bool):
+    """(label, kernel, kwargs, dtype name, input arrays) for every case in fp32 and bf16."""
     import ml_dtypes
 
-    rows = []
-    for label, kernel, shapes, kw in kernel_cases(paper=False):
+    for label, kernel, shapes, kw in kernel_cases(paper):
         for dtype in (np.float32, ml_dtypes.bfloat16):
-            name = np.dtype(dtype).name
-            arrays = _arrays(shapes, dtype)
-            t = time.time()
-            y, st = sim.run(kernel, *arrays, target="trn2", **kw)
-            err = rel_err(y, numpy_reference(kernel, arrays, kw))
-            rows.append({"case": label, "dtype": name, "rel_err_vs_numpy": err, "tolerance": TOL[name],
-                         "ok": err <= TOL[name], "seconds": round(time.time() - t, 3),
-                         "modeled_latency_us": st.modeled_latency_s * 1e6})
+            yield label, kernel, kw, np.dtype(dtype).name, _arrays(shapes, dtype)
+
+
+def step_emulator_kernels(report):
+    rows = []
+    for label, kernel, kw, name, arrays in cases_by_dtype(paper=False):
+        t = time.time()
+        y, st = sim.run(kernel, *arrays, target="trn2", **kw)
+        err = rel_err(y, numpy_reference(kernel, arrays, kw))
+        rows.append({"case": label, "dtype": name, "rel_err_vs_numpy": err, "tolerance": TOL[name],
+                     "ok": err <= TOL[name], "seconds": round(time.time() - t, 3),
+                     "modeled_latency_us": st.modeled_latency_s * 1e6})
     report["emulator"]["kernel_checks"] = rows
     bad = [r for r in rows if not r["ok"]]
     if bad:
@@ -225,21 +229,16 @@ def _sync():
 
 
 def step_device_kernels(report):
-    import ml_dtypes
-
     rows = []
-    for label, kernel, shapes, kw in kernel_cases(paper=True):
-        for dtype in (np.float32, ml_dtypes.bfloat16):
-            name = np.dtype(dtype).name
-            arrays = _arrays(shapes, dtype)
-            y = _to_numpy(launch.wrap_for_device(kernel)(*_to_device(arrays), **kw))
-            row = {"case": label, "dtype": name, "rel_err_vs_numpy": rel_err(y, numpy_reference(kernel, arrays, kw)),
-                   "tolerance": TOL[name]}
-            if "paper" not in label:
-                row["rel_err_vs_emulator"] = rel_err(y, np.asarray(sim.run(kernel, *arrays, target="trn2", **kw)[0],
-                                                                   dtype=np.float64))
-            row["ok"] = row["rel_err_vs_numpy"] <= TOL[name] and row.get("rel_err_vs_emulator", 0) <= TOL[name]
-            rows.append(row)
+    for label, kernel, kw, name, arrays in cases_by_dtype(paper=True):
+        y = _to_numpy(launch.wrap_for_device(kernel)(*_to_device(arrays), **kw))
+        row = {"case": label, "dtype": name, "rel_err_vs_numpy": rel_err(y, numpy_reference(kernel, arrays, kw)),
+               "tolerance": TOL[name]}
+        if "paper" not in label:
+            row["rel_err_vs_emulator"] = rel_err(y, np.asarray(sim.run(kernel, *arrays, target="trn2", **kw)[0],
+                                                               dtype=np.float64))
+        row["ok"] = row["rel_err_vs_numpy"] <= TOL[name] and row.get("rel_err_vs_emulator", 0) <= TOL[name]
+        rows.append(row)
     report["device"]["kernel_checks"] = rows
     bad = [r for r in rows if not r["ok"]]
     if bad:

@@ -138,8 +138,15 @@ def install_svd_mlps(model, quant: fmt.QuantizationConfig, hf_config: Any) -> Va
                                                 intermediate_size=intermediate, ranks=ranks)
     info = VariantInfo(quant, family, tuple(sorted(plan)))
     model._svd_neuron = info
-    logger.info("vllm-neuronmlp: %d of %d %s MLPs replaced by the factored variant", len(plan), len(layers),
-                family.name)
+    # Per rank, factors beat the dense shard only while r < H (I/tp) / (H + I/tp) (docs/trainium.md).
+    factored = sum(p.numel() for i in plan for p in layers[i].mlp.parameters())
+    dense = len(plan) * 3 * hidden * layers[min(plan)].mlp.intermediate_size_per_rank if plan else 0
+    logger.info("vllm-neuronmlp: %d of %d %s MLPs replaced by the factored variant; their parameters per rank: "
+                "%.1f M (dense: %.1f M)", len(plan), len(layers), family.name, factored / 1e6, dense / 1e6)
+    if factored > dense:
+        logger.warning("vllm-neuronmlp: at this tensor-parallel degree the factored MLPs hold more parameters per "
+                       "rank than the dense ones would (%d > %d); a lower degree or lower ranks would save memory",
+                       factored, dense)
     return info
 
 
@@ -317,7 +324,13 @@ def install(platform_cls=None, stack: Optional[stack_mod.NeuronStack] = None) ->
     stack = stack or stack_mod.detect_stack()
     if not stack.installed:
         return ABSENT
-    platform_cls = platform_cls or _active_neuron_platform()
+    if platform_cls is None:
+        try:
+            platform_cls = _active_neuron_platform()
+        except Exception as e:   # e.g. called while vLLM is still resolving its platform
+            logger.warning("vllm-neuronmlp: could not tell whether vllm-neuron is vLLM's platform (%s: %s); "
+                           "the svd_neuron variant is not installed in this process", type(e).__name__, e)
+            return INACTIVE
     if platform_cls is None:
         return INACTIVE
     allow_quantization(platform_cls)
