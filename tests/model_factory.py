@@ -141,3 +141,20 @@ def edit_checkpoint(path: str, drop: Sequence[str] = (), replace: Optional[Dict[
         config[fmt.QUANTIZATION_CONFIG_KEY].update(quant_update)
         with open(os.path.join(path, fmt.CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
+
+
+def write_unsupported_model(path: str) -> None:
+    """A tiny Phi-3 (its HF MLP stores gate and up as one `gate_up_proj`: no known
+    family) whose config claims an svd_neuron factorization."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    torch.manual_seed(0)
+    config = Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    make_tokenizer(path, config.vocab_size)
+    raw = fmt.read_config(path)
+    raw[fmt.QUANTIZATION_CONFIG_KEY] = fmt.QuantizationConfig(
+        block_size=32, ranks={"model.layers.0.mlp.down_proj": 32}).to_dict()
+    with open(os.path.join(path, fmt.CONFIG_FILE), "w") as f:
+        json.dump(raw, f)

@@ -1,13 +1,10 @@
 """transformers loads an svd_neuron checkpoint after `import vllm_neuronmlp`, for
 every MLP family, and peft trains LoRA adapters on its factors and merges them back."""
-import json
-import os
-
 import pytest
 import torch
 
 import vllm_neuronmlp  # noqa: F401  (registers the HF quantizer)
-from model_factory import ARCHS, edit_checkpoint, make_dense_and_factored
+from model_factory import ARCHS, edit_checkpoint, make_dense_and_factored, write_unsupported_model
 from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.hf_quantizer import SVDLinear
@@ -56,21 +53,6 @@ def test_bad_quantization_config_is_named(twins, tmp_path):
     edit_checkpoint(str(path), quant_update={"format_version": 9})
     with pytest.raises(fmt.CheckpointFormatError, match="format_version is 9"):
         load(path)
-
-
-def write_unsupported_model(path: str) -> None:
-    """A tiny Phi-3 (its HF MLP stores gate and up as one `gate_up_proj`: no known
-    family) whose config claims an svd_neuron factorization."""
-    from transformers import AutoModelForCausalLM, Phi3Config
-
-    config = Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, pad_token_id=0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    raw = fmt.read_config(path)
-    raw[fmt.QUANTIZATION_CONFIG_KEY] = fmt.QuantizationConfig(
-        block_size=32, ranks={"model.layers.0.mlp.down_proj": 32}).to_dict()
-    with open(os.path.join(path, fmt.CONFIG_FILE), "w") as f:
-        json.dump(raw, f)
 
 
 def test_unsupported_model_type_is_named(tmp_path):

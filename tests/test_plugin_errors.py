@@ -6,12 +6,12 @@ the message on stderr: never a silently half-loaded model.
 import pytest
 import torch
 
-from model_factory import edit_checkpoint, make_dense_and_factored, mlp_module
+from model_factory import edit_checkpoint, make_dense_and_factored, mlp_module, write_unsupported_model
 from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp.mlp_families import DOWN, GATE
 from vllm_runner import run_engine
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]
 DOWN1 = mlp_module("llama", 1, DOWN)
 GATE0 = mlp_module("llama", 0, GATE)
 
@@ -70,3 +70,10 @@ def test_quantization_flag_on_a_dense_checkpoint(models, tmp_path):
     proc = run_engine(models[0], str(tmp_path / "o.json"), quantization="svd_neuron")
     fails_with(proc, r"--quantization svd_neuron was given, but the model's config\.json has no "
                      r"'quantization_config'")
+
+
+def test_unsupported_model_type(tmp_path):
+    write_unsupported_model(str(tmp_path / "phi3"))
+    proc = run_engine(str(tmp_path / "phi3"), str(tmp_path / "o.json"))
+    fails_with(proc, r"UnsupportedModelError: config\.json model_type 'phi3' has no known MLP family; vllm-neuronmlp "
+                     r"supports model_type llama, mistral, qwen2, qwen3")

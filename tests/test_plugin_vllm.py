@@ -22,7 +22,7 @@ from vllm_runner import load_result, reference_outputs, run_engine
 FP32_LOGPROB_TOL = 1e-4
 LAYERS = 2
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 
 def max_diff(a, b, key):
