@@ -118,6 +118,7 @@ def main():
     torch.set_num_threads(args.threads)
     from vllm_neuronmlp.tools import compressor as C
     from vllm_neuronmlp.tools import default_model
+    from vllm_neuronmlp.tools.options import CompressOptions
     from vllm_neuronmlp.tools import perplexity as evaluate
 
     os.makedirs(args.work, exist_ok=True)
@@ -170,7 +171,7 @@ def main():
         out = os.path.join(args.work, "ckpt-" + key.replace("/", "_"))
         t0 = time.time()
         res = C.compress_with_options(
-            model, out, C.CompressOptions(ratio=ratio, method=method, rank_allocation=alloc,
+            model, out, CompressOptions(ratio=ratio, method=method, rank_allocation=alloc,
                                           calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                                           lora_steps=lora_steps, lora_batch=1, lora_lr=3e-4, overwrite=True,
                                           progress=False),
@@ -211,17 +212,18 @@ def unaligned_baseline(model_path, ratio, args, max_tokens, dense_ppl, state):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vllm_neuronmlp import checkpoint_format as cf
-    from vllm_neuronmlp.tools import compressor as C
+    from vllm_neuronmlp import mlp_families
     from vllm_neuronmlp.tools import perplexity as evaluate
+    from vllm_neuronmlp.tools.calibration import calibration_tokens
+    from vllm_neuronmlp.tools.options import DEFAULT_CALIB_TEXT
     from vllm_neuronmlp.tools.whitening import GramAccumulator, factorize, robust_cholesky
 
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    linears = {n: m for n, m in model.named_modules() if n.rpartition(".")[2] in cf.MLP_PROJECTIONS}
+    linears = {n: m for n, m in model.named_modules() if mlp_families.role_of(n) is not None}
     if "chol" not in state:  # input Gram of every projection over the calibration windows, once
-        ids, _, _ = C.calibration_tokens(model_path, [C.DEFAULT_CALIB_TEXT], args.calib_samples,
-                                         args.calib_seq_len, 0)
+        ids, _, _ = calibration_tokens(model_path, [DEFAULT_CALIB_TEXT], args.calib_samples,
+                                       args.calib_seq_len, 0)  # all windows: no subset, no order bias
         grams = {n: GramAccumulator(m.in_features) for n, m in linears.items()}
         hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: grams[n].add(a[0])) for n, m in linears.items()]
         with torch.no_grad():

@@ -14,7 +14,7 @@ from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import compressor as C
 from vllm_neuronmlp.tools import perplexity as P
 from vllm_neuronmlp.tools import tiny
-from vllm_neuronmlp.tools.cli import UserError
+from vllm_neuronmlp.tools.errors import UserError
 
 
 def _text(n=3000):
@@ -67,20 +67,24 @@ def test_hf_perplexity_matches_transformers_loss(work, which):
     assert res.ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-4)
 
 
-def test_transformers_loads_compressed_checkpoint(work):
-    """`AutoModelForCausalLM.from_pretrained(OUT)` after `import vllm_neuronmlp`
-    gives the same logits as the tool's own factor loader."""
-    import vllm_neuronmlp  # noqa: F401
-    from transformers import AutoModelForCausalLM
+def test_hf_model_loads_factors_as_svdlinear(work):
+    """The tools' transformers loader gives SVDLinear modules ((x U) V, ops.factored_linear)
+    holding exactly the stored factors, and the ranks of the quantization config."""
+    from safetensors.torch import load_file
 
+    from vllm_neuronmlp.hf_quantizer import SVDLinear
     from vllm_neuronmlp.tools.hf_model import load_model
 
-    ids = torch.tensor([[5, 17, 33, 2, 9, 41, 7, 100]])
-    ours, ranks = load_model(work["svd"])
-    theirs = AutoModelForCausalLM.from_pretrained(work["svd"], dtype=torch.float32)
-    assert ranks
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+    model, ranks = load_model(work["svd"])
+    assert ranks and ranks == cf.read_quantization_config(work["svd"]).ranks
+    stored = {}
+    for path in set(cf.safetensors_files(work["svd"]).values()):
+        stored.update(load_file(path))
+    for name, rank in ranks.items():
+        mod = model.get_submodule(name)
+        assert isinstance(mod, SVDLinear) and mod.rank == rank
+        torch.testing.assert_close(mod.svd_u.detach(), stored[cf.u_name(name)].float(), rtol=0, atol=0)
+        torch.testing.assert_close(mod.svd_v.detach(), stored[cf.v_name(name)].float(), rtol=0, atol=0)
 
 
 def _cli_eval(model, text, out_json):
@@ -102,7 +106,11 @@ def test_eval_through_vllm_matches_hf(work, which):
     got = json.load(open(out_json))
     ref = P.perplexity_hf(work[which], work["text"], seq_len=128, max_tokens=512, progress=False)
     assert got["backend"] == "vllm" and got["windows"] == 4
-    assert got["ppl"] == pytest.approx(ref.ppl, rel=0.03)  # bf16 serving vs float32 reference
+    from vllm_neuronmlp.tools.cmd_common import fast_dtype
+
+    assert got["dtype"] == fast_dtype()  # the default picks the fast dtype for this CPU
+    rel = 0.03 if got["dtype"] != "float32" else 5e-3  # bf16 serving vs the float32 reference
+    assert got["ppl"] == pytest.approx(ref.ppl, rel=rel)
 
 
 def test_eval_cli_errors(work, capsys):
@@ -110,5 +118,16 @@ def test_eval_cli_errors(work, capsys):
 
     assert main(["eval", str(work["dir"] / "missing"), "--text", work["text"]]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
+    # a checkpoint whose quantization_config breaks the format is named, not skipped
+    import shutil
+
+    bad = str(work["dir"] / "bad-quant")
+    shutil.copytree(work["svd"], bad)
+    config = json.load(open(os.path.join(bad, cf.CONFIG_FILE)))
+    config[cf.QUANTIZATION_CONFIG_KEY]["format_version"] = 9
+    json.dump(config, open(os.path.join(bad, cf.CONFIG_FILE), "w"))
+    assert main(["eval", bad, "--text", work["text"]]) == 2
+    err = capsys.readouterr().err
+    assert "format_version is 9" in err and "Traceback" not in err
     assert main(["eval", work["dense"], "--text", str(work["dir"] / "none.txt"), "--backend", "hf"]) == 2
     assert "none.txt: text file not found" in capsys.readouterr().err

@@ -3,9 +3,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from vllm_neuronmlp import checkpoint_format as cf
-from vllm_neuronmlp.tools import compressor as C
+from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.tools import sensitivity, tiny
+from vllm_neuronmlp.tools.streaming import build_skeleton
 from vllm_neuronmlp.tools.source import SourceCheckpoint
 from vllm_neuronmlp.tools.whitening import robust_cholesky, whitened_spectrum
 
@@ -26,7 +26,7 @@ def reference_fisher(path, ids):
         return hook
 
     for name, mod in model.named_modules():
-        if name.rpartition(".")[2] in cf.MLP_PROJECTIONS:
+        if mlp_families.role_of(name) is not None:
             hooks.append(mod.register_forward_hook(keep(name)))
             weights[name] = mod.weight.detach().T
     logits = model(input_ids=ids).logits
@@ -42,7 +42,7 @@ def reference_fisher(path, ids):
 def test_streamed_fisher_matches_whole_model_backward(tmp_path, arch):
     path = tiny.make_model(str(tmp_path / arch), arch=arch, layers=3)
     src = SourceCheckpoint(path)
-    sk = C.build_skeleton(src)
+    sk = build_skeleton(src)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, sk.config.vocab_size, (5, 48), generator=g)
     got, spectra = sensitivity.sensitivity_pass(sk, src, ids, progress=False)

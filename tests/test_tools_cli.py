@@ -56,7 +56,7 @@ def test_inspect_valid(ckpt, capsys):
     assert cli_main(["inspect", ckpt["out"]]) == 0
     text = capsys.readouterr().out
     assert "valid svd_neuron checkpoint" in text and "MLP ratio" in text and "provenance" in text
-    assert cli_main(["inspect", ckpt["out"], "--json"]) == 0
+    assert cli_main(["inspect", ckpt["out"], "--json", "-"]) == 0
     s = json.loads(capsys.readouterr().out)
     qc = cf.read_quantization_config(ckpt["out"])
     assert s["ranks"] == qc.ranks

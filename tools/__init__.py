@@ -9,7 +9,7 @@ compression, evaluation, inspection and the embedded default model, behind the
 #   inspect_checkpoint(ckpt) -> dict                            (validated summary)
 _LAZY = {
     "compress": ("vllm_neuronmlp.tools.compressor", "compress"),
-    "CompressOptions": ("vllm_neuronmlp.tools.compressor", "CompressOptions"),
+    "CompressOptions": ("vllm_neuronmlp.tools.options", "CompressOptions"),
     "evaluate": ("vllm_neuronmlp.tools.perplexity", "evaluate"),
     "materialize_default_model": ("vllm_neuronmlp.tools.default_model", "materialize"),
     "inspect_checkpoint": ("vllm_neuronmlp.tools.inspect_cmd", "summarize"),

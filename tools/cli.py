@@ -21,10 +21,6 @@ SUBCOMMAND_MODULES = [
 ]
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-neuronmlp",
@@ -49,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from vllm_neuronmlp.checkpoint_format import CheckpointFormatError
+    from vllm_neuronmlp.tools.errors import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -2,26 +2,35 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from vllm_neuronmlp.tools.cmd_common import add_json_argument, emit
 
 DESCRIPTION = """\
-Factor every MLP projection (gate_proj, up_proj, down_proj) of the dense Hugging
-Face checkpoint SRC into two block-aligned low-rank factors, W ~ U V, and write
-an `svd_neuron` checkpoint to OUT that vLLM loads directly (`vllm serve OUT`).
+Factor every MLP projection (gate, up and down) of the dense Hugging Face
+checkpoint SRC into two block-aligned low-rank factors, W ~ U V, and write an
+`svd_neuron` checkpoint to OUT that vLLM loads directly (`vllm serve OUT`).
 
 The model is streamed one decoder layer at a time (memory ~ one layer plus the
 calibration activations). Calibration text runs through the model. With the
 default --method fisher, each factorization is whitened by the activations of
 its input and weighted, per output channel, by how sensitive the loss is to it
-(the diagonal Fisher of the outputs, from one streamed backward pass); whiten
-is SVD-LLM's input whitening alone, error-aware fits each layer to the inputs
-the compressed model really feeds it, and plain skips calibration. Ranks are
-multiples of --block-size; the budget (--ratio, the fraction of MLP parameters
-removed) is met globally. --rank-allocation uniform gives every matrix the
-paper's eq.-5 rank and meets the budget by mixing neighbouring block
-multiples; adaptive (default) also builds a greedy allocation (estimated loss
-reduction per parameter, from the spectra) and keeps whichever has the lower
-perplexity on held-aside calibration windows.
+(the diagonal Fisher of the outputs, from one streamed backward pass over
+--fisher-samples windows drawn at random); whiten is SVD-LLM's input whitening
+alone, error-aware fits each layer to the inputs the compressed model really
+feeds it, and plain skips calibration. Ranks are multiples of --block-size; the
+budget (--ratio, the fraction of MLP parameters removed) is met globally.
+
+--rank-allocation uniform gives every matrix the paper's eq.-5 rank and meets
+the budget by mixing neighbouring block multiples. adaptive (default): with
+fisher, one greedy allocation by estimated loss reduction per parameter (the
+Fisher-weighted spectra are loss estimates, comparable across matrices), not
+scored; with whiten and error-aware, the uniform allocation and greedy ones
+from the whitened spectra are scored on held-aside calibration windows and the
+one with the lowest perplexity is kept; with plain (no calibration), the
+greedy one on squared relative error is used unscored.
+
+--lora-steps N trains LoRA adapters on the factors with the calibration
+windows and merges them back into U and V (same ranks and format).
 
 OUT is written to a temporary sibling directory and renamed at the end: an
 interrupted run leaves nothing under OUT. SRC is only read.
@@ -32,14 +41,15 @@ examples:
   vllm-neuronmlp default-model smollm2
   vllm-neuronmlp compress smollm2 smollm2-svd20 --ratio 0.2
   vllm-neuronmlp compress smollm2 out --ratio 0.05 --rank-allocation uniform --method whiten
-  vllm-neuronmlp compress smollm2 out --ratio 0.2 --lora-steps 200 --calib-text my.txt
+  vllm-neuronmlp compress smollm2 out --ratio 0.2 --lora-steps 100 --lora-batch 1 --lora-lr 3e-4
 """
 
 
 def add_parser(subparsers) -> None:
     from vllm_neuronmlp import checkpoint_format as cf
-    from vllm_neuronmlp.tools.compressor import (ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_CALIB_TEXT,
-                                                 DEFAULT_FISHER_SAMPLES, DEFAULT_METHOD, DTYPE_CHOICES, METHODS)
+    from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD, REGISTRY
+    from vllm_neuronmlp.tools.options import (DEFAULT_CALIB_TEXT, DEFAULT_FISHER_SAMPLES, DTYPE_CHOICES, LORA_BATCH,
+                                              LORA_LR, LORA_RANK)
 
     p = subparsers.add_parser("compress", help="SVD-compress the MLPs of a Hugging Face checkpoint",
                               description=DESCRIPTION, epilog=EPILOG,
@@ -58,7 +68,7 @@ def add_parser(subparsers) -> None:
                    help="UTF-8 text file(s) for calibration, or builtin:calibration, the bundled Wikipedia split "
                         "(default %(default)s)")
     p.add_argument("--calib-samples", type=int, default=64,
-                   help="number of calibration windows (default %(default)s)")
+                   help="number of calibration windows, drawn at random from the text (default %(default)s)")
     p.add_argument("--calib-seq-len", type=int, default=512,
                    help="tokens per calibration window (default %(default)s)")
     p.add_argument("--fisher-samples", type=int, default=DEFAULT_FISHER_SAMPLES,
@@ -68,44 +78,44 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed for picking calibration windows and their random subsets (default %(default)s)")
     p.add_argument("--rank-allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
-                   help="adaptive: spend the budget where the spectra say the loss gains most; uniform: eq.-5 ranks "
-                        "(default %(default)s)")
-    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
-                   help="fisher: input whitening plus loss-sensitivity (Fisher) weights on output channels; "
-                        "whiten: SVD-LLM whitening; error-aware: whitening fit on the compressed model's own "
-                        "inputs; plain: SVD of W (default %(default)s)")
+                   help="adaptive: spend the budget where the spectra say the loss gains most (see above); "
+                        "uniform: eq.-5 ranks (default %(default)s)")
+    p.add_argument("--method", choices=tuple(REGISTRY), default=DEFAULT_METHOD,
+                   help="; ".join(f"{name}: {text}" for name, (_module, text) in REGISTRY.items())
+                        + " (default %(default)s)")
     p.add_argument("--damping", type=float, default=0.0,
                    help="ridge added to each activation covariance, relative to its mean diagonal "
                         "(default %(default)s)")
     p.add_argument("--lora-steps", type=int, default=0,
-                   help="LoRA recovery steps on the calibration text after factoring, merged back into U and V "
+                   help="LoRA recovery steps on the calibration windows after factoring, merged back into U and V "
                         "(0 = off, the default)")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default %(default)s)")
-    p.add_argument("--lora-lr", type=float, default=2e-4, help="LoRA learning rate (default %(default)s)")
+    p.add_argument("--lora-rank", type=int, default=LORA_RANK, help="LoRA rank (default %(default)s)")
+    p.add_argument("--lora-lr", type=float, default=LORA_LR, help="LoRA peak learning rate (default %(default)s)")
+    p.add_argument("--lora-batch", type=int, default=LORA_BATCH,
+                   help="calibration windows per LoRA step (default %(default)s)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype of the written tensors; auto = the source's (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--max-shard-size", type=float, default=0.5, metavar="GIB",
                    help="safetensors shard size in GiB; output is buffered in memory up to this size "
                         "(default %(default)s)")
-    p.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
+    add_json_argument(p, "the summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from vllm_neuronmlp.tools.compressor import CompressOptions, compress_with_options, format_summary
+    from vllm_neuronmlp.tools.compressor import compress_with_options
+    from vllm_neuronmlp.tools.options import CompressOptions
+    from vllm_neuronmlp.tools.summary import format_summary
 
     opts = CompressOptions(
         ratio=args.ratio, block_size=args.block_size, rounding_threshold=args.rounding_threshold,
         calib_text=tuple(args.calib_text), calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-        fisher_samples=args.fisher_samples, seed=args.seed, rank_allocation=args.rank_allocation, method=args.method, damping=args.damping,
-        lora_steps=args.lora_steps, lora_rank=args.lora_rank, lora_lr=args.lora_lr, dtype=args.dtype,
-        overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024 ** 3),
-        progress=not args.no_progress)
+        fisher_samples=args.fisher_samples, seed=args.seed, rank_allocation=args.rank_allocation,
+        method=args.method, damping=args.damping, lora_steps=args.lora_steps, lora_rank=args.lora_rank,
+        lora_lr=args.lora_lr, lora_batch=args.lora_batch, dtype=args.dtype, overwrite=args.overwrite,
+        max_shard_bytes=int(args.max_shard_size * 1024 ** 3), progress=not args.no_progress)
     res = compress_with_options(args.src, args.out, opts)
-    print(format_summary(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res.to_dict(), f, indent=2)
+    emit(args, format_summary(res), res.to_dict())
     return 0

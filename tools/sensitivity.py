@@ -30,46 +30,43 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 import torch
-from torch import nn
 
-from vllm_neuronmlp import checkpoint_format as cf
+from vllm_neuronmlp.tools import nll
+from vllm_neuronmlp.tools import progress as pg
+from vllm_neuronmlp.tools import streaming as st
 from vllm_neuronmlp.tools.whitening import GramAccumulator, robust_cholesky, whitened_spectrum
 
 FISHER_FLOOR = 1e-3  # weight floor relative to the mean Fisher: every channel keeps some weight
 
 
-def sensitivity_pass(sk, src, ids: torch.Tensor, progress: bool = True, with_spectra: bool = True,
+def sensitivity_pass(sk: st.Skeleton, src, ids: torch.Tensor, progress: bool = True, with_spectra: bool = True,
                      damping: float = 0.0) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[float]]]:
     """({module name: F [out] (float64)} for every gate/up/down projection, from
     the calibration windows `ids` [n, seq_len] (the caller's random subset,
     `--fisher-samples` of them) through the dense model; and,
     `with_spectra`, the singular values of `L^T W D` for every projection:
     input-whitened, output-weighted by `output_weights(F)`)."""
-    from vllm_neuronmlp.tools import compressor as C
-
-    runner = C.LayerRunner(sk, ids.shape[1])
-    chunks = C._chunks(ids.shape[0], ids.shape[1])
+    runner = st.LayerRunner(sk, ids.shape[1])
+    chunks = st.chunks(ids.shape[0], ids.shape[1])
 
     # forward, keeping every layer's input
-    x = C._embed(sk, src, ids)
+    x = st.embed(sk, src, ids)
     stored = []
-    for i in C._progress(range(sk.num_layers), progress, desc="sensitivity: forward", unit="layer"):
-        layer = C.materialize_layer(sk, src, i)
+    for i in pg.bar(range(sk.num_layers), progress, desc="sensitivity: forward", unit="layer"):
+        layer = st.materialize_layer(sk, src, i)
         stored.append(x.to(torch.bfloat16))
         with torch.no_grad():
             for sl in chunks:
                 x[sl] = runner.forward(layer, x[sl])
-        C.release_layer(sk, i)
+        st.release_layer(sk, i)
 
     # dL/dh at the top: summed next-token NLL through the final norm and LM head
-    norm, head = C.materialize_head(sk, src)
+    norm, head = st.materialize_head(sk, src)
     grad = torch.empty_like(x)
     for k in range(ids.shape[0]):
         h = x[k].clone().requires_grad_(True)
         with torch.enable_grad():
-            logits = norm(h) @ head.T
-            loss = nn.functional.cross_entropy(logits[:-1], ids[k, 1:], reduction="sum")
-            loss.backward()
+            nll.next_token_nll(norm(h) @ head.T, ids[k]).backward()
         grad[k] = h.grad
     norm.to("meta")
     del head, x
@@ -77,17 +74,17 @@ def sensitivity_pass(sk, src, ids: torch.Tensor, progress: bool = True, with_spe
     # backward, layer by layer from the top
     fisher: Dict[str, torch.Tensor] = {}
     spectra: Dict[str, List[float]] = {}
-    for i in C._progress(reversed(range(sk.num_layers)), progress, desc="sensitivity: backward", unit="layer",
-                         total=sk.num_layers):
-        layer = C.materialize_layer(sk, src, i)
+    for i in pg.bar(reversed(range(sk.num_layers)), progress, desc="sensitivity: backward", unit="layer",
+                    total=sk.num_layers):
+        layer = st.materialize_layer(sk, src, i)
         layer.requires_grad_(False)
-        names = C.module_names(sk, i)
-        hooks = [getattr(layer.mlp, p).register_forward_hook(_collect(fisher, names[p])) for p in cf.MLP_PROJECTIONS]
+        names = sk.module_names(i)
+        hooks = [sk.projection(layer, role).register_forward_hook(_collect(fisher, names[role])) for role in st.ROLES]
         grams = {}
         if with_spectra:
-            grams = {"a": GramAccumulator(sk.hidden), "z": GramAccumulator(getattr(layer.mlp, cf.DOWN).in_features)}
+            grams = {"a": GramAccumulator(sk.hidden), "z": GramAccumulator(sk.projection(layer, st.DOWN).in_features)}
             hooks.append(layer.mlp.register_forward_pre_hook(_gram(grams["a"])))
-            hooks.append(getattr(layer.mlp, cf.DOWN).register_forward_pre_hook(_gram(grams["z"])))
+            hooks.append(sk.projection(layer, st.DOWN).register_forward_pre_hook(_gram(grams["z"])))
         try:
             for sl in chunks:
                 h = stored[i][sl].to(torch.float32).requires_grad_(True)
@@ -100,13 +97,13 @@ def sensitivity_pass(sk, src, ids: torch.Tensor, progress: bool = True, with_spe
                 hk.remove()
         stored[i] = None
         if with_spectra:
-            chol_a = robust_cholesky(grams["a"].matrix, f"{names[cf.GATE]} input", damping).factor
-            chol_z = robust_cholesky(grams["z"].matrix, f"{names[cf.DOWN]} input", damping).factor
-            for p, name in names.items():
-                w = getattr(layer.mlp, p).weight.detach().T
-                spectra[name] = whitened_spectrum(w, chol_z if p == cf.DOWN else chol_a,
+            chol_a = robust_cholesky(grams["a"].matrix, f"{names[st.GATE]} input", damping).factor
+            chol_z = robust_cholesky(grams["z"].matrix, f"{names[st.DOWN]} input", damping).factor
+            for role, name in names.items():
+                w = sk.projection(layer, role).weight.detach().T
+                spectra[name] = whitened_spectrum(w, chol_z if role == st.DOWN else chol_a,
                                                   out_scale=output_weights(fisher[name])).tolist()
-        C.release_layer(sk, i)
+        st.release_layer(sk, i)
     return fisher, spectra
 
 

@@ -35,8 +35,9 @@ class VllmServer:
     """`with VllmServer(model, log_path) as server:` -> a ready server at server.url."""
 
     def __init__(self, model: str, log_path: str, served_name: str = "model", extra_args: Sequence[str] = (),
-                 env: Optional[Dict[str, str]] = None, ready_timeout: float = 600) -> None:
+                 env: Optional[Dict[str, str]] = None, ready_timeout: float = 600, progress: bool = True) -> None:
         self.model, self.log_path, self.served_name = model, log_path, served_name
+        self.progress = progress
         self.extra_args, self.ready_timeout = list(extra_args), ready_timeout
         self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB),
                     **(env or {})}
@@ -51,15 +52,22 @@ class VllmServer:
 
     def start(self) -> "VllmServer":
         self._log = open(self.log_path, "w")
+        t0 = time.time()
+        self.say(f"vllm serve {self.model}: starting (log {self.log_path})")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.time() + self.ready_timeout
+        deadline = t0 + self.ready_timeout
+        next_note = t0 + 30
         while time.time() < deadline:
+            if time.time() >= next_note:
+                self.say(f"vllm serve {self.model}: still starting ({time.time() - t0:.0f} s)")
+                next_note += 30
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vllm serve {self.model} exited with {self.proc.returncode}; "
                                    f"log {self.log_path}:\n{self.log_text(4000)}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
+                        self.say(f"vllm serve {self.model}: ready in {time.time() - t0:.0f} s at {self.url}")
                         return self
             except OSError:
                 pass
@@ -67,6 +75,10 @@ class VllmServer:
         self.stop()
         raise RuntimeError(f"vllm serve {self.model} not ready after {self.ready_timeout:.0f}s; "
                            f"log {self.log_path}:\n{self.log_text(4000)}")
+
+    def say(self, line: str) -> None:
+        if self.progress:
+            print(line, file=sys.stderr, flush=True)
 
     def log_text(self, last_chars: Optional[int] = None) -> str:
         if getattr(self, "_log", None):
@@ -97,6 +109,9 @@ class VllmServer:
 def bench_serve(server: VllmServer, tokenizer: str, num_prompts: int = 64, input_len: int = 256,
                 output_len: int = 128, concurrency: int = 16, seed: int = 0, timeout: float = 3600) -> dict:
     """One `vllm bench serve` run (random dataset, --ignore-eos); returns its result JSON."""
+    t0 = time.time()
+    server.say(f"vllm bench serve: {num_prompts} prompts, {input_len} in / {output_len} out, "
+                f"concurrency {concurrency} ...")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [vllm_executable(), "bench", "serve", "--backend", "vllm", "--base-url", server.url,
                "--model", server.served_name, "--tokenizer", tokenizer, "--dataset-name", "random",
@@ -107,7 +122,9 @@ def bench_serve(server: VllmServer, tokenizer: str, num_prompts: int = 64, input
         if proc.returncode != 0:
             raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         with open(os.path.join(tmp, "bench.json")) as f:
-            return json.load(f)
+            result = json.load(f)
+    server.say(f"vllm bench serve: done in {time.time() - t0:.0f} s")
+    return result
 
 
 BENCH_KEYS = ("completed", "failed", "total_output_tokens", "duration", "output_throughput",

@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from vllm_neuronmlp import checkpoint_format as cf
-from vllm_neuronmlp.tools.cli import UserError
+from vllm_neuronmlp.tools.errors import UserError
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,

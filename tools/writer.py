@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 
 from vllm_neuronmlp import checkpoint_format as cf
-from vllm_neuronmlp.tools.cli import UserError
+from vllm_neuronmlp.tools.errors import UserError
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
 

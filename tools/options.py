@@ -1,0 +1,68 @@
+"""The options of `compress` and their checks (importable without torch, so
+`--help` can show the defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from vllm_neuronmlp import checkpoint_format as cf
+from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import text_data
+from vllm_neuronmlp.tools.errors import UserError
+from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD, METHODS
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+DEFAULT_CALIB_TEXT = text_data.BUILTIN_PREFIX + "calibration"
+DEFAULT_FISHER_SAMPLES = 32  # windows of the Fisher pass (its stored activations grow with them)
+# LoRA recovery defaults; benchmarks/accuracy_vs_ratio.py's LoRA rows used batch 1, lr 3e-4 (README)
+LORA_RANK, LORA_LR, LORA_BATCH = 8, 2e-4, 4
+
+
+@dataclass
+class CompressOptions:
+    ratio: float
+    block_size: int = cf.DEFAULT_BLOCK_SIZE
+    rounding_threshold: float = 0.5
+    calib_text: Sequence[str] = (DEFAULT_CALIB_TEXT,)
+    calib_samples: int = 64
+    calib_seq_len: int = 512
+    fisher_samples: int = DEFAULT_FISHER_SAMPLES  # at most calib_samples are used
+    seed: int = 0
+    rank_allocation: str = DEFAULT_ALLOCATION
+    method: str = DEFAULT_METHOD
+    damping: float = 0.0  # ridge added to every Gram matrix, relative to its mean diagonal
+    lora_steps: int = 0
+    lora_rank: int = LORA_RANK
+    lora_lr: float = LORA_LR
+    lora_batch: int = LORA_BATCH
+    dtype: str = "auto"
+    overwrite: bool = False
+    max_shard_bytes: int = 512 * 1024 ** 2  # also bounds the write buffer held in memory
+    progress: bool = True
+
+    def validate(self) -> None:
+        try:
+            rk.check_ratio(self.ratio)
+        except ValueError as e:
+            raise UserError(f"--ratio: {e}") from None
+        try:
+            rk.check_block_size(self.block_size)
+        except ValueError as e:
+            raise UserError(f"--block-size: {e}") from None
+        if not 0.0 < self.rounding_threshold <= 1.0:
+            raise UserError(f"--rounding-threshold must be in (0, 1], got {self.rounding_threshold}")
+        for flag, value, low in (("--calib-samples", self.calib_samples, 1), ("--calib-seq-len", self.calib_seq_len, 2),
+                                 ("--fisher-samples", self.fisher_samples, 1), ("--lora-steps", self.lora_steps, 0),
+                                 ("--lora-rank", self.lora_rank, 1), ("--lora-batch", self.lora_batch, 1)):
+            if value < low:
+                raise UserError(f"{flag} must be at least {low}, got {value}")
+        if not self.lora_lr > 0:
+            raise UserError(f"--lora-lr must be positive, got {self.lora_lr}")
+        if self.rank_allocation not in ALLOCATIONS:
+            raise UserError(f"--rank-allocation must be one of {', '.join(ALLOCATIONS)}, got {self.rank_allocation!r}")
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if not self.calib_text:
+            raise UserError("--calib-text: at least one text file is needed")

@@ -1,0 +1,270 @@
+"""Streaming a checkpoint one decoder layer at a time (docs/architecture.md).
+
+The model skeleton is built on the `meta` device (no memory); each pass then
+materializes one decoder layer on CPU in float32 from its safetensors tensors,
+runs the calibration hidden states through it, and drops it again. Peak memory
+is one layer plus the activations, never the whole model. Every pass of the
+compressor (statistics, allocation scoring, factoring) is built from the
+pieces here.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from vllm_neuronmlp import checkpoint_format as cf
+from vllm_neuronmlp import mlp_families as fam
+from vllm_neuronmlp.tools.errors import UserError
+from vllm_neuronmlp.tools.source import SourceCheckpoint
+from vllm_neuronmlp.tools.whitening import GramAccumulator
+
+CHUNK_TOKENS = 4096  # tokens per forward chunk
+
+# the three roles of a gated MLP, act(gate(x)) * up(x) -> down (mlp_families)
+GATE, UP, DOWN = fam.GATE, fam.UP, fam.DOWN
+ROLES = fam.ROLES
+
+
+@dataclass
+class Skeleton:
+    config: object  # transformers PretrainedConfig
+    model: nn.Module  # on the meta device
+    layers: nn.ModuleList
+    layer_prefix: str  # e.g. "model.layers"
+    embed_name: str  # e.g. "model.embed_tokens.weight"
+    rotary: Optional[nn.Module]
+    num_layers: int
+    hidden: int
+    intermediate: int
+    family: fam.MLPFamily
+
+    def attr(self, role: str) -> str:
+        """Attribute name of a role's projection in a layer's `mlp`."""
+        return dict(zip(ROLES, self.family.projections))[role]
+
+    def projection(self, layer: nn.Module, role: str) -> nn.Module:
+        return getattr(layer.mlp, self.attr(role))
+
+    def module_names(self, i: int) -> Dict[str, str]:
+        """{role: full module name} of layer i's MLP projections."""
+        return {role: f"{self.layer_prefix}.{i}.mlp.{self.attr(role)}" for role in ROLES}
+
+    def mlp_shapes(self) -> Dict[str, Tuple[int, int]]:
+        """{module: (in, out)} for every targeted projection, read from the layer modules."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            for role, name in self.module_names(i).items():
+                lin = self.projection(layer, role)
+                out[name] = (lin.in_features, lin.out_features)
+        return out
+
+
+def build_skeleton(src: SourceCheckpoint) -> Skeleton:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if "text_config" in src.config:
+        raise UserError(f"{src.path}: multimodal configs (with text_config) are not supported; "
+                        f"compress a text-only causal LM ({', '.join(fam.supported_model_types())})")
+    try:
+        family = fam.family_for_config(src.config)
+    except fam.UnsupportedModelError as e:
+        raise UserError(f"{os.path.join(src.path, cf.CONFIG_FILE)}: {e}") from None
+    try:
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=False)
+    except Exception as e:
+        raise UserError(f"{os.path.join(src.path, cf.CONFIG_FILE)}: transformers cannot read this config ({e})") from None
+    config._attn_implementation = "sdpa"  # causal attention with no mask tensor
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as e:
+        raise UserError(f"{src.path}: transformers cannot build a causal LM from this config ({e})") from None
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None)
+    expected = "/".join(family.projections)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UserError(f"{src.path}: {type(model).__name__} has no decoder layer list at "
+                        f"{model.base_model_prefix}.layers; the {family.name} family expects an MLP of {expected}")
+    prefix = f"{model.base_model_prefix}.layers"
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        missing = [p for p in family.projections if not isinstance(getattr(mlp, p, None), nn.Linear)]
+        if mlp is None or missing:
+            raise UserError(f"{src.path}: {prefix}.{i}.mlp has no {', '.join(missing) or 'MLP'} linear; the "
+                            f"{family.name} family expects {expected}")
+        for p in family.projections:
+            name = cf.weight_name(f"{prefix}.{i}.mlp.{p}")
+            if name not in src.files:
+                raise cf.CheckpointFormatError(f"{src.path}: tensor {name} is missing from the safetensors files")
+            if getattr(mlp, p).bias is not None or f"{prefix}.{i}.mlp.{p}.bias" in src.files:
+                raise UserError(f"{src.path}: {prefix}.{i}.mlp.{p} has a bias; format v1 factors bias-free MLPs only")
+    embed_module = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    embed_name = None
+    for name, mod in model.named_modules():
+        if mod is embed_module:
+            embed_name = cf.weight_name(name)
+    if embed_name is None or embed_name not in src.files:
+        raise cf.CheckpointFormatError(f"{src.path}: input embedding tensor {embed_name} is missing")
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is not None:
+        rotary = type(rotary)(config=config)  # real buffers on CPU (the meta copy has none)
+    return Skeleton(config, model, layers, prefix, embed_name, rotary, len(layers), int(config.hidden_size),
+                    int(config.intermediate_size), family)
+
+
+def materialize_layer(sk: Skeleton, src: SourceCheckpoint, i: int) -> nn.Module:
+    """Decoder layer i on CPU in float32 with its weights from the checkpoint."""
+    layer = sk.layers[i]
+    layer.to_empty(device="cpu")
+    prefix = f"{sk.layer_prefix}.{i}."
+    state = {key: src.get(prefix + key).to(torch.float32) for key in layer.state_dict().keys()}
+    layer.load_state_dict(state, strict=True)
+    layer.to(torch.float32)
+    layer.eval()
+    return layer
+
+
+def release_layer(sk: Skeleton, i: int) -> None:
+    sk.layers[i].to("meta")
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS after each layer. Without it glibc
+    keeps them (fragmented arenas) and the resident set creeps up with the
+    number of layers although the live data does not."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def materialize_head(sk: Skeleton, src: SourceCheckpoint) -> Tuple[nn.Module, torch.Tensor]:
+    """(final norm on CPU in float32, LM head weight [vocab, hidden] in float32);
+    tied embeddings are used as the head when there is no lm_head tensor.
+    Call `norm.to("meta")` when done."""
+    base = getattr(sk.model, sk.model.base_model_prefix)
+    norm = base.norm
+    norm.to_empty(device="cpu")
+    norm_name = [n for n, m in sk.model.named_modules() if m is norm][0]
+    norm.load_state_dict({k: src.get(f"{norm_name}.{k}").float() for k in norm.state_dict()})
+    norm.requires_grad_(False)
+    head_name = "lm_head.weight" if "lm_head.weight" in src.files else sk.embed_name
+    return norm, src.get(head_name).float()
+
+
+def embed(sk: Skeleton, src: SourceCheckpoint, ids: torch.Tensor) -> torch.Tensor:
+    """Input hidden states [n, S, hidden] (float32) of token windows `ids` [n, S]."""
+    w = src.get(sk.embed_name)
+    x = torch.nn.functional.embedding(ids, w).to(torch.float32)
+    scale = getattr(sk.config, "embedding_multiplier", None)  # e.g. Granite-style scaling; Llama has none
+    if scale:
+        x = x * float(scale)
+    return x
+
+
+def chunks(n: int, seq_len: int) -> List[slice]:
+    """Slices of the window axis, about CHUNK_TOKENS tokens each."""
+    per = max(1, CHUNK_TOKENS // seq_len)
+    return [slice(s, min(n, s + per)) for s in range(0, n, per)]
+
+
+class _Stop(Exception):
+    pass
+
+
+class LayerRunner:
+    """Runs one materialized decoder layer over chunks of hidden states and
+    captures the inputs of the MLP (shared by gate and up) and of down."""
+
+    def __init__(self, sk: Skeleton, seq_len: int):
+        self.sk = sk
+        self.position_ids = torch.arange(seq_len).unsqueeze(0)
+        self.position_embeddings = None
+        if sk.rotary is not None:
+            dummy = torch.zeros(1, seq_len, sk.hidden)
+            with torch.no_grad():
+                self.position_embeddings = sk.rotary(dummy, self.position_ids)
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(attention_mask=None, position_ids=self.position_ids.expand(x.shape[0], -1))
+        if self.position_embeddings is not None:
+            kwargs["position_embeddings"] = self.position_embeddings
+        out = layer(x, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, x: torch.Tensor, want_mlp_in: bool = False, want_down_in: bool = False,
+            stop_at: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        """Forward x through the layer. Returns {"out", "mlp_in", "down_in"} as asked.
+        `stop_at` ("mlp" or "down") ends the forward once that input is captured."""
+        got: Dict[str, torch.Tensor] = {}
+        hooks = []
+
+        def grab(key: str, stop: bool):
+            def hook(_mod, args, kwargs):
+                got[key] = args[0] if args else next(iter(kwargs.values()))
+                if stop:
+                    raise _Stop()
+            return hook
+
+        if want_mlp_in or stop_at == "mlp":
+            hooks.append(layer.mlp.register_forward_pre_hook(grab("mlp_in", stop_at == "mlp"), with_kwargs=True))
+        if want_down_in or stop_at == "down":
+            hooks.append(self.sk.projection(layer, DOWN).register_forward_pre_hook(
+                grab("down_in", stop_at == "down"), with_kwargs=True))
+        try:
+            got["out"] = self.forward(layer, x)
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        return got
+
+
+def mlp_input_grams(sk: Skeleton, runner: LayerRunner, layer: nn.Module, x: torch.Tensor
+                    ) -> Tuple[GramAccumulator, GramAccumulator]:
+    """Run `x` through `layer` in place, accumulating the Gram matrices of the MLP
+    input (shared by gate and up) and of the down projection's input."""
+    acc_a = GramAccumulator(sk.hidden)
+    acc_z = GramAccumulator(sk.projection(layer, DOWN).in_features)
+    for sl in chunks(x.shape[0], x.shape[1]):
+        got = runner.run(layer, x[sl], want_mlp_in=True, want_down_in=True)
+        acc_a.add(got["mlp_in"])
+        acc_z.add(got["down_in"])
+        x[sl] = got["out"]
+    return acc_a, acc_z
+
+
+def factored_module(u: torch.Tensor, v: torch.Tensor) -> nn.Module:
+    """A frozen `SVDLinear` computing `(x U) V` (ops.factored_linear), float32."""
+    from vllm_neuronmlp.hf_quantizer import SVDLinear
+
+    mod = SVDLinear(u.shape[0], v.shape[1], u.shape[1], dtype=torch.float32)
+    with torch.no_grad():
+        getattr(mod, cf.U_SUFFIX).copy_(u)
+        getattr(mod, cf.V_SUFFIX).copy_(v)
+    return mod.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def swapped(sk: Skeleton, layer: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Within the block, layer's projections {role: module} are replaced."""
+    dense = {role: sk.projection(layer, role) for role in modules}
+    for role, mod in modules.items():
+        setattr(layer.mlp, sk.attr(role), mod)
+    try:
+        yield
+    finally:
+        for role, mod in dense.items():
+            setattr(layer.mlp, sk.attr(role), mod)
