@@ -82,11 +82,17 @@ def test_weight_left_beside_factors(ckpt):
         fmt.validate(ckpt)
 
 
-def test_gate_without_up(ckpt):
+def unlist(ckpt, modules):
+    """Remove modules from config.json's ranks, leaving their tensors in place."""
     config = fmt.read_config(ckpt)
-    del config["quantization_config"]["ranks"][L0_UP]
+    for m in modules:
+        del config["quantization_config"]["ranks"][m]
     with open(os.path.join(ckpt, "config.json"), "w") as f:
         json.dump(config, f)
+
+
+def test_gate_without_up(ckpt):
+    unlist(ckpt, [L0_UP])
     with pytest.raises(fmt.CheckpointFormatError, match=r"gate_proj is factored but .*up_proj is not"):
         fmt.validate(ckpt)
 
@@ -100,11 +106,7 @@ def test_non_finite_values(ckpt):
 
 
 def test_stray_factor(ckpt):
-    config = fmt.read_config(ckpt)
-    for m in (mlp_module("llama", 1, role) for role in (GATE, UP)):
-        del config["quantization_config"]["ranks"][m]
-    with open(os.path.join(ckpt, "config.json"), "w") as f:
-        json.dump(config, f)
+    unlist(ckpt, [mlp_module("llama", 1, role) for role in (GATE, UP)])
     with pytest.raises(fmt.CheckpointFormatError, match=r"layers\.1\.mlp\.(gate|up)_proj\.svd_[uv] is a factor of .*not listed"):
         fmt.validate(ckpt)
 
