@@ -1,13 +1,14 @@
 """`vllm serve` on a factored checkpoint (with and without --quantization svd_neuron)
 answers an OpenAI-client completion, and `vllm bench serve` runs against it with
-zero failed requests. Servers listen on 127.0.0.1 only."""
+zero failed requests. Servers listen on 127.0.0.1 only. They run vLLM's default
+compiled path (no --enforce-eager), as a user's `vllm serve` does."""
 import pytest
 
 from model_factory import make_dense_and_factored
 from vllm_neuronmlp.tools.serving import VllmServer, bench_serve
 
-pytestmark = pytest.mark.timeout(900)
-SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
+SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "256"]
 
 
 @pytest.fixture(scope="module")
