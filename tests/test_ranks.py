@@ -162,3 +162,13 @@ def test_unreachable_ratio_is_an_error_naming_the_limit():
         # 1 - 128 * (576 + 1536) / (576 * 1536) = 0.6944
         with pytest.raises(rk.BudgetError, match=r"largest reachable ratio 0\.6944"):
             alloc()
+
+
+def test_tail_energies_are_the_truncation_losses():
+    rnd = random.Random(3)
+    spectrum = sorted((rnd.uniform(0, 5) for _ in range(300)), reverse=True)
+    tails = rk.tail_energies(spectrum)
+    assert len(tails) == 301 and tails[-1] == 0.0
+    for r in range(1, 301):
+        assert tails[r] == pytest.approx(rk.truncation_loss(spectrum, r), rel=1e-12, abs=1e-12)
+    assert tails[0] == pytest.approx(sum(s * s for s in spectrum), rel=1e-12)

@@ -272,6 +272,15 @@ def truncation_loss(spectrum: Sequence[float], rank: int) -> float:
     return float(sum(s * s for s in spectrum[rank:]))
 
 
+def tail_energies(spectrum: Sequence[float]) -> List[float]:
+    """Suffix sums: `tails[r]` = sum of squared singular values from index r on
+    (= truncation_loss(spectrum, r)); `tails[len(spectrum)] = 0`."""
+    tails = [0.0] * (len(spectrum) + 1)
+    for k in range(len(spectrum) - 1, -1, -1):
+        tails[k] = tails[k + 1] + float(spectrum[k]) ** 2
+    return tails
+
+
 def allocate_adaptive(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[float]], ratio: float,
                       block: int, normalize: bool = True, power: float = 1.0) -> Dict[str, int]:
     """Greedy allocation from the whitened singular spectra.
@@ -283,7 +292,8 @@ def allocate_adaptive(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence
     `normalize` it is divided by the matrix's total energy (relative error), so
     layers whose activations are large do not take the whole budget. Since each
     spectrum is sorted, the marginal gains fall block by block and the greedy
-    choice is optimal up to the last, partly filled step.
+    choice is optimal up to the last, partly filled step. Losses are read from
+    suffix sums of the squared spectra, computed once (benchmarks/allocate_timing.py).
     """
     check_ratio(ratio)
     check_block_size(block)
@@ -293,14 +303,18 @@ def allocate_adaptive(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence
     for mat in matrices:
         if mat.name not in spectra:
             raise ValueError(f"no spectrum for {mat.name}")
+    tails = {mat.name: tail_energies(spectra[mat.name]) for mat in matrices}
     weights = {}
     for mat in matrices:
-        total = float(sum(s * s for s in spectra[mat.name]))
+        total = tails[mat.name][0]
         weights[mat.name] = 1.0 / total if (normalize and total > 0) else 1.0
 
     def loss(i: int, r: int) -> float:
-        mat = st.mats[i]
-        return (weights[mat.name] * truncation_loss(spectra[mat.name], r)) ** power
+        name = st.mats[i].name
+        if r == DENSE:
+            return 0.0
+        tail = tails[name]
+        return (weights[name] * tail[min(r, len(tail) - 1)]) ** power
 
     while True:
         best, best_score = None, -1.0
