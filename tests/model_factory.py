@@ -1,4 +1,4 @@
-"""Tiny random Llama, Mistral, Qwen2 and Qwen3 checkpoints built by the tests (nothing downloaded).
+"""Tiny random Llama, Mistral, Qwen2, Qwen3 and Gemma checkpoints built by the tests (nothing downloaded).
 
 `make_dense_and_factored` writes a factored `svd_neuron` checkpoint and its dense
 twin whose MLP weights are exactly `W = U V` (the product computed in float64,
@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp import mlp_families
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")  # one per MLP family of mlp_families
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # one per MLP family of mlp_families
 
 TOKENIZER_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -45,7 +45,7 @@ def make_tokenizer(path: str, vocab_size: int) -> None:
 
 
 def make_config(arch: str, hidden: int, intermediate: int, layers: int, vocab: int, dtype: torch.dtype):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=hidden // HEAD_DIM, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
@@ -58,6 +58,8 @@ def make_config(arch: str, hidden: int, intermediate: int, layers: int, vocab: i
         return Qwen2Config(**common)
     if arch == "mistral":  # full attention, as Mistral-7B v0.2+ (no sliding window)
         return MistralConfig(sliding_window=None, **common)
+    if arch == "gemma":  # GELU-tanh MLP; embeddings scaled by sqrt(hidden)
+        return GemmaConfig(head_dim=HEAD_DIM, hidden_activation="gelu_pytorch_tanh", **common)
     raise ValueError(f"no tiny config for {arch!r}; choose one of {ARCHS}")
 
 

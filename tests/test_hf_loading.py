@@ -59,7 +59,7 @@ def test_unsupported_model_type_is_named(tmp_path):
     write_unsupported_model(str(tmp_path))
     with pytest.raises(mlp_families.UnsupportedModelError,
                        match=r"model_type 'phi3' has no known MLP family; vllm-neuronmlp supports model_type "
-                             r"llama, mistral, qwen2, qwen3"):
+                             r"llama, mistral, qwen2, qwen3, gemma"):
         load(tmp_path)
 
 

@@ -76,4 +76,4 @@ def test_unsupported_model_type(tmp_path):
     write_unsupported_model(str(tmp_path / "phi3"))
     proc = run_engine(str(tmp_path / "phi3"), str(tmp_path / "o.json"))
     fails_with(proc, r"UnsupportedModelError: config\.json model_type 'phi3' has no known MLP family; vllm-neuronmlp "
-                     r"supports model_type llama, mistral, qwen2, qwen3")
+                     r"supports model_type llama, mistral, qwen2, qwen3, gemma")

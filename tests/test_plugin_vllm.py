@@ -9,8 +9,8 @@ sides differ only in the order of float32 roundings).
 Engine start-ups are what these tests cost, so each engine serves several
 checks, and the float32 dense twin is run by transformers (`reference_outputs`,
 which matches a dense vLLM engine to ~2e-6) rather than by another engine.
-One model per MLP family: Llama and Qwen3 (eager), Qwen2 (eager), Mistral on
-vLLM's default compiled path (torch.compile, inductor), which `vllm serve` runs.
+One model per MLP family: Llama, Qwen3, Qwen2 and Gemma (GELU-tanh) eager, Mistral
+on vLLM's default compiled path (torch.compile, inductor), which `vllm serve` runs.
 """
 import pytest
 
@@ -82,6 +82,16 @@ def test_qwen2_factored_matches_dense_fp32(tmp_path):
                                               rank=64)
     got = engine(tmp_path, factored, "factored")
     assert got["fused_mlps"] == LAYERS
+    assert_same_outputs(got, reference_outputs(dense), FP32_LOGPROB_TOL)
+
+
+def test_gemma_gelu_tanh_family_runs_per_linear(tmp_path):
+    # The fused op computes SiLU only, so a GELU-tanh MLP keeps vLLM's own activation
+    # between the two factored linears, and must still match its dense twin.
+    dense, factored = make_dense_and_factored(str(tmp_path), "gemma", hidden=192, intermediate=200, layers=LAYERS,
+                                              rank=64)
+    got = engine(tmp_path, factored, "factored")
+    assert got["fused_mlps"] == 0
     assert_same_outputs(got, reference_outputs(dense), FP32_LOGPROB_TOL)
 
 

@@ -57,6 +57,8 @@ FAMILIES: Tuple[MLPFamily, ...] = (
     MLPFamily("mistral", ("mistral",)),
     MLPFamily("qwen2", ("qwen2",)),
     MLPFamily("qwen3", ("qwen3",)),
+    # Gemma (1st generation): GELU, tanh approximation (hidden_activation gelu_pytorch_tanh)
+    MLPFamily("gemma", ("gemma",), activation=GELU_TANH),
 )
 
 
