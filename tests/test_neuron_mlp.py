@@ -143,6 +143,8 @@ def test_forward_equals_ops_svd_mlp_torch_and_emulator(tmp_path, monkeypatch):
     ours_torch = mlp(x, is_prefill=False)
     torch.testing.assert_close(ours_torch, ops.svd_mlp(x, *args, backend="torch"), rtol=0, atol=0)
     monkeypatch.setenv(ops.BACKEND_ENV, "nki-sim")   # the same NKI kernels, run by the CPU emulator
+    mlp.finalize()                                   # the path is decided after loading
+    assert mlp._path == "nki-sim"
     ours_sim = mlp(x, is_prefill=False)
     torch.testing.assert_close(ours_sim, ops.svd_mlp(x, *args, backend="nki-sim"), rtol=0, atol=0)
     assert _rel(ours_sim, _dense_reference(tensors, x)) < TOL
@@ -158,3 +160,42 @@ def test_bad_shape_and_non_finite_factor_are_named(tmp_path):
     tensors[f"{PREFIX}.down_proj.svd_u"][3, 1] = float("nan")
     with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.mlp\.down_proj\.svd_u has non-finite values"):
         _rank_mlp(_write(tmp_path, tensors), 1, 0)
+
+
+def test_kernel_path_is_chosen_once_and_takes_the_four_factors(tmp_path, monkeypatch):
+    """Where the device kernels can run, finalize() picks them and the forward hands the
+    separate factors to the launcher (no side-by-side copy). The device here is stood in
+    by the emulator behind `launch.svd_mlp_nki`; see test_kernels_launch for the launch
+    itself. Where they cannot, the torch fallback is said once in the log."""
+    import numpy as np
+
+    from vllm_neuronmlp.kernels import launch
+
+    tensors = _factors(seed=5)
+    ckpt = _write(tmp_path, tensors)
+    calls = []
+
+    def device_standin(x, *factors):
+        calls.append([tuple(f.shape) for f in factors])
+        y = launch.svd_mlp_sim(x.numpy(), *[f.numpy() for f in factors])
+        return torch.from_numpy(np.asarray(y))
+
+    monkeypatch.setattr(ops, "select_backend", lambda device, requested=None: "nki")
+    monkeypatch.setattr(launch, "device_support", lambda *t: (True, ""))
+    monkeypatch.setattr(launch, "svd_mlp_nki", device_standin)
+    mlp, _ = _rank_mlp(ckpt, 2, 1)
+    assert mlp._path == "kernels" and mlp._gate_up is None
+    x = torch.randn(S, H, generator=torch.Generator().manual_seed(9))
+    partial = mlp(x, is_prefill=False)
+    assert calls == [[(H, 32), (32, I // 2), (H, 48), (48, I // 2), (I // 2, 32), (32, H)]]
+    other, _ = _rank_mlp(ckpt, 2, 0)
+    assert _rel(partial + other(x, is_prefill=False), _dense_reference(tensors, x)) < TOL
+
+    monkeypatch.setattr(launch, "device_support", lambda *t: (False, "tensors are on device cpu, not a Neuron device"))
+    launch._fallbacks_logged.clear()
+    with pytest.MonkeyPatch.context() as m:
+        records = []
+        m.setattr(launch.logger, "warning", lambda *a: records.append(a[0] % a[1:]))
+        mlp.finalize()
+        mlp.finalize()
+    assert mlp._path == "torch" and len(records) == 1 and "not a Neuron device" in records[0]

@@ -16,7 +16,8 @@ vllm-neuron's own checkpoint reader fills it with our `ShardLoader` (sharding.py
 Compute, for a fully factored SiLU MLP: the two NKI kernels (`mlp.up_gate` then
 `mlp.down`) through the one launcher (kernels/launch.py) on a Neuron device, with the
 torch fallback `ops.svd_mlp` where they cannot run; `VLLM_NEURONMLP_BACKEND` picks
-`torch` / `nki-sim` on CPU like everywhere else (vllm_neuronmlp/ops.py). A layer with a
+`torch` / `nki-sim` on CPU like everywhere else (vllm_neuronmlp/ops.py). The path is
+decided once, after loading (`finalize`), outside the compiled graph. A layer with a
 dense projection (the compressor keeps a module dense when factoring saves nothing) runs
 each projection on its own: `ops.factored_linear` or `x @ W`.
 """
@@ -89,6 +90,7 @@ class SVDNeuronMLP(torch.nn.Module):
             self.add_module(proj, FactoredProjection(module, role, hidden_size, intermediate_size,
                                                      ranks.get(role), mlp_tp_rank, mlp_tp_size, dtype))
         self._gate_up = None   # [U_g | U_u], [V_g ; V_u] for ops.svd_mlp, built by finalize()
+        self._path = None      # decided once by finalize(): "kernels", "torch", "nki-sim" or "per-projection"
 
     @classmethod
     def from_stock(cls, stock: torch.nn.Module, *, layer: int, family: mlp_families.MLPFamily, hidden_size: int,
@@ -119,19 +121,29 @@ class SVDNeuronMLP(torch.nn.Module):
         return self.fully_factored and self.family.activation == mlp_families.SILU
 
     def finalize(self) -> None:
-        """After loading: build the side-by-side gate/up factors the torch and emulator
-        paths take (ops.svd_mlp), unless this MLP's tensors are where the device kernels run
-        (they take the four factors separately, so nothing is copied)."""
+        """After loading, outside any compiled graph: decide how this MLP computes, once.
+
+        A fully factored SiLU MLP on a Neuron device whose kernels can run takes the NKI
+        kernels (the four factors separately, nothing copied); otherwise the torch
+        fallback is logged once with the reason, and the side-by-side gate/up factors that
+        `ops.svd_mlp` takes are built here rather than on every forward. Deciding here
+        keeps logging and backend checks out of `torch.compile(fullgraph=True)`."""
         if not self.fused:
+            self._path = "per-projection"
             return
         from vllm_neuronmlp.kernels import launch
 
         p = self.projections()
         gate, up = p[mlp_families.GATE], p[mlp_families.UP]
-        if launch.device_support(gate.svd_u)[0]:
-            self._gate_up = None
-            return
-        self._gate_up = (torch.cat([gate.svd_u, up.svd_u], dim=1), torch.cat([gate.svd_v, up.svd_v], dim=0))
+        path = ops.select_backend(gate.svd_u.device)
+        if path == "nki":
+            ok, reason = launch.device_support(gate.svd_u)
+            path = "kernels" if ok else "torch"
+            if not ok:
+                launch.log_fallback_once("the svd_neuron MLP", reason)
+        self._path = path
+        self._gate_up = None if path == "kernels" else (torch.cat([gate.svd_u, up.svd_u], dim=1),
+                                                        torch.cat([gate.svd_v, up.svd_v], dim=0))
 
     # ------------------------------------------------------------ compute
     def local_mlp(self, h: torch.Tensor) -> torch.Tensor:
@@ -140,19 +152,14 @@ class SVDNeuronMLP(torch.nn.Module):
         gate, up, down = p[mlp_families.GATE], p[mlp_families.UP], p[mlp_families.DOWN]
         if not self.fused:
             return down(self.act(gate(h)) * up(h))
-        backend = ops.select_backend(h.device)
-
-        def fused(name: str) -> torch.Tensor:
-            gate_up_u, gate_up_v = self._gate_up or (torch.cat([gate.svd_u, up.svd_u], dim=1),
-                                                     torch.cat([gate.svd_v, up.svd_v], dim=0))
-            return ops.svd_mlp(h, gate_up_u, gate_up_v, down.svd_u, down.svd_v, gate.rank, name)
-
-        if backend == "nki":
+        if self._path is None:   # used before finalize() (eager use): decide on first use
+            self.finalize()
+        if self._path == "kernels":
             from vllm_neuronmlp.kernels import launch
 
-            return launch.svd_mlp(h, gate.svd_u, gate.svd_v, up.svd_u, up.svd_v, down.svd_u, down.svd_v,
-                                  fallback=lambda: fused("torch"))
-        return fused(backend)
+            return launch.svd_mlp_nki(h, gate.svd_u, gate.svd_v, up.svd_u, up.svd_v, down.svd_u, down.svd_v)
+        gate_up_u, gate_up_v = self._gate_up
+        return ops.svd_mlp(h, gate_up_u, gate_up_v, down.svd_u, down.svd_v, gate.rank, self._path)
 
     def forward(self, hidden_states: torch.Tensor, is_prefill: bool) -> torch.Tensor:
         if is_prefill and self.world_size > 1:
