@@ -12,12 +12,18 @@
   transposing DMAs (the tutorial expects x^T in HBM).
 * `sequential_xuv(x, u, v)`: the two-matmul low-rank linear: t = x @ u written to HBM,
   read back, y = t @ v -- each a `dense_xw`-style matmul.
+* `naive_fused_xuv(x, u, v)`: the strawman of the paper's Table 1, a fused kernel that
+  caches nothing across output blocks: every [block_m, block_n] block of y recomputes
+  (x u)^T for its block_m tokens (U streamed again) before multiplying by its V columns.
+  The block sizes of the authors' version are not published; 128 x 512 (one PE tile by
+  one PSUM bank) is our assumption.
 
 Traffic: x (as x^T) is re-read once per column block of w, w once per M block.
 """
-from .nki_compat import jit, nisa, nl
-from .xuv import (MM_N, P, Buffers, TransposeScratch, _cdiv, check_dims, load_transposed,
-                  n_buffers, over_strips)
+from . import blocking
+from .nki_compat import jit, nisa, nl, target_name
+from .xuv import (MM_N, P, Buffers, TransposeScratch, _cdiv, _stage1, _stage2_rows, check_dims,
+                  elem_bytes, load_transposed, n_buffers, over_strips)
 
 TILES_M, TILES_N, TILES_K = 16, 2, 8
 
@@ -117,4 +123,26 @@ def sequential_xuv(x, u, v):
     blocked_matmul(x, u, t)
     y = nl.ndarray((S, v.shape[1]), dtype=x.dtype, buffer=nl.shared_hbm)
     blocked_matmul(t, v, y)
+    return y
+
+
+@jit
+def naive_fused_xuv(x, u, v, block_m=128, block_n=512):
+    """y = (x @ u) @ v recomputing x @ u for every output block (see the module doc)."""
+    S, K = x.shape
+    r = u.shape[1]
+    N = v.shape[1]
+    check_dims("naive_fused_xuv", K=(u.shape[0], K), r=(v.shape[0], r))
+    e = elem_bytes(x.dtype)
+    shape = blocking.KernelShape(S, K, (r,), N, e, elem_bytes(u.dtype), elem_bytes(v.dtype), e,
+                                 "rows", False)
+    plan = blocking.plan(shape, block_m, target_name())
+    y = nl.ndarray((S, N), dtype=x.dtype, buffer=nl.shared_hbm)
+
+    def strip_body(strip):
+        for n0 in nl.static_range(0, N, block_n):
+            parts = _stage1(x, (u,), strip, plan, False)
+            _stage2_rows(parts, v, y, block_n, strip, columns=(n0, min(block_n, N - n0)))
+
+    over_strips(S, min(block_m, S), strip_body)
     return y

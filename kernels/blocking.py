@@ -330,14 +330,20 @@ def modeled_time(ks: KernelShape, block_m: int, target="trn1") -> float:
 # -- the selector -----------------------------------------------------------------------
 
 def candidate_blocks(ks: KernelShape, target="trn1"):
-    """BM = 128, 256, ... while the plan fits the budget (and not beyond one strip)."""
+    """BM = 128 x (1, 2, 3, 4, 6, 8, 12, 16, ...) -- powers of two and the midpoints
+    between them -- while the plan fits the budget (and not beyond one strip). Each
+    candidate costs a count-only emulator run; the geometric grid keeps that at a dozen
+    runs for any S."""
     budget = sbuf_budget(target)
-    bm = P
-    while sbuf_peak_bytes(ks, bm, target) <= budget:
-        yield bm
-        if bm >= ks.S:
-            return
-        bm += P
+    k = 1
+    while True:
+        for bm in (P * k, P * k * 3 // 2) if k >= 2 else (P * k,):
+            if sbuf_peak_bytes(ks, bm, target) > budget:
+                return
+            yield bm
+            if bm >= ks.S:
+                return
+        k *= 2
 
 
 def select_block_m(ks: KernelShape, target="trn1", objective="time",

@@ -268,14 +268,16 @@ def _load_vblock(v, vb, n0, nb):
         nisa.dma_copy(dst=vb[0:rp, rt, 0:nb], src=v[r0:r0 + rp, n0:n0 + nb])
 
 
-def _stage2_rows(parts, v, y, block_n, strip):
+def _stage2_rows(parts, v, y, block_n, strip, columns=None):
     """y[t, n] for the strip, normal layout: the cached (x u)^T tile [r, 128 tokens] is
     the stationary operand, the V block the moving one -> PSUM [tokens, block_n] (up to
-    4 banks, two tiles); each output tile leaves as one DMA of block_n-wide rows."""
+    4 banks, two tiles); each output tile leaves as one DMA of block_n-wide rows.
+    columns=(n0, nb): only that one block of output columns."""
     r, N = v.shape
     nr = _cdiv(r, P)
     dtype = parts[0][2][0].dtype
-    blocks = [(n0, min(block_n, N - n0)) for n0 in range(0, N, block_n)]
+    blocks = [(n0, min(block_n, N - n0)) for n0 in range(0, N, block_n)] if columns is None \
+        else [columns]
     n_out = len(blocks) * sum(_cdiv(tb, P) for _, tb, _ in parts)
     vbs = Buffers("v_block", (P, nr, block_n), dtype, n_buffers(len(blocks)))
     outs = Buffers("y_tile", (P, block_n), y.dtype, n_buffers(n_out))

@@ -120,7 +120,11 @@ def test_count_only_replay_equals_value_mode():
     _, counts = sim.run(k_rows, sim.spec((1280, 96), "float32"), dynamic=True, count_only=True)
     a, b = vals.as_dict(), counts.as_dict()
     a.pop("count_only"), b.pop("count_only")
-    assert a == b
+    timed = ("engine_time_s", "engine_busy_s", "engine_stall_s", "modeled_latency_s", "mfu")
+    assert {k: v for k, v in a.items() if k not in timed} == \
+        {k: v for k, v in b.items() if k not in timed}
+    for k in timed:      # count-only replays the body, extrapolating its steady state
+        assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-15)
 
 
 def test_fused_static_instructions_do_not_grow_with_s():

@@ -36,6 +36,7 @@ from .errors import (IndirectViewError, LoopScopeError, PartitionDimError, PsumC
                      SbufCapacityError, UnsupportedError)
 from .targets import Target
 from .timeline import CELL_BYTES, HBM_CELLS
+from .timeline import Event as _Event
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP32 = np.dtype(np.float32)
@@ -138,19 +139,16 @@ class Context:
         self.counters = Counters()
         self.timeline = Timeline(target, sync_latency_s)
         self.loops = []              # active dynamic loops, outermost first
+        self.tracing = True
         self.allocations = []        # on-chip allocations of the static program
         self.active = True
         self.sbuf_peak = 0
         self.psum_peak_banks = 0
 
-    @property
-    def tracing(self) -> bool:
-        """True while the instruction stream is the static program (every enclosing
-        dynamic loop in its first iteration)."""
-        for loop in self.loops:
-            if loop.iteration:
-                return False
-        return True
+    def update_tracing(self):
+        """`tracing`: True while the instruction stream is the static program (every
+        enclosing dynamic loop in its first iteration)."""
+        self.tracing = not any(loop.iteration for loop in self.loops)
 
     # -- allocation ------------------------------------------------------------------
     def reused_allocation(self, shape, dtype, buffer):
@@ -206,28 +204,27 @@ class Context:
     def issue(self, engine, cost_s, reads=(), writes=(), psum_port=False, queue=None,
               occupancy_s=0.0):
         """One instruction: liveness/scope checks, counts, and the timeline."""
-        from .timeline import Event
         c = self.counters
-        for t in reads:
-            self.use(t._alloc)
-        for t in writes:
-            self.use(t._alloc)
+        use, span = self.use, self.span
         rspans = []
         for t in reads:
             a = t._alloc
+            use(a)
             if a.buffer.on_chip or a.hbm_written:
-                rspans.append(self.span(t))
+                rspans.append(span(t))
         wspans = []
         for t in writes:
-            if not t._alloc.buffer.on_chip:
-                t._alloc.hbm_written = True
-            wspans.append(self.span(t))
+            a = t._alloc
+            use(a)
+            if not a.buffer.on_chip:
+                a.hbm_written = True
+            wspans.append(span(t))
         if self.tracing:
             c.static_instructions += 1
         c.dynamic_instructions += 1
         c.instructions[engine] = c.instructions.get(engine, 0) + 1
-        self.timeline.schedule(Event(engine, cost_s, tuple(rspans), tuple(wspans), psum_port,
-                                     queue, occupancy_s))
+        self.timeline.schedule(_Event(engine, cost_s, tuple(rspans), tuple(wspans), psum_port,
+                                      queue, occupancy_s))
 
     def close_loop(self, loop):
         end = self.counters.static_instructions - 1

@@ -208,9 +208,8 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     c.cycles["tensor"] += cycles
     c.matmul_count += 1
     c.matmul_flops += 2 * k * m * n
-    # an accumulating matmul also reads its PSUM destination
-    reads = (stationary, moving, dst) if accumulate is not False else (stationary, moving)
-    ctx.issue("tensor", cycles / tgt.pe_hz, reads, (dst,))
+    # (an accumulating matmul also reads dst: ordered by the write-after-write on dst)
+    ctx.issue("tensor", cycles / tgt.pe_hz, (stationary, moving), (dst,))
     if ctx.count_only:
         return
     prod = _fp32(stationary).reshape(k, m).T @ _fp32(moving).reshape(k, n)
@@ -415,6 +414,7 @@ def _account_dma(ctx, dst: NkiTensor, src: NkiTensor, transpose=False):
         run = max(1, min(src.contiguous_run_bytes(), dst.contiguous_run_bytes()))
         c.dma_min_run_bytes = run if c.dma_min_run_bytes is None else min(c.dma_min_run_bytes, run)
         eff = dma_chunk_efficiency(run)
+    eff = min(1.0, eff * tgt.dma_efficiency_scale)
     hbm = None
     if _is_hbm(src):
         c.hbm_read_bytes += src.nbytes

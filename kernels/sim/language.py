@@ -171,9 +171,11 @@ def _dynamic_loop(start, stop, step):
             for v in values[1:]:
                 loop.iteration += 1
                 loop.cursor = 0
+                ctx.update_tracing()
                 yield Register(v)
     finally:
         ctx.loops.pop()
+        ctx.update_tracing()
         ctx.close_loop(loop)
 
 

@@ -87,6 +87,9 @@ class Target:
     # Cross-engine semaphore wait added when a compute instruction waits on another
     # engine's result. Not documented: 0 unless calibrated (docs/kernels.md).
     sync_latency_s: float = 0.0
+    # Multiplier on the DMA efficiency curve (capped at 1). 1 = the documented curve; a
+    # calibration knob only (docs/kernels.md, "Calibration").
+    dma_efficiency_scale: float = 1.0
 
     @property
     def psum_bank_bytes(self) -> int:
