@@ -370,3 +370,31 @@ def test_cli_compress_and_errors(work, capsys):
     assert code == 2 and "--ratio" in capsys.readouterr().err
     code = cli_main(["compress", work["llama"], str(work["dir"] / "x"), "--ratio", "0.5", "--block-size", "40"])
     assert code == 2 and "multiple of 32" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- LoRA recovery, from the command line
+def test_cli_lora_options_train_merge_and_write_what_was_measured(work):
+    from vllm_neuronmlp.tools import calibration, lora
+    from vllm_neuronmlp.tools.hf_model import load_model
+
+    base = str(work["dir"] / "lora-off")
+    out = str(work["dir"] / "lora-on")
+    common = ["--ratio", "0.5", "--block-size", "32", "--calib-text", work["calib"], "--calib-samples", "8",
+              "--calib-seq-len", "64", "--no-progress"]
+    assert cli_main(["compress", work["llama"], base, *common]) == 0
+    assert cli_main(["compress", work["llama"], out, *common, "--lora-steps", "6", "--lora-rank", "4",
+                     "--lora-lr", "1e-2", "--lora-batch", "2"]) == 0
+    info = cf.read_quantization_config(out).provenance["lora"]
+    assert (info["steps"], info["rank"], info["lr"], info["batch"]) == (6, 4, 1e-2, 2)
+    assert info["eval_text"].startswith("unused calibration windows")
+    assert info["ppl_after"] < info["ppl_before"]
+    cf.validate(out)
+    # same ranks as without LoRA, different factors
+    assert cf.read_quantization_config(out).ranks == cf.read_quantization_config(base).ranks
+    t_on, t_off = tensors(out), tensors(base)
+    changed = [n for n in t_on if n.endswith(cf.U_SUFFIX) and not torch.equal(t_on[n], t_off[n])]
+    assert changed
+    # the written checkpoint scores what LoRA reported on its validation windows (bf16 storage aside)
+    val = calibration.load(work["llama"], [work["calib"]], 8, 64, 0).validation
+    model, _ = load_model(out)
+    assert lora._ppl(model, val) == pytest.approx(info["ppl_after"], rel=2e-2)

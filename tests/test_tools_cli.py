@@ -145,3 +145,64 @@ def test_find_in_distribution_finds_files_and_reports_what_is_missing():
     assert find_in_distribution("pytest", "no-such-file.xyz") == (None, version)
     with pytest.raises(metadata.PackageNotFoundError):
         find_in_distribution("no-such-distribution-xyz", "a")
+
+
+# ---------------------------------------------------------------- one meaning per flag, light --help
+@pytest.mark.parametrize("cmd", ["", "compress", "eval", "inspect", "default-model"])
+def test_help_does_not_import_torch(cmd):
+    code = ("import sys\nfrom vllm_neuronmlp.tools.cli import main\n"
+            f"try:\n    main({[cmd, '--help'] if cmd else ['--help']!r})\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("NO-TORCH")
+
+
+def test_json_means_a_path_or_stdout_everywhere(ckpt, tmp_path, capsys):
+    path = tmp_path / "inspect.json"
+    assert cli_main(["inspect", ckpt["out"], "--json", str(path)]) == 0
+    assert "valid svd_neuron checkpoint" in capsys.readouterr().out  # text still printed
+    assert json.load(open(path))["ranks"] == cf.read_quantization_config(ckpt["out"]).ranks
+    calib = str(ckpt["dir"] / "calib.txt")
+    out = str(tmp_path / "c")
+    assert cli_main(["compress", ckpt["src"], out, "--ratio", "0.5", "--block-size", "32", "--calib-text", calib,
+                     "--calib-samples", "8", "--calib-seq-len", "64", "--no-progress", "--json", "-"]) == 0
+    s = json.loads(capsys.readouterr().out)  # only JSON on stdout
+    assert s["ranks"] == cf.read_quantization_config(out).ranks and s["ratio_requested"] == 0.5
+    assert cli_main(["eval", ckpt["out"], "--text", calib, "--seq-len", "64", "--max-tokens", "128",
+                     "--backend", "hf", "--json", "-"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["backend"] == "hf" and r["windows"] == 2 and r["dtype"] == "float32"
+
+
+def test_provenance_names_the_source_not_the_machine_path(ckpt):
+    prov = cf.read_quantization_config(ckpt["out"]).provenance
+    assert prov["source_model"] == "src" and prov["calibration"]["source"] == ["calib.txt"]
+    assert str(ckpt["dir"]) not in json.dumps(prov)
+
+
+def test_fast_dtype_follows_the_cpu_flags(tmp_path):
+    from vllm_neuronmlp.tools import cmd_common
+
+    plain = tmp_path / "avx2"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    bf16 = tmp_path / "amx"
+    bf16.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert not cmd_common.cpu_has_native_bf16(str(plain))
+    assert cmd_common.cpu_has_native_bf16(str(bf16))
+    assert not cmd_common.cpu_has_native_bf16(str(tmp_path / "missing"))
+
+
+def test_demo_step_times_add_up_to_the_total():
+    import time
+
+    from vllm_neuronmlp.tools.demo import StepTimer
+
+    timer = StepTimer()
+    for key, pause in (("a", 0.05), ("b", 0.02), ("c", 0.03)):
+        timer.step(key, key)
+        time.sleep(pause)
+    line = timer.finish()
+    assert list(timer.table) == ["a", "b", "c"]
+    assert sum(timer.table.values()) == pytest.approx(timer.total, abs=1e-3)
+    assert line.endswith(f"total {timer.total:.0f} s")

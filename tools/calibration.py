@@ -11,6 +11,7 @@ subset taken as "the first k" would see only the start of the text.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -70,9 +71,15 @@ def calibration_tokens(src_path: str, texts: Sequence[str], samples: int, seq_le
     perm = torch.randperm(n_windows, generator=g)
     chosen = windows[perm[:samples].sort().values]
     unused = windows[perm[samples:].sort().values]
-    info = {"source": [text_data.describe(t) for t in texts], "tokens_available": len(ids), "samples": samples,
+    info = {"source": [text_name(t) for t in texts], "tokens_available": len(ids), "samples": samples,
             "seq_len": seq_len, "tokens_used": samples * seq_len, "seed": seed}
     return chosen, unused, info
+
+
+def text_name(text: str) -> str:
+    """How the provenance names a calibration text: the built-in split with its
+    origin, or a file's name (not this machine's path)."""
+    return text_data.describe(text) if text_data.is_builtin(text) else os.path.basename(text)
 
 
 def random_subset(windows: torch.Tensor, k: int, seed: int, stream: int) -> torch.Tensor:

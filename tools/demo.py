@@ -49,8 +49,8 @@ class StepTimer:
     def finish(self) -> str:
         self._close()
         self.current = None
-        total = time.time() - self.t_start
-        return ", ".join(f"{k} {v:.0f}" for k, v in self.table.items()) + f"; total {total:.0f} s"
+        self.total = time.time() - self.t_start
+        return ", ".join(f"{k} {v:.0f}" for k, v in self.table.items()) + f"; total {self.total:.0f} s"
 
 
 def main(argv=None) -> int:
