@@ -72,3 +72,33 @@ def test_hbm_traffic_order_at_paper_shapes(S):
                        sim.spec((r, N), bf), block_m=bm, count_only=True)
     assert fused.hbm_bytes < seq.hbm_bytes < dense.hbm_bytes
     assert fused.flops == seq.flops < dense.flops
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["fp32", "bf16"])
+def test_naive_fused_recomputes_xu_per_output_block(dtype):
+    """The paper's Table-1 strawman: same values; U is read once per (128-token block,
+    512-column block) pair and the FLOPs of x @ u repeat as often."""
+    S, K, r, N = 300, 200, 130, 1100
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((S, K)).astype(dtype)
+    u = (rng.standard_normal((K, r)) / np.sqrt(K)).astype(dtype)
+    v = (rng.standard_normal((r, N)) / np.sqrt(r)).astype(dtype)
+    y, st = sim.run(baselines.naive_fused_xuv, x, u, v)
+    check(y, d(x) @ d(u) @ d(v), dtype)
+    m_blocks, n_blocks = 3, 3
+    assert st.flops == 2 * S * r * K * n_blocks + 2 * S * r * N
+    e = np.dtype(dtype).itemsize
+    assert st.hbm_read_bytes == e * (S * K * n_blocks + K * r * m_blocks * n_blocks
+                                     + r * N * m_blocks)
+
+
+def test_dense_m_blocks_are_one_hardware_loop():
+    """The M-block loop is a nl.dynamic_range: the static program does not grow with S,
+    the executed one does."""
+    counts = {}
+    for S in (2048, 8192):
+        _, st = sim.run(baselines.dense_xw, sim.spec((S, 512)), sim.spec((512, 1024)),
+                        count_only=True)
+        counts[S] = (st.static_instructions, st.dynamic_instructions)
+    assert counts[2048][0] == counts[8192][0]
+    assert counts[8192][1] == 4 * counts[2048][1]

@@ -59,6 +59,8 @@ FAKE_SDK = {
         "    raise RuntimeError('fake SDK: simulate')\n"),
     "language.py": (
         "float32 = 'float32'\nbfloat16 = 'bfloat16'\n"
+        "class tile_size:\n    pmax = 128\n    gemm_stationary_fmax = 128\n"
+        "    gemm_moving_fmax = 512\n    psum_bank_fmax = 512\n"
         "def ndarray(*a, **k):\n    raise RuntimeError('fake SDK: nl.ndarray')\n"),
     "isa.py": (
         "def nc_matmul(*a, **k):\n    raise RuntimeError('fake SDK: nc_matmul')\n"
