@@ -242,5 +242,7 @@ def activation_error(x: torch.Tensor, weight_io: torch.Tensor, u: torch.Tensor, 
     x64 = x.reshape(-1, x.shape[-1]).double()
     xt = x64 if x_target is None else x_target.reshape(-1, x_target.shape[-1]).double()
     ref = xt @ weight_io.double()
-    approx = (x64 @ u.double()) @ v.double()
+    from vllm_neuronmlp.ops import factored_linear
+
+    approx = factored_linear(x64, u.double(), v.double())
     return float(torch.linalg.norm(approx - ref) / torch.linalg.norm(ref))
