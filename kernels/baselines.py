@@ -23,7 +23,7 @@ Traffic: x (as x^T) is re-read once per column block of w, w once per M block.
 from . import blocking
 from .nki_compat import jit, nisa, nl, target_name
 from .xuv import (MM_N, P, Buffers, TransposeScratch, _cdiv, _stage1, _stage2_rows, check_dims,
-                  elem_bytes, load_transposed, n_buffers, over_strips)
+                  load_transposed, n_buffers, over_strips, xuv_kernel_shape)
 
 TILES_M, TILES_N, TILES_K = 16, 2, 8
 
@@ -129,13 +129,8 @@ def sequential_xuv(x, u, v):
 @jit
 def naive_fused_xuv(x, u, v, block_m=128, block_n=512):
     """y = (x @ u) @ v recomputing x @ u for every output block (see the module doc)."""
-    S, K = x.shape
-    r = u.shape[1]
-    N = v.shape[1]
-    check_dims("naive_fused_xuv", K=(u.shape[0], K), r=(v.shape[0], r))
-    e = elem_bytes(x.dtype)
-    shape = blocking.KernelShape(S, K, (r,), N, e, elem_bytes(u.dtype), elem_bytes(v.dtype), e,
-                                 "rows", False)
+    shape = xuv_kernel_shape("naive_fused_xuv", x, u, v, "rows")
+    S, N = shape.S, shape.N
     plan = blocking.plan(shape, block_m, target_name())
     y = nl.ndarray((S, N), dtype=x.dtype, buffer=nl.shared_hbm)
 

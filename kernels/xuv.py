@@ -386,6 +386,16 @@ def strip_plan(shape, block_m):
     return blocking.plan(shape, int(block_m), target)
 
 
+def xuv_kernel_shape(name, x, u, v, out):
+    """The strip model's view of a y = (x u) v launch, after checking the dims."""
+    S, K = x.shape
+    r = u.shape[1]
+    check_dims(name, K=(u.shape[0], K), r=(v.shape[0], r))
+    e = elem_bytes(x.dtype)
+    return blocking.KernelShape(S, K, (r,), v.shape[1], e, elem_bytes(u.dtype),
+                                elem_bytes(v.dtype), e, out, False)
+
+
 def elem_bytes(dtype):
     return 4 if dtype == nl.float32 else 2
 
@@ -399,13 +409,8 @@ def fused_xuv(x, u, v, transpose_out=False, block_m=None):
     block_m: tokens per row strip; None -> `blocking.select_block_m` for the target.
     Any S >= 1, any K, r, N (partial tiles are masked by slicing, never dropped).
     """
-    S, K = x.shape
-    r = u.shape[1]
-    N = v.shape[1]
-    check_dims("fused_xuv", K=(u.shape[0], K), r=(v.shape[0], r))
-    e = elem_bytes(x.dtype)
-    shape = blocking.KernelShape(S, K, (r,), N, e, elem_bytes(u.dtype), elem_bytes(v.dtype), e,
-                                 "cols" if transpose_out else "rows", False)
+    shape = xuv_kernel_shape("fused_xuv", x, u, v, "cols" if transpose_out else "rows")
+    S, N = shape.S, shape.N
     plan = strip_plan(shape, block_m)
     if transpose_out:
         y = nl.ndarray((N, S), dtype=x.dtype, buffer=nl.shared_hbm)
