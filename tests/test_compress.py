@@ -398,3 +398,14 @@ def test_cli_lora_options_train_merge_and_write_what_was_measured(work):
     val = calibration.load(work["llama"], [work["calib"]], 8, 64, 0).validation
     model, _ = load_model(out)
     assert lora._ppl(model, val) == pytest.approx(info["ppl_after"], rel=2e-2)
+
+
+def test_progress_names_every_stage_and_no_progress_silences_it(work, capfd):
+    C.compress(work["llama"], str(work["dir"] / "progress"), 0.5, **{**opts(work), "progress": True})
+    err = capfd.readouterr().err
+    for stage in ("calibration: tokenize the text and draw the windows: done in", "sensitivity: forward",
+                  "sensitivity: backward", "factor (fisher)", "validate the written checkpoint: done in"):
+        assert stage in err, stage
+    C.compress(work["llama"], str(work["dir"] / "quiet"), 0.5, **opts(work))
+    err = capfd.readouterr().err
+    assert "done in" not in err and "factor (fisher)" not in err

@@ -104,7 +104,8 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
 
     calib = None
     if method.needs_calibration or opts.lora_steps > 0:
-        calib = calibration.load(src_path, opts.calib_text, opts.calib_samples, opts.calib_seq_len, opts.seed)
+        with pg.stage("calibration: tokenize the text and draw the windows", opts.progress):
+            calib = calibration.load(src_path, opts.calib_text, opts.calib_samples, opts.calib_seq_len, opts.seed)
     ctx = Context(sk, src, opts, calib)
 
     stats = None
