@@ -359,3 +359,206 @@ def layer_index(name: str) -> int:
         if a == "layers" and b.isdigit():
             return int(b)
     return 0
+
+
+# ---------------------------------------------------------------- intermediate widths
+# A layer may also keep only k of its I intermediate channels (methods/nystrom.py):
+# its gate/up outputs and down inputs are k wide. A *plan* is ranks plus widths.
+
+@dataclass
+class Plan:
+    """An allocation: {module: rank (DENSE = dense)} and {layer index: width k}
+    for the layers narrowed below the intermediate size (absent = full width)."""
+
+    ranks: Dict[str, int]
+    widths: Dict[int, int]
+
+
+def narrowed(mat: Matrix, width: Optional[int]) -> Matrix:
+    """The matrix of a layer narrowed to `width` intermediate channels: gate/up
+    lose output columns, down loses input rows (None: unchanged)."""
+    if width is None:
+        return mat
+    role = fam.role_of(mat.name)
+    if role == fam.DOWN:
+        return Matrix(mat.name, width, mat.n, mat.group, mat.layer)
+    return Matrix(mat.name, mat.m, width, mat.group, mat.layer)
+
+
+def plan_cost(matrices: Sequence[Matrix], ranks: Mapping[str, int], widths: Mapping[int, int]) -> int:
+    return sum(narrowed(m, widths.get(m.layer)).cost(ranks.get(m.name, DENSE)) for m in matrices)
+
+
+def plan_ratio(matrices: Sequence[Matrix], ranks: Mapping[str, int], widths: Mapping[int, int]) -> float:
+    """Fraction of the targeted (full-width, dense) parameters a plan removes."""
+    return 1.0 - plan_cost(matrices, ranks, widths) / sum(m.dense for m in matrices)
+
+
+def _width_budget(layers: Sequence[int], hidden: int, inter: int, ratio: float, block: int) -> int:
+    check_ratio(ratio)
+    check_block_size(block)
+    if inter % block:
+        raise BudgetError(f"intermediate size {inter} is not a multiple of block size {block}: channel widths "
+                          f"are block multiples, so the full width is not a level")
+    budget = int(math.floor((1.0 - ratio) * 3 * hidden * inter * len(layers) + 1e-9))
+    if 3 * hidden * block * len(layers) > budget:
+        floor = block / inter
+        raise BudgetError(f"ratio {ratio} cannot be reached with channel widths of at least one block ({block} "
+                          f"of {inter} channels; largest reachable ratio {1 - floor:.4f})")
+    return budget
+
+
+def allocate_widths_uniform(layers: Sequence[int], hidden: int, inter: int, ratio: float,
+                            block: int) -> Dict[int, int]:
+    """The same block-aligned width in every layer, the budget's remainder spent
+    one block at a time on layers spread evenly (dense MLPs, 3 h k parameters
+    each). Returns {layer: width} for the narrowed layers."""
+    budget = _width_budget(layers, hidden, inter, ratio, block)
+    per_block = 3 * hidden * block
+    base = (budget // (len(layers) * per_block)) * block
+    widths = {i: base for i in layers}
+    spare = budget - len(layers) * 3 * hidden * base
+    order = [layers[k] for k in _spread_order([Matrix(str(i), 1, 1, None, i) for i in layers])]
+    for i in order:
+        if spare >= per_block and widths[i] < inter:
+            widths[i] += block
+            spare -= per_block
+    return {i: k for i, k in widths.items() if k < inter}
+
+
+def allocate_widths_greedy(layers: Sequence[int], hidden: int, inter: int, losses: Mapping[int, Sequence[float]],
+                           ratio: float, block: int) -> Dict[int, int]:
+    """Channels removed one block at a time from the layer where the estimated
+    loss (`losses[layer][k]`, keeping k channels) rises least, until the dense
+    narrowed MLPs fit the budget."""
+    budget = _width_budget(layers, hidden, inter, ratio, block)
+    widths = {i: inter for i in layers}
+    cost = 3 * hidden * inter * len(layers)
+    while cost > budget:
+        i = min((j for j in layers if widths[j] > block),
+                key=lambda j: (losses[j][widths[j] - block] - losses[j][widths[j]], j))
+        widths[i] -= block
+        cost -= 3 * hidden * block
+    return {i: k for i, k in widths.items() if k < inter}
+
+
+def allocate_hybrid(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[float]],
+                    channel_losses: Mapping[int, Sequence[float]], inter: int, ratio: float, block: int) -> Plan:
+    """One greedy allocation over both kinds of moves, all losses in one unit
+    (Fisher-weighted output error): drop a block of intermediate channels of a
+    layer (`channel_losses[layer][k]`, keeping k), lower a factored matrix by one
+    block of rank, or factor a dense matrix (gate and up together) at the rank
+    with the best loss per parameter saved. From the dense model, the move with
+    the smallest loss increase per parameter removed is applied until the plan
+    fits the budget. A factored matrix of a narrowed layer is costed at its
+    reduced shape; its rank-truncation loss is read from the full-width spectrum
+    (an upper bound: narrowing only removes energy). Never exceeds the budget;
+    raises BudgetError when even the smallest plan does not fit."""
+    check_ratio(ratio)
+    check_block_size(block)
+    mats = list(matrices)
+    budget = budget_params(mats, ratio)
+    tails = {m.name: tail_energies(spectra[m.name]) for m in mats}
+    layers = sorted({m.layer for m in mats})
+    by_layer = {i: [m for m in mats if m.layer == i] for i in layers}
+    ranks = {m.name: DENSE for m in mats}
+    widths = {i: inter for i in layers}
+
+    def shape(m: Matrix) -> Matrix:
+        return narrowed(m, widths[m.layer])
+
+    def tail(m: Matrix, r: int) -> float:
+        t = tails[m.name]
+        return 0.0 if r == DENSE else t[min(r, len(t) - 1)]
+
+    def moves():
+        """(loss increase, parameters saved, apply) of every available move."""
+        for i in layers:
+            k = widths[i]
+            if k - block >= block:
+                saved, extra, clamp = 0, 0.0, {}
+                for m in by_layer[i]:
+                    r = ranks[m.name]
+                    new = narrowed(m, k - block)
+                    if r != DENSE and r > new.max_rank(block):
+                        clamp[m.name] = new.max_rank(block)
+                        if clamp[m.name] < block:
+                            break
+                        extra += tail(m, clamp[m.name]) - tail(m, r)
+                    saved += shape(m).cost(r) - new.cost(clamp.get(m.name, r))
+                else:
+                    dloss = channel_losses[i][k - block] - channel_losses[i][k] + extra
+                    yield dloss, saved, ("width", i, clamp)
+            groups: Dict[Optional[str], List[Matrix]] = {}
+            for m in by_layer[i]:
+                groups.setdefault(m.group or m.name, []).append(m)
+            for members in groups.values():
+                if all(ranks[m.name] == DENSE for m in members):
+                    top = min(shape(m).max_rank(block) for m in members)
+                    for r in range(block, top + 1, block):
+                        saved = sum(shape(m).dense - shape(m).cost(r) for m in members)
+                        if saved > 0:
+                            yield sum(tail(m, r) for m in members), saved, ("factor", [m.name for m in members], r)
+                else:
+                    for m in members:
+                        r = ranks[m.name]
+                        if r - block >= block:
+                            yield tail(m, r - block) - tail(m, r), block * (shape(m).m + shape(m).n), \
+                                ("rank", [m.name], r - block)
+
+    cost = plan_cost(mats, ranks, {})
+    while cost > budget:
+        best = None
+        for dloss, saved, move in moves():
+            if saved <= 0:
+                continue
+            score = max(dloss, 0.0) / saved
+            if best is None or score < best[0]:
+                best = (score, move)
+        if best is None:
+            raise BudgetError(f"ratio {ratio} cannot be reached with block size {block}: every layer is at one "
+                              f"block of channels and rank")
+        kind, *args = best[1]
+        if kind == "width":
+            i, clamp = args
+            widths[i] -= block
+            ranks.update(clamp)
+        else:
+            names, r = args
+            for n in names:
+                ranks[n] = r
+        cost = plan_cost(mats, ranks, {i: k for i, k in widths.items() if k < inter})
+
+    # the last move may overshoot: give back, best loss reduction per parameter first, what still fits
+    while True:
+        best = None
+        for i in layers:
+            k = widths[i]
+            if k + block <= inter and all(ranks[m.name] == DENSE or ranks[m.name] <= narrowed(m, k + block)
+                                          .max_rank(block) for m in by_layer[i]):
+                added = sum(narrowed(m, k + block).cost(ranks[m.name]) - shape(m).cost(ranks[m.name])
+                            for m in by_layer[i])
+                gain = channel_losses[i][k] - channel_losses[i][k + block]
+                best = _better(best, gain, added, cost, budget, ("width", i))
+            for m in by_layer[i]:
+                r = ranks[m.name]
+                if r != DENSE and r + block <= shape(m).max_rank(block):
+                    best = _better(best, tail(m, r) - tail(m, r + block), block * (shape(m).m + shape(m).n), cost,
+                                   budget, ("rank", m.name))
+        if best is None:
+            break
+        kind, key = best[1]
+        if kind == "width":
+            widths[key] += block
+        else:
+            ranks[key] += block
+        cost = plan_cost(mats, ranks, {i: k for i, k in widths.items() if k < inter})
+    return Plan(ranks, {i: k for i, k in widths.items() if k < inter})
+
+
+def _better(best, gain: float, added: int, cost: int, budget: int, move):
+    """The better of `best` and a move adding `added` parameters for `gain`, if it fits."""
+    if added <= 0 or cost + added > budget:
+        return best
+    score = gain / added
+    return (score, move) if best is None or score > best[0] else best

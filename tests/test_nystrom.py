@@ -1,0 +1,172 @@
+"""Intermediate-channel selection with a Nyström-corrected down projection
+(tools/methods/nystrom.py) against numpy references, and the width / hybrid
+allocations (tools/ranks.py) under the budget."""
+import numpy as np
+import pytest
+import torch
+
+from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools.methods import nystrom as ny
+
+
+def random_z(tokens=400, inter=48, seed=0, dead=True):
+    """Correlated intermediate activations, with (`dead`) a few nearly dead channels."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((tokens, 16)) @ rng.standard_normal((16, inter)) + 0.1 * rng.standard_normal((tokens, inter))
+    if dead:
+        z[:, :3] *= 1e-3
+    return z
+
+
+def test_ridge_leverage_scores_match_numpy():
+    z = random_z()
+    c = z.T @ z
+    lam = ny.LEVERAGE_RIDGE * np.mean(np.diag(c))
+    want = np.diag(c @ np.linalg.solve(c + lam * np.eye(c.shape[0]), np.eye(c.shape[0])))
+    got = ny.ridge_leverage_scores(torch.from_numpy(c)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+    order = ny.leverage_order(torch.from_numpy(c)).tolist()
+    assert sorted(order) == list(range(c.shape[0]))
+    assert np.all(np.diff(want[order]) <= 1e-12)
+    assert set(order[-3:]) == {0, 1, 2}  # the dead channels score lowest
+
+
+def test_nystrom_down_minimises_the_reconstruction_error_over_the_kept_channels():
+    rng = np.random.default_rng(1)
+    z = random_z(seed=1, dead=False)
+    w = rng.standard_normal((z.shape[1], 20))
+    keep = torch.tensor(sorted(rng.choice(z.shape[1], 30, replace=False).tolist()))
+    got = ny.nystrom_down(torch.from_numpy(z.T @ z), torch.from_numpy(w), keep).numpy()
+    zs = z[:, keep.numpy()]
+    want = np.linalg.lstsq(zs, z @ w, rcond=None)[0]  # argmin_B ||Z W - Z_S B||
+    err = lambda b: np.linalg.norm(z @ w - zs @ b)
+    assert err(got) <= err(want) * (1 + 1e-6)
+    assert np.linalg.norm(zs @ got - zs @ want) < 1e-4 * np.linalg.norm(z @ w)  # the same fit, up to the ridge
+    # a perturbed down projection is worse, and the uncorrected rows of W are much worse
+    assert err(got + 1e-3 * rng.standard_normal(got.shape)) > err(got)
+    assert err(w[keep.numpy()]) > 1.5 * err(got)
+
+
+def test_nystrom_ridge_bounds_the_coefficients_of_nearly_dead_channels():
+    z = random_z(seed=3)  # channels 0-2 carry ~1e-3 of the others' energy
+    w = np.random.default_rng(3).standard_normal((z.shape[1], 8))
+    keep = torch.arange(30)
+    got = ny.nystrom_down(torch.from_numpy(z.T @ z), torch.from_numpy(w), keep).numpy()
+    exact = np.linalg.lstsq(z[:, :30], z @ w, rcond=None)[0]
+    assert np.abs(got[:3]).max() < np.abs(exact[:3]).max()
+    assert np.linalg.norm(z @ w - z[:, :30] @ got) < 1.05 * np.linalg.norm(z @ w - z[:, :30] @ exact)
+
+
+def test_channel_losses_are_the_weighted_schur_complement_along_the_order():
+    rng = np.random.default_rng(2)
+    z = random_z(seed=2, dead=False)
+    c = z.T @ z
+    w = rng.standard_normal((z.shape[1], 12))
+    d = rng.uniform(0.5, 2.0, 12)
+    order = torch.from_numpy(rng.permutation(z.shape[1]))
+    got = ny.channel_losses(torch.from_numpy(c), torch.from_numpy(w), order, torch.from_numpy(d)).numpy()
+    wt = w * d[None, :]
+    lam = ny.SOLVE_RIDGE * np.mean(np.diag(c))
+    assert got[0] == pytest.approx(np.trace(wt.T @ c @ wt), rel=1e-10)
+    for k in (1, 7, 30, 47):
+        s = order[:k].numpy()
+        schur = c - c[:, s] @ np.linalg.solve(c[np.ix_(s, s)] + lam * np.eye(k), c[s, :])
+        assert got[k] == pytest.approx(np.trace(wt.T @ schur @ wt), rel=1e-6, abs=1e-9 * got[0])
+        # and it is the Fisher-weighted output error the corrected down projection leaves
+        b = ny.nystrom_down(torch.from_numpy(c), torch.from_numpy(w), torch.from_numpy(s)).numpy()
+        resid = (z @ w - z[:, s] @ b) * d[None, :]
+        assert got[k] == pytest.approx(np.sum(resid ** 2), rel=1e-2, abs=1e-4 * got[0])  # up to the ridge
+    assert got[-1] == 0.0 and got[-2] < 1e-3 * got[0]
+    assert np.all(np.diff(got) <= 1e-9 * got[0])  # more channels never cost more
+
+
+# ---------------------------------------------------------------- allocations
+def smollm2_like(layers=8, hidden=576, inter=1536):
+    shapes = {}
+    for i in range(layers):
+        shapes[f"model.layers.{i}.mlp.gate_proj"] = (hidden, inter)
+        shapes[f"model.layers.{i}.mlp.up_proj"] = (hidden, inter)
+        shapes[f"model.layers.{i}.mlp.down_proj"] = (inter, hidden)
+    return rk.matrices_from_shapes(shapes)
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.4, 0.7])
+def test_width_allocations_fit_the_budget(ratio):
+    mats = smollm2_like()
+    layers = list(range(8))
+    rng = np.random.default_rng(0)
+    losses = {i: np.cumsum(rng.uniform(0, 1, 1537)[::-1])[::-1].tolist() for i in layers}
+    for widths in (rk.allocate_widths_uniform(layers, 576, 1536, ratio, 128),
+                   rk.allocate_widths_greedy(layers, 576, 1536, losses, ratio, 128)):
+        assert all(k % 128 == 0 and 128 <= k < 1536 for k in widths.values())
+        achieved = rk.plan_ratio(mats, {}, widths)
+        assert ratio <= achieved < ratio + 3 * 128 / 1536 / 8 + 1e-9
+
+
+def test_greedy_widths_cut_the_layer_whose_channels_matter_least():
+    layers = [0, 1]
+    flat = [float(1536 - k) for k in range(1537)]  # 1 per channel
+    steep = [100.0 * (1536 - k) for k in range(1537)]
+    widths = rk.allocate_widths_greedy(layers, 576, 1536, {0: steep, 1: flat}, 0.2, 128)
+    assert 0 not in widths and widths[1] < 1536
+
+
+def test_width_budget_errors():
+    with pytest.raises(rk.BudgetError, match="largest reachable ratio"):
+        rk.allocate_widths_uniform([0, 1], 576, 1536, 0.95, 128)
+    with pytest.raises(rk.BudgetError, match="not a multiple of block size"):
+        rk.allocate_widths_uniform([0, 1], 576, 1500, 0.2, 128)
+
+
+def _synthetic(mats, seed, channel_scale):
+    rng = np.random.default_rng(seed)
+    spectra = {m.name: sorted(rng.uniform(0, 1, min(m.m, m.n)) ** 3 * rng.uniform(0.5, 2), reverse=True)
+               for m in mats}
+    layers = sorted({m.layer for m in mats})
+    losses = {i: (channel_scale * np.cumsum(np.sort(rng.uniform(0, 1, 1536) ** 4))[::-1]).tolist() + [0.0]
+              for i in layers}
+    return spectra, losses
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.2, 0.3, 0.4, 0.6])
+@pytest.mark.parametrize("seed,channel_scale", [(0, 1.0), (1, 0.05), (2, 20.0)])
+def test_hybrid_never_exceeds_the_budget(ratio, seed, channel_scale):
+    mats = smollm2_like()
+    spectra, losses = _synthetic(mats, seed, channel_scale)
+    plan = rk.allocate_hybrid(mats, spectra, losses, 1536, ratio, 128)
+    assert rk.plan_cost(mats, plan.ranks, plan.widths) <= rk.budget_params(mats, ratio)
+    assert rk.plan_ratio(mats, plan.ranks, plan.widths) < ratio + 0.01  # the give-back pass fills the budget
+    for m in mats:
+        r = plan.ranks[m.name]
+        shaped = rk.narrowed(m, plan.widths.get(m.layer))
+        assert r == rk.DENSE or (r % 128 == 0 and 128 <= r <= shaped.max_rank(128))
+    for i, k in plan.widths.items():
+        assert k % 128 == 0 and 128 <= k < 1536
+    for i in range(8):  # gate and up factored together or dense together
+        g, u = (plan.ranks[f"model.layers.{i}.mlp.{p}"] for p in ("gate_proj", "up_proj"))
+        assert (g == rk.DENSE) == (u == rk.DENSE)
+
+
+def test_hybrid_mixes_both_kinds_of_moves_by_their_losses():
+    mats = smollm2_like()
+    spectra, losses = _synthetic(mats, 0, 1.0)
+    # channels nearly free in layers 0-1 (which alone cannot reach 0.3), very costly in 2-7
+    for i in range(2):
+        losses[i] = [x * 1e-6 for x in losses[i]]
+    for i in range(2, 8):
+        losses[i] = [x * 1e6 for x in losses[i]]
+    plan = rk.allocate_hybrid(mats, spectra, losses, 1536, 0.3, 128)
+    assert set(plan.widths) == {0, 1} and max(plan.widths.values()) <= 256
+    # the rest of the budget is ranks in layers 2-7
+    assert any(plan.ranks[m.name] != rk.DENSE for m in mats if m.layer >= 2)
+    # with free ranks instead, the hybrid factors rather than narrowing
+    cheap = {n: [x * 1e-9 for x in s] for n, s in spectra.items()}
+    plan = rk.allocate_hybrid(mats, cheap, losses, 1536, 0.3, 128)
+    assert not plan.widths
+
+
+def test_hybrid_unreachable_ratio():
+    mats = smollm2_like(layers=2)
+    spectra, losses = _synthetic(mats, 0, 1.0)
+    with pytest.raises(rk.BudgetError, match="cannot be reached"):
+        rk.allocate_hybrid(mats, spectra, losses, 1536, 0.99, 128)

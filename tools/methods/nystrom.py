@@ -1,0 +1,238 @@
+"""`nystrom`: intermediate-channel selection with a Nyström-corrected down
+projection (MoDeGPT's type-I module, Lin et al. 2024).
+
+Each MLP keeps k of its I intermediate channels. With `z = act(x W_g) * (x W_u)`
+the down projection's input and `C = Z^T Z` (float64, streamed over the
+calibration windows), the channels are ranked by their ridge leverage scores
+`diag(C (C + lambda I)^-1)` and the top k kept (set S). The down projection is
+then refit on the kept channels, `W_d' = (C_SS + lambda' I)^-1 C_S: W_d` (a
+Cholesky solve, never an explicit inverse), the least-squares fit of the full
+output `Z W_d` from `Z_S`. gate and up simply lose the other channels' columns.
+
+Loss estimate in the units of the `fisher` method's spectra: with `D` the
+Fisher weights of the down projection's outputs (sensitivity.py), removing the
+channels outside S costs
+
+    tr(D W_d^T (C - C_:S C_SS^-1 C_S:) W_d D),
+
+the Fisher-weighted output error the corrected layer leaves, exactly what the
+fisher method's dropped squared singular values measure for a rank cut. Along
+a fixed order the estimate for every k comes from one Cholesky factor of the
+permuted C (`channel_losses`), so an allocator can compare "drop 128 channels
+in layer 7" with "drop 128 rank in layer 12's up projection" (ranks.py).
+
+Ridges (relative to the mean diagonal of the matrix they regularize):
+LEVERAGE_RIDGE for the leverage scores, SOLVE_RIDGE for the Nyström solve and
+the loss estimate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from vllm_neuronmlp.tools import progress as pg
+from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import sensitivity
+from vllm_neuronmlp.tools import streaming as st
+from vllm_neuronmlp.tools.methods.base import Context, Method, weights_io
+from vllm_neuronmlp.tools.whitening import FactorizationError, GramAccumulator
+
+LEVERAGE_RIDGE = 1e-2  # lambda = 1e-2 x mean(diag C): scores of channels below that energy are damped
+SOLVE_RIDGE = 1e-6  # lambda' = 1e-6 x mean(diag C): keeps the solve defined for dead channels
+
+
+# ---------------------------------------------------------------- the math (float64)
+def _ridge(c: torch.Tensor, rel: float) -> float:
+    mean = float(c.diagonal().mean())
+    return rel * (mean if mean > 0 else 1.0)
+
+
+def ridge_leverage_scores(c: torch.Tensor, rel_ridge: float = LEVERAGE_RIDGE) -> torch.Tensor:
+    """`diag(C (C + lambda I)^-1)` of a PSD matrix, lambda = rel_ridge x mean diagonal."""
+    c = c.to(torch.float64)
+    lam = _ridge(c, rel_ridge)
+    evals, evecs = torch.linalg.eigh(c)
+    evals = evals.clamp_min(0)
+    return (evecs.pow(2) * (evals / (evals + lam))[None, :]).sum(1)
+
+
+def leverage_order(c: torch.Tensor, rel_ridge: float = LEVERAGE_RIDGE) -> torch.Tensor:
+    """Channel indices by decreasing ridge leverage score (ties by index)."""
+    scores = ridge_leverage_scores(c, rel_ridge)
+    return torch.tensor(sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j)), dtype=torch.long)
+
+
+def _cholesky(a: torch.Tensor, what: str) -> torch.Tensor:
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0 or not torch.isfinite(factor).all():
+        raise FactorizationError(f"{what}: not positive definite even with the ridge")
+    return factor
+
+
+def nystrom_down(c: torch.Tensor, w_down_io: torch.Tensor, keep: torch.Tensor,
+                 rel_ridge: float = SOLVE_RIDGE) -> torch.Tensor:
+    """The corrected down projection `(C_SS + lambda' I)^-1 C_S: W_d` [k, out]
+    (W_d as [in, out]); `keep` the kept channel indices, in the order their rows
+    appear in the result."""
+    c = c.to(torch.float64)
+    c_ss = c[keep][:, keep].clone()
+    c_ss.diagonal().add_(_ridge(c, rel_ridge))
+    rhs = c[keep] @ w_down_io.to(torch.float64)
+    return torch.cholesky_solve(rhs, _cholesky(c_ss, "kept intermediate channels' correlation"))
+
+
+def channel_losses(c: torch.Tensor, w_down_io: torch.Tensor, order: torch.Tensor,
+                   out_weights: Optional[torch.Tensor] = None, rel_ridge: float = SOLVE_RIDGE) -> torch.Tensor:
+    """`losses[k]` (k = 0..I): the estimated loss of keeping the first k channels
+    of `order`, `tr(Wt^T (C - C_:S (C_SS + lambda' I)^-1 C_S:) Wt)` with `Wt = W_d D`
+    (D = diag(out_weights), identity when None) and lambda' on the whole C.
+    With the Cholesky factor `L` of the permuted `C + lambda' I`, the explained
+    part for the first k channels is the squared norm of the first k rows of
+    `L^-1 P Wt` (P the permuted C), so every k costs one triangular solve."""
+    c = c.to(torch.float64)
+    wt = w_down_io.to(torch.float64)
+    if out_weights is not None:
+        wt = wt * out_weights.to(torch.float64)[None, :]
+    cp = c[order][:, order]
+    reg = cp.clone()
+    reg.diagonal().add_(_ridge(c, rel_ridge))
+    chol = _cholesky(reg, "intermediate channels' correlation")
+    g = torch.linalg.solve_triangular(chol, cp @ wt[order], upper=False)
+    explained = torch.cat([torch.zeros(1, dtype=torch.float64), g.pow(2).sum(1).cumsum(0)])
+    total = float((wt * (c @ wt)).sum())
+    losses = (total - explained).clamp_min(0)
+    losses[-1] = 0.0  # all channels kept: the layer is unchanged (no ridge is applied)
+    return losses
+
+
+# ---------------------------------------------------------------- statistics
+@dataclass
+class ChannelStats:
+    """Per decoder layer: channel order (most valuable first) and the loss
+    estimate of keeping the first k channels, k = 0..I (fisher units)."""
+
+    order: Dict[int, torch.Tensor] = field(default_factory=dict)
+    losses: Dict[int, List[float]] = field(default_factory=dict)
+    fisher: Dict[str, torch.Tensor] = field(default_factory=dict)  # {module: F [out]}
+    spectra: Dict[str, List[float]] = field(default_factory=dict)  # Fisher-weighted (hybrid only)
+
+
+def channel_statistics(ctx: Context, with_spectra: bool = False) -> ChannelStats:
+    """Fisher diagonals (and, `with_spectra`, the Fisher-weighted spectra) from
+    the sensitivity pass, then one streamed forward over the same Fisher windows
+    accumulating each layer's C: the channel order and its loss curve."""
+    sk, src, o = ctx.sk, ctx.src, ctx.opts
+    ids = ctx.calib.fisher_windows(o.fisher_samples)
+    fisher, spectra = sensitivity.sensitivity_pass(sk, src, ids, o.progress, with_spectra, o.damping)
+    out = ChannelStats(fisher=fisher, spectra=spectra)
+    x = st.embed(sk, src, ids)
+    runner = st.LayerRunner(sk, ids.shape[1])
+    for i in pg.bar(range(sk.num_layers), o.progress, desc="channel statistics", unit="layer"):
+        layer = st.materialize_layer(sk, src, i)
+        _acc_a, acc_z = st.mlp_input_grams(sk, runner, layer, x)
+        names = sk.module_names(i)
+        w_down = sk.projection(layer, st.DOWN).weight.detach().T
+        order = leverage_order(acc_z.matrix)
+        d = sensitivity.output_weights(fisher[names[st.DOWN]])
+        out.order[i] = order
+        out.losses[i] = channel_losses(acc_z.matrix, w_down, order, d).tolist()
+        st.release_layer(sk, i)
+    return out
+
+
+# ---------------------------------------------------------------- the factor pass
+@dataclass
+class LayerWeights:
+    """What one layer becomes: kept channels `keep` (None: all), dense weights
+    {role: W [out, in]} and factors {role: (U [in, r], V [r, out])}."""
+
+    keep: Optional[torch.Tensor]
+    dense: Dict[str, torch.Tensor]
+    factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def pruned_weights(ctx: Context, layer, c: torch.Tensor, keep: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """{role: W as [in, out]} of a layer narrowed to the channels `keep` (sorted),
+    the down projection Nyström-corrected."""
+    w = weights_io(ctx, layer)
+    return {st.GATE: w[st.GATE][:, keep], st.UP: w[st.UP][:, keep], st.DOWN: nystrom_down(c, w[st.DOWN], keep)}
+
+
+def kept_channels(order: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.sort(order[:width]).values
+
+
+class NystromFactorizer:
+    """Streams the calibration windows through the dense layers; each layer with
+    a width below I is narrowed to its first `width` channels of the statistics'
+    order, with the down projection refit on all calibration windows."""
+
+    def __init__(self, ctx: Context, stats: ChannelStats):
+        self.ctx, self.stats = ctx, stats
+        self.x = st.embed(ctx.sk, ctx.src, ctx.calib.windows)
+        self.runner = st.LayerRunner(ctx.sk, ctx.calib.windows.shape[1])
+
+    def __call__(self, i, layer, todo) -> LayerWeights:
+        width = self.ctx.widths.get(i, self.ctx.sk.intermediate)
+        if width >= self.ctx.sk.intermediate:
+            for sl in st.chunks(self.x.shape[0], self.x.shape[1]):
+                self.x[sl] = self.runner.run(layer, self.x[sl])["out"]
+            return LayerWeights(None, {}, {})
+        _acc_a, acc_z = st.mlp_input_grams(self.ctx.sk, self.runner, layer, self.x)
+        keep = kept_channels(self.stats.order[i], width)
+        w = pruned_weights(self.ctx, layer, acc_z.matrix, keep)
+        return LayerWeights(keep, {role: t.T.float().contiguous() for role, t in w.items()}, {})
+
+
+class Nystrom(Method):
+    name = "nystrom"
+
+    def statistics_key(self, opts):
+        return ("nystrom", opts.fisher_samples)
+
+    def statistics(self, ctx: Context) -> ChannelStats:
+        return channel_statistics(ctx)
+
+    def candidates(self, ctx: Context, stats: ChannelStats):
+        o = ctx.opts
+        ctx.calib.info["fisher_samples"] = min(o.fisher_samples, int(ctx.calib.windows.shape[0]))
+        layers = list(range(ctx.sk.num_layers))
+        hidden, inter = ctx.sk.hidden, ctx.sk.intermediate
+        if o.rank_allocation == "uniform":
+            widths = rk.allocate_widths_uniform(layers, hidden, inter, o.ratio, o.block_size)
+            return {"channels-uniform": rk.Plan({}, widths)}
+        losses = {i: stats.losses[i] for i in layers}
+        widths = rk.allocate_widths_greedy(layers, hidden, inter, losses, o.ratio, o.block_size)
+        return {"channels-greedy": rk.Plan({}, widths)}
+
+    def choose(self, ctx, stats, candidates):
+        (name, plan), = candidates.items()
+        return plan, {"chosen": name, "note": "channel widths by ridge leverage order; "
+                                              + ("even over the layers" if name.endswith("uniform")
+                                                 else "greedy by estimated loss (Fisher units)")}
+
+    def factorizer(self, ctx: Context, stats):
+        return NystromFactorizer(ctx, stats)
+
+    def layer_tensors(self, names: Mapping[str, str], out: LayerWeights):
+        return layer_tensors(names, out)
+
+
+def layer_tensors(names: Mapping[str, str], out: LayerWeights):
+    """(source tensors not written, new tensors) of a narrowed and/or factored layer."""
+    from vllm_neuronmlp import checkpoint_format as cf
+
+    drop, add = set(), {}
+    for role, w in out.dense.items():
+        drop.add(cf.weight_name(names[role]))
+        add[cf.weight_name(names[role])] = w
+    for role, (u, v) in out.factors.items():
+        drop.add(cf.weight_name(names[role]))
+        add[cf.u_name(names[role])] = u
+        add[cf.v_name(names[role])] = v
+    return drop, add
+
+
+METHOD = Nystrom()
