@@ -53,6 +53,11 @@ DEFAULT_PLAN = (
 )
 
 
+# how the Fisher-pass and validation windows were chosen (points before commit 86a0d8b
+# took the first windows of the calibration set, i.e. the start of the text)
+SUBSETS = "random (seeded) subsets of the calibration windows"
+
+
 def point_key(method, alloc, ratio, lora):
     return f"{method}/{alloc}/{ratio}/lora{lora}"
 
@@ -111,7 +116,17 @@ def main():
     ap.add_argument("--resume", action="store_true", help="skip points already in the JSON")
     ap.add_argument("--vllm-check", action="store_true", help="cross-check dense + one point through vLLM")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                    help="fold the points of these result files into --json (same key: replaced), then exit")
+    ap.add_argument("--table", action="store_true", help="print the README's markdown table from --json, then exit")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.json, args.merge)
+        plot(load(args.json), os.path.splitext(args.json)[0] + ".png")
+        return
+    if args.table:
+        print(markdown_table(load(args.json)))
+        return
 
     import torch
 
@@ -182,7 +197,8 @@ def main():
                  "ratio_mlp": res.ratio_mlp, "ratio_model": res.ratio_model, "lora_steps": lora_steps,
                  "ppl": r.ppl, "excess": r.ppl / dense_ppl - 1, "compress_seconds": t_comp,
                  "eval_seconds": r.seconds, "tokens_scored": r.tokens_scored, "lora": res.lora,
-                 "ranks_histogram": _hist(res.ranks, res.dense_modules), "allocation_selection": res.selection}
+                 "ranks_histogram": _hist(res.ranks, res.dense_modules), "allocation_selection": res.selection,
+                 "calibration": res.calibration, "subsets": SUBSETS}
         data["points"].append(point)
         save(args.json, data)
         plot(data, os.path.splitext(args.json)[0] + ".png")
@@ -249,6 +265,42 @@ def unaligned_baseline(model_path, ratio, args, max_tokens, dense_ppl, state):
             "ratio_model": None, "lora_steps": 0, "ppl": r.ppl, "excess": r.ppl / dense_ppl - 1,
             "compress_seconds": t_comp, "eval_seconds": r.seconds, "tokens_scored": r.tokens_scored, "lora": {},
             "ranks_histogram": ranks, "allocation_selection": {}}
+
+
+def merge(path, sources):
+    """Points of `sources` replace the points with the same key in `path`."""
+    data = load(path)
+    for src in sources:
+        new = {p["key"]: p for p in load(src)["points"]}
+        for p in new.values():
+            p.setdefault("subsets", SUBSETS)
+        data["points"] = [new.pop(p["key"], p) for p in data["points"]] + list(new.values())
+    save(path, data)
+
+
+LABELS = {"baseline": "baseline: whitened, unaligned", "plain": "plain SVD", "whiten": "whitened",
+          "fisher": "**fisher (default)**", "error-aware": "error-aware"}
+ORDER = ("baseline", "plain", "whiten", "error-aware", "fisher")
+
+
+def markdown_table(data):
+    """The README table: one row per point, by ratio; re-run points (random
+    subsets) are marked with a dagger."""
+    dense = data["dense"]["ppl"]
+    base = {p["ratio_requested"]: p["excess"] for p in data["points"] if p["method"] == "baseline"}
+    rows = ["| ratio asked | method | allocation | LoRA steps | MLP ratio achieved | perplexity | excess | "
+            "excess vs baseline |", "|---|---|---|---|---|---|---|---|"]
+    pts = sorted(data["points"], key=lambda p: (p["ratio_requested"], ORDER.index(p["method"]),
+                                                p["allocation"] != "adaptive", p["lora_steps"]))
+    for p in pts:
+        vs = f"{p['excess'] / base[p['ratio_requested']]:.2f}x" if p["ratio_requested"] in base else "—"
+        if p["lora_steps"] and p.get("lora"):
+            vs += f" (LoRA val {p['lora']['ppl_before']:.2f}→{p['lora']['ppl_after']:.2f})"
+        mark = " †" if p.get("subsets") == SUBSETS and p["method"] != "baseline" else ""
+        rows.append(f"| {p['ratio_requested']:g} | {LABELS[p['method']]}{mark} | {p['allocation']} | "
+                    f"{p['lora_steps'] or '—'} | {p['ratio_mlp']:.4f} | {p['ppl']:.2f} | "
+                    f"{p['ppl'] / dense - 1:.3f} | {vs} |")
+    return "\n".join(rows)
 
 
 def _hist(ranks, dense):
