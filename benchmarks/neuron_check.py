@@ -185,7 +185,7 @@ def _sweep_point(S, target, block_m):
     """One forced block size; a block whose strip does not fit on chip is an answer of the
     sweep (the paper's spills), recorded as such, not a failure of the step."""
     try:
-        return _stats_row(kernel_study.run_kernel("fused_xuv", S, target, block_m=block_m))
+        return _stats_row(kernel_study.run("fused_xuv", S, target, block_m=block_m))
     except Exception as e:
         if not type(e).__name__.endswith("CapacityError"):
             raise
@@ -197,7 +197,7 @@ def step_emulator_predict(report, quick):
     targets = ["trn2"] if quick else ["trn1", "trn2"]
     pred = {}
     for target in targets:
-        pred[target] = {name: {str(S): _stats_row(kernel_study.run_kernel(name, S, target)) for S in seqs}
+        pred[target] = {name: {str(S): _stats_row(kernel_study.run(name, S, target)) for S in seqs}
                         for name in ("dense_xw", "sequential_xuv", "fused_xuv")}
         sweep_s = QUICK_SWEEP_S if quick else FULL_SWEEP_S
         pred[target]["sweep"] = {"S": sweep_s, "by_block": {
