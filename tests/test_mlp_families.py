@@ -59,3 +59,17 @@ def test_checkpoint_shapes_follow_the_role():
 def test_a_family_with_an_unknown_activation_is_refused():
     with pytest.raises(ValueError, match=r"activation 'relu' is not one of \('silu', 'gelu_tanh'\)"):
         mlp_families.MLPFamily("toy", ("toy",), activation="relu")
+
+
+def test_fusion_recognises_vllm_activation_modules_by_type():
+    # the fused op is installed only where vLLM's activation module computes the family's activation
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.activation import GeluAndMul, SiluAndMul
+
+    from vllm_neuronmlp.mlp_fusion import computes_activation
+
+    with set_current_vllm_config(VllmConfig()):
+        silu, gelu_tanh, gelu = SiluAndMul(), GeluAndMul(approximate="tanh"), GeluAndMul()
+    table = [[computes_activation(act, a) for a in (mlp_families.SILU, mlp_families.GELU_TANH)]
+             for act in (silu, gelu_tanh, gelu)]
+    assert table == [[True, False], [False, True], [False, False]]

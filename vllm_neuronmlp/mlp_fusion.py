@@ -46,17 +46,21 @@ def install_mlp_fusion() -> None:
     _installed = True
 
 
+# Each activation as vLLM's custom-op registry names the module computing
+# act(gate) * up (the names `--compilation-config custom_ops` uses), and the
+# GELU approximation it must be set to.
+VLLM_ACT_OPS = {mlp_families.SILU: ("silu_and_mul", None), mlp_families.GELU_TANH: ("gelu_and_mul", "tanh")}
+
+
 def computes_activation(act: torch.nn.Module, activation: str) -> bool:
     """Whether vLLM's activation module `act` computes `activation(gate) * up`
-    on a `[gate | up]` input. Checked by type (out-of-tree replacements of
-    vLLM's ops subclass them) and, for GELU, by its approximation."""
-    from vllm.model_executor.layers import activation as vllm_act
+    on a `[gate | up]` input: an instance of the op class vLLM registers for it
+    (out-of-tree replacements subclass it), with the right approximation."""
+    import vllm.model_executor.layers.activation  # noqa: F401  (registers the ops)
+    from vllm.model_executor.custom_op import op_registry
 
-    if activation == mlp_families.SILU:
-        return isinstance(act, vllm_act.SiluAndMul)
-    if activation == mlp_families.GELU_TANH:
-        return isinstance(act, vllm_act.GeluAndMul) and act.approximate == "tanh"
-    return False
+    op_name, approximate = VLLM_ACT_OPS[activation]
+    return isinstance(act, op_registry[op_name]) and getattr(act, "approximate", None) == approximate
 
 
 def _svd_family(linear) -> Optional[mlp_families.MLPFamily]:
@@ -71,13 +75,13 @@ def _on_submodule_registered(parent: torch.nn.Module, name: str, submodule):
     if name not in _WATCHED or not fusion_enabled() or hasattr(parent, "_svd_unfused_forward"):
         return None
     modules = {**parent._modules, name: submodule}
-    family = next((f for f in mlp_families.FAMILIES if f.vllm_gate_up in modules), None)
-    if family is None:
+    names = next((f for f in mlp_families.FAMILIES if f.vllm_gate_up in modules), None)  # vLLM's names for them
+    if names is None:
         return None
-    gate_up, down, act = modules.get(family.vllm_gate_up), modules.get(family.down), modules.get(family.vllm_act)
+    gate_up, down, act = modules.get(names.vllm_gate_up), modules.get(names.down), modules.get(names.vllm_act)
     if down is None or act is None or _svd_family(gate_up) is None or _svd_family(down) is None:
         return None  # not (yet) a complete factored MLP; a later registration completes it
-    family = _svd_family(gate_up)
+    family = _svd_family(gate_up)  # the model's own family, as the quant config resolved it
     if family.activation not in FUSED_ACTIVATIONS or not computes_activation(act, family.activation):
         return None
     if len(gate_up.svd_ranks) != 2 or getattr(gate_up, "bias", None) is not None \
