@@ -129,6 +129,57 @@ def make_dense_and_factored(root: str, arch: str = "llama", hidden: int = 192, i
     return dense_dir, fact_dir
 
 
+def make_dense_and_narrowed(root: str, widths: Dict[int, int], arch: str = "llama", hidden: int = 192,
+                            intermediate: int = 256, layers: int = 2, ranks: Optional[Dict[str, int]] = None,
+                            dtype: torch.dtype = torch.float32, block_size: int = 32, seed: int = 0):
+    """Write `root/dense` and `root/narrowed` (format v2): layer i of `widths` keeps
+    its first k intermediate channels; the dense twin has the same weights with
+    the other channels' down-projection columns zero, so both compute the same.
+    Modules in `ranks` are factored at their layer's width (U V exactly in the twin)."""
+    dense_dir, out_dir = os.path.join(root, "dense"), os.path.join(root, "narrowed")
+    write_random_model(dense_dir, arch, hidden, intermediate, layers, dtype=dtype, seed=seed)
+    state = load_file(os.path.join(dense_dir, fmt.SAFETENSORS_SINGLE_FILE))
+    gen = torch.Generator().manual_seed(seed + 1)
+    out_state = dict(state)
+    fmt_widths = {}
+    for i, k in widths.items():
+        fmt_widths[fmt.mlp_module(mlp_module(arch, i, mlp_families.DOWN))] = k
+        down = fmt.weight_name(mlp_module(arch, i, mlp_families.DOWN))
+        state[down] = state[down].clone()
+        state[down][:, k:] = 0
+        for role in mlp_families.ROLES:
+            name = fmt.weight_name(mlp_module(arch, i, role))
+            out_state[name] = (state[name][:, :k] if role == mlp_families.DOWN else state[name][:k]).contiguous()
+    for module, r in (ranks or {}).items():
+        i = int(module.split(".")[2])
+        k = widths.get(i, intermediate)
+        down = mlp_families.role_of(module) == mlp_families.DOWN
+        u, v = _factor_pair(k if down else hidden, hidden if down else k, r, dtype, gen)
+        w = (u.double() @ v.double()).T.contiguous().to(dtype)
+        name = fmt.weight_name(module)
+        state[name] = state[name].clone()
+        if down:
+            state[name][:, :k] = w
+        else:
+            state[name][:k] = w
+        del out_state[name]
+        out_state[fmt.u_name(module)] = u.contiguous()
+        out_state[fmt.v_name(module)] = v.contiguous()
+    save_file(state, os.path.join(dense_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(dense_dir):
+        if name != fmt.SAFETENSORS_SINGLE_FILE:
+            with open(os.path.join(dense_dir, name), "rb") as src, open(os.path.join(out_dir, name), "wb") as dst:
+                dst.write(src.read())
+    save_file(out_state, os.path.join(out_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
+    config = fmt.read_config(out_dir)
+    config[fmt.QUANTIZATION_CONFIG_KEY] = fmt.QuantizationConfig(block_size=block_size, ranks=dict(ranks or {}),
+                                                                 widths=fmt_widths).to_dict()
+    with open(os.path.join(out_dir, fmt.CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+    return dense_dir, out_dir
+
+
 def edit_checkpoint(path: str, drop: Sequence[str] = (), replace: Optional[Dict[str, torch.Tensor]] = None,
                     quant_update: Optional[dict] = None) -> None:
     """Break a checkpoint on purpose (for the bad-input tests)."""

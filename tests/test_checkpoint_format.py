@@ -72,7 +72,7 @@ def test_rank_not_multiple_of_block(ckpt):
 
 def test_unknown_format_version(ckpt):
     edit_checkpoint(ckpt, quant_update={"format_version": 7})
-    with pytest.raises(fmt.CheckpointFormatError, match=r"format_version is 7; .* reads format versions \[1\]"):
+    with pytest.raises(fmt.CheckpointFormatError, match=r"format_version is 7; .* reads format versions \[1, 2\]"):
         fmt.validate(ckpt)
 
 
@@ -125,3 +125,81 @@ def test_not_a_svd_checkpoint(tmp_path):
         fmt.validate(str(tmp_path))
     with pytest.raises(fmt.CheckpointFormatError, match=r"config\.json: not found"):
         fmt.validate(str(tmp_path / "nowhere"))
+
+
+# ---------------------------------------------------------------- format v2: per-layer intermediate widths
+@pytest.fixture(scope="module")
+def good_v2(tmp_path_factory):
+    from model_factory import make_dense_and_narrowed
+
+    root = tmp_path_factory.mktemp("fmt2")
+    ranks = {L1_DOWN: 32, L0_GATE: 64, L0_UP: 64}
+    _, narrowed = make_dense_and_narrowed(str(root), {0: 128, 1: 192}, hidden=192, intermediate=256, ranks=ranks)
+    return narrowed
+
+
+@pytest.fixture
+def ckpt_v2(good_v2, tmp_path):
+    path = str(tmp_path / "ckpt2")
+    shutil.copytree(good_v2, path)
+    return path
+
+
+def test_v2_widths_validate_and_count(good_v2):
+    report = fmt.validate(good_v2)
+    q = report.quant
+    assert q.format_version == 2 and q.widths == {"model.layers.0.mlp": 128, "model.layers.1.mlp": 192}
+    assert report.factored[L0_GATE] == (192, 128, 64) and report.factored[L1_DOWN] == (192, 192, 32)
+    dense = 3 * 192 * 256 * 2
+    kept = (2 * 64 * (192 + 128) + 192 * 128) + (2 * 192 * 192 + 32 * (192 + 192))
+    assert fmt.mlp_ratio(report.model_config, q.ranks, widths=q.widths) == pytest.approx(1 - kept / dense)
+
+
+def test_v1_config_writes_version_1_and_round_trips():
+    q = fmt.QuantizationConfig(block_size=32, ranks={L0_GATE: 32, L0_UP: 32})
+    assert q.to_dict()["format_version"] == 1 and "widths" not in q.to_dict()
+    q2 = fmt.QuantizationConfig(block_size=32, ranks={}, widths={"model.layers.0.mlp": 64})
+    assert fmt.QuantizationConfig.from_dict(q2.to_dict()).widths == {"model.layers.0.mlp": 64}
+    assert q2.to_dict()["format_version"] == 2
+
+
+def test_v2_width_not_a_multiple_of_the_block_size(ckpt_v2):
+    edit_checkpoint(ckpt_v2, quant_update={"widths": {"model.layers.0.mlp": 120, "model.layers.1.mlp": 192}})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"widths\['model.layers.0.mlp'\] is 120, expected a "
+                                                         r"positive multiple of block_size 32"):
+        fmt.validate(ckpt_v2)
+
+
+def test_v2_width_not_below_the_intermediate_size(ckpt_v2):
+    edit_checkpoint(ckpt_v2, quant_update={"widths": {"model.layers.0.mlp": 128, "model.layers.1.mlp": 256}})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"is 256, expected less than intermediate_size 256"):
+        fmt.validate(ckpt_v2)
+
+
+def test_v2_factor_shape_inconsistent_with_the_width(ckpt_v2):
+    edit_checkpoint(ckpt_v2, replace={fmt.v_name(L0_GATE): torch.zeros(64, 256)})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"gate_proj\.svd_v has shape \[64, 256\], expected "
+                                                         r"\[64, 128\] .*width of model.layers.0.mlp"):
+        fmt.validate(ckpt_v2)
+
+
+def test_v2_dense_weight_inconsistent_with_the_width(ckpt_v2):
+    edit_checkpoint(ckpt_v2, replace={fmt.weight_name(mlp_module("llama", 0, DOWN)): torch.zeros(192, 256)})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"down_proj\.weight has shape \[192, 256\], expected "
+                                                         r"\[192, 128\] \(width 128 of model.layers.0.mlp"):
+        fmt.validate(ckpt_v2)
+
+
+def test_widths_need_format_version_2(ckpt):
+    edit_checkpoint(ckpt, quant_update={"widths": {"model.layers.0.mlp": 64}})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"widths needs format_version 2, the config says 1"):
+        fmt.validate(ckpt)
+
+
+def test_v2_widths_must_split_over_tensor_parallel_ranks():
+    q = fmt.QuantizationConfig(block_size=32, ranks={}, widths={"model.layers.0.mlp": 96, "model.layers.1.mlp": 64})
+    fmt.check_tensor_parallel(q, 1)
+    fmt.check_tensor_parallel(q, 2)
+    with pytest.raises(fmt.TensorParallelError, match=r"widths\['model.layers.0.mlp'\] is 96, which does not "
+                                                      r"split over tensor parallel size 64"):
+        fmt.check_tensor_parallel(q, 64)

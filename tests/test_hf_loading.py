@@ -116,3 +116,24 @@ def test_peft_lora_trains_and_merges_into_the_factors(twins, tmp_path):
     assert fmt.validate(str(tmp_path / "merged")).quant.ranks == fmt.validate(twins[1]).quant.ranks
     with torch.no_grad():
         torch.testing.assert_close(load(tmp_path / "merged")(IDS).logits, out.logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_v2_per_layer_widths_match_the_dense_twin_and_save_back(arch, tmp_path):
+    from model_factory import make_dense_and_narrowed, mlp_module
+
+    ranks = {mlp_module(arch, 0, r): 32 for r in (mlp_families.GATE, mlp_families.UP)}
+    ranks[mlp_module(arch, 1, mlp_families.DOWN)] = 64
+    dense_dir, narrow_dir = make_dense_and_narrowed(str(tmp_path), {0: 96, 1: 160}, arch, hidden=192,
+                                                    intermediate=256, ranks=ranks)
+    dense, narrow = load(dense_dir), load(narrow_dir)
+    mlp0, mlp1 = narrow.model.layers[0].mlp, narrow.model.layers[1].mlp
+    assert isinstance(mlp0.gate_proj, SVDLinear) and mlp0.gate_proj.out_features == 96
+    assert isinstance(mlp0.down_proj, torch.nn.Linear) and mlp0.down_proj.weight.shape == (192, 96)
+    assert isinstance(mlp1.down_proj, SVDLinear) and mlp1.down_proj.in_features == 160
+    assert mlp1.up_proj.weight.shape == (160, 192)
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(IDS).logits, dense(IDS).logits, rtol=0, atol=1e-4)
+    narrow.save_pretrained(tmp_path / "resaved")
+    report = fmt.validate(str(tmp_path / "resaved"))
+    assert report.quant.widths == fmt.validate(narrow_dir).quant.widths and report.quant.format_version == 2

@@ -60,10 +60,19 @@ def test_rank_not_a_multiple_of_block_size(factored, tmp_path):
 
 
 def test_unknown_format_version(factored, tmp_path):
-    edit_checkpoint(factored, quant_update={"format_version": 2})
+    edit_checkpoint(factored, quant_update={"format_version": 9})
     proc = run_engine(factored, str(tmp_path / "o.json"))
-    fails_with(proc, r"config\.json: quantization_config\.format_version is 2; this version of vllm-neuronmlp reads format "
-                     r"versions \[1\]")
+    fails_with(proc, r"config\.json: quantization_config\.format_version is 9; this version of vllm-neuronmlp reads format "
+                     r"versions \[1, 2\]")
+
+
+def test_per_layer_widths_are_refused_by_the_plugin(tmp_path):
+    from model_factory import make_dense_and_narrowed
+
+    _, narrowed = make_dense_and_narrowed(str(tmp_path), {0: 128}, hidden=192, intermediate=256)
+    proc = run_engine(narrowed, str(tmp_path / "o.json"))
+    fails_with(proc, r"quantization_config\.widths narrows 1 layer\(s\) below intermediate_size \(format version 2\); "
+                     r"this vLLM plugin does not serve per-layer intermediate widths yet")
 
 
 def test_quantization_flag_on_a_dense_checkpoint(models, tmp_path):

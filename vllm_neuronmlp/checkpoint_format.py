@@ -1,4 +1,4 @@
-"""The `svd_neuron` checkpoint format, version 1: the one place that spells it.
+"""The `svd_neuron` checkpoint format, versions 1 and 2: the one place that spells it.
 
 A checkpoint is an ordinary Hugging Face directory (config.json + safetensors,
 sharded with `model.safetensors.index.json` when large). Its config.json carries
@@ -16,7 +16,11 @@ Every module named in `ranks` is stored as two factors and no `.weight`:
     <module>.svd_u   [in_features, r]    applied first
     <module>.svd_v   [r, out_features]   applied second     y = (x @ svd_u) @ svd_v
 
-Modules not in `ranks` stay dense. The gate and up projections of one layer are
+Modules not in `ranks` stay dense. Version 2 adds
+`"widths": {"<layer prefix>.3.mlp": k, ...}`: that layer keeps k < intermediate_size
+intermediate channels, so its gate/up outputs and down inputs are k wide (dense
+`.weight` or factors alike); version 1 is version 2 without widths.
+The gate and up projections of one layer are
 factored together or not at all (vLLM runs them as one merged linear). Module
 names are the model's Hugging Face names; `mlp_families` spells them per model
 family. docs/checkpoint_format.md describes the format for readers.
@@ -37,7 +41,8 @@ from vllm_neuronmlp import mlp_families as families
 
 QUANT_METHOD = "svd_neuron"
 FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+WIDTHS_FORMAT_VERSION = 2  # per-layer intermediate widths
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 DEFAULT_BLOCK_SIZE = 128
 
 # config.json keys
@@ -46,6 +51,7 @@ KEY_QUANT_METHOD = "quant_method"
 KEY_FORMAT_VERSION = "format_version"
 KEY_BLOCK_SIZE = "block_size"
 KEY_RANKS = "ranks"
+KEY_WIDTHS = "widths"
 KEY_PROVENANCE = "provenance"
 
 # tensor leaf names (chosen not to collide with vLLM's quantization suffixes such
@@ -68,8 +74,12 @@ CONFIG_FILE = "config.json"
 
 
 class CheckpointFormatError(ValueError):
-    """A checkpoint breaks format v1. The message names the file, the tensor or
+    """A checkpoint breaks the format. The message names the file, the tensor or
     key, and what was expected."""
+
+
+class TensorParallelError(CheckpointFormatError):
+    """A checkpoint's intermediate widths cannot be split over the tensor parallel ranks."""
 
 
 # ---------------------------------------------------------------- names
@@ -85,6 +95,11 @@ def weight_name(module: str) -> str:
     return f"{module}.{WEIGHT_SUFFIX}"
 
 
+def mlp_module(module: str) -> str:
+    """The MLP a projection belongs to: `a.3.mlp.down_proj` -> `a.3.mlp` (the key of `widths`)."""
+    return module.rpartition(".")[0]
+
+
 def split_factor_name(tensor_name: str) -> Optional[Tuple[str, str]]:
     """`a.b.svd_u` -> (`a.b`, `svd_u`); None for a tensor that is not a factor."""
     module, _, leaf = tensor_name.rpartition(".")
@@ -96,12 +111,22 @@ def split_factor_name(tensor_name: str) -> Optional[Tuple[str, str]]:
 # ---------------------------------------------------------------- config
 @dataclass
 class QuantizationConfig:
-    """The parsed `quantization_config` of a format-v1 checkpoint."""
+    """The parsed `quantization_config` of a checkpoint. `widths` {MLP module:
+    k} only in version 2 (written as version 2 exactly when it is not empty)."""
 
     block_size: int
     ranks: Dict[str, int]
     format_version: int = FORMAT_VERSION
     provenance: Dict[str, Any] = field(default_factory=dict)
+    widths: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.widths:
+            self.format_version = WIDTHS_FORMAT_VERSION
+
+    def width_of(self, module: str) -> Optional[int]:
+        """The intermediate width of the projection's layer, None when full."""
+        return self.widths.get(mlp_module(module))
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {
@@ -110,6 +135,8 @@ class QuantizationConfig:
             KEY_BLOCK_SIZE: self.block_size,
             KEY_RANKS: dict(self.ranks),
         }
+        if self.widths:
+            out[KEY_WIDTHS] = dict(self.widths)
         if self.provenance:
             out[KEY_PROVENANCE] = dict(self.provenance)
         return out
@@ -148,13 +175,26 @@ class QuantizationConfig:
                 raise CheckpointFormatError(
                     f"{source}: {module} is factored but {other} is not; the gate and up projections of one "
                     f"layer must be factored together (vLLM merges them into one linear)")
+        widths = qc.get(KEY_WIDTHS, {})
+        if version < WIDTHS_FORMAT_VERSION and KEY_WIDTHS in qc:
+            raise CheckpointFormatError(
+                f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS} needs {KEY_FORMAT_VERSION} "
+                f"{WIDTHS_FORMAT_VERSION}, the config says {version}")
+        if not isinstance(widths, Mapping):
+            raise CheckpointFormatError(
+                f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS} is not an object (expected {{MLP module: width}})")
+        for module, width in widths.items():
+            if not isinstance(width, int) or isinstance(width, bool) or width <= 0 or width % block:
+                raise CheckpointFormatError(
+                    f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS}[{module!r}] is {width!r}, expected a "
+                    f"positive multiple of block_size {block}")
         provenance = {k: v for k, v in qc.items()
-                      if k not in (KEY_QUANT_METHOD, KEY_FORMAT_VERSION, KEY_BLOCK_SIZE, KEY_RANKS)}
+                      if k not in (KEY_QUANT_METHOD, KEY_FORMAT_VERSION, KEY_BLOCK_SIZE, KEY_RANKS, KEY_WIDTHS)}
         if KEY_PROVENANCE in provenance and isinstance(provenance[KEY_PROVENANCE], Mapping):
             provenance = {**{k: v for k, v in provenance.items() if k != KEY_PROVENANCE},
                           **provenance[KEY_PROVENANCE]}
         return cls(block_size=block, ranks={str(k): int(v) for k, v in ranks.items()},
-                   format_version=version, provenance=provenance)
+                   format_version=version, provenance=provenance, widths={str(k): int(v) for k, v in widths.items()})
 
 
 def has_svd_config(config: Mapping[str, Any]) -> bool:
@@ -181,8 +221,9 @@ def read_quantization_config(checkpoint_dir: str) -> QuantizationConfig:
     return QuantizationConfig.from_dict(config[QUANTIZATION_CONFIG_KEY], source=path)
 
 
-def expected_shape(model_config: Mapping[str, Any], module: str) -> Tuple[int, int]:
-    """(in_features, out_features) of an MLP projection, from the model's config."""
+def expected_shape(model_config: Mapping[str, Any], module: str, width: Optional[int] = None) -> Tuple[int, int]:
+    """(in_features, out_features) of an MLP projection, from the model's config;
+    `width` (format v2) replaces intermediate_size for the projection's layer."""
     role = families.role_of(module)
     if role is None:
         raise CheckpointFormatError(
@@ -191,9 +232,22 @@ def expected_shape(model_config: Mapping[str, Any], module: str) -> Tuple[int, i
     text = model_config.get("text_config", model_config)
     in_key, out_key = _ROLE_SHAPE_KEYS[role]
     try:
-        return int(text[in_key]), int(text[out_key])
+        shape = int(text[in_key]), int(text[out_key])
     except KeyError as e:
         raise CheckpointFormatError(f"config.json: missing {e.args[0]!r}, needed for the shape of {module}") from None
+    if width is None:
+        return shape
+    return (width, shape[1]) if in_key == "intermediate_size" else (shape[0], width)
+
+
+def check_tensor_parallel(quant: QuantizationConfig, tp_size: int, source: str = CONFIG_FILE) -> None:
+    """Each rank holds width / tp channels of a narrowed layer (column-parallel
+    gate/up, row-parallel down): every width must divide evenly."""
+    for module, width in sorted(quant.widths.items()):
+        if width % tp_size:
+            raise TensorParallelError(
+                f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS}[{module!r}] is {width}, which does not split "
+                f"over tensor parallel size {tp_size}; use a tensor parallel size dividing every width")
 
 
 def factor_shapes(in_features: int, out_features: int, rank: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -293,9 +347,32 @@ def validate(checkpoint_dir: str, check_values: bool = True) -> ValidationReport
     def header_of(name: str) -> Dict[str, Any]:
         return headers[files[name]][name]
 
+    text = model_config.get("text_config", model_config)
+    for mlp, width in sorted(quant.widths.items()):
+        full = int(text.get("intermediate_size", 0))
+        if not width < full:
+            raise CheckpointFormatError(
+                f"{config_path}: {QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS}[{mlp!r}] is {width}, expected less than "
+                f"intermediate_size {full} (full-width layers are not listed)")
+        for proj in families.family_for_config(model_config).projections:
+            module = f"{mlp}.{proj}"
+            if module in quant.ranks:
+                continue  # its factors are checked below
+            name = weight_name(module)
+            if name not in files:
+                raise CheckpointFormatError(
+                    f"{checkpoint_dir}: tensor {name} is missing; {mlp} is listed in "
+                    f"{QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS} but {module} is neither dense nor factored")
+            n_in, n_out = expected_shape(model_config, module, width)
+            got = list(header_of(name)["shape"])
+            if got != [n_out, n_in]:
+                raise CheckpointFormatError(
+                    f"{files[name]}: tensor {name} has shape {got}, expected {[n_out, n_in]} "
+                    f"(width {width} of {mlp} from {config_path})")
+
     factored: Dict[str, Tuple[int, int, int]] = {}
     for module, rank in sorted(quant.ranks.items()):
-        n_in, n_out = expected_shape(model_config, module)
+        n_in, n_out = expected_shape(model_config, module, quant.width_of(module))
         want_u, want_v = factor_shapes(n_in, n_out, rank)
         for name, want in ((u_name(module), want_u), (v_name(module), want_v)):
             if name not in files:
@@ -306,7 +383,8 @@ def validate(checkpoint_dir: str, check_values: bool = True) -> ValidationReport
             if got != list(want):
                 raise CheckpointFormatError(
                     f"{files[name]}: tensor {name} has shape {got}, expected {list(want)} "
-                    f"(in_features={n_in}, rank={rank}, out_features={n_out} from {config_path})")
+                    f"(in_features={n_in}, rank={rank}, out_features={n_out} from {config_path}"
+                    f"{', width of ' + mlp_module(module) if quant.width_of(module) else ''})")
         if weight_name(module) in files:
             raise CheckpointFormatError(
                 f"{files[weight_name(module)]}: tensor {weight_name(module)} is present although {module} is factored; "
@@ -347,12 +425,17 @@ def _check_finite(files: Mapping[str, str], names: Iterable[str]) -> None:
                     raise CheckpointFormatError(f"{path}: tensor {name} has {bad} non-finite values (NaN or Inf)")
 
 
-def mlp_ratio(model_config: Mapping[str, Any], ranks: Mapping[str, int], num_layers: Optional[int] = None) -> float:
+def mlp_ratio(model_config: Mapping[str, Any], ranks: Mapping[str, int], num_layers: Optional[int] = None,
+              widths: Optional[Mapping[str, int]] = None) -> float:
     """Fraction of all MLP projection parameters removed (paper eq. 4); modules
-    left dense count as kept whole."""
+    left dense count as kept whole, at their layer's width (format v2 `widths`)."""
     text = model_config.get("text_config", model_config)
     layers = int(num_layers if num_layers is not None else text["num_hidden_layers"])
     h, i = int(text["hidden_size"]), int(text["intermediate_size"])
     dense = 3 * h * i * layers
-    removed = sum(h * i - factored_params(*expected_shape(model_config, m), r) for m, r in ranks.items())
+    widths = widths or {}
+    removed = sum(3 * h * (i - k) for k in widths.values())  # narrowing, as if the layer stayed dense
+    for m, r in ranks.items():
+        shape = expected_shape(model_config, m, widths.get(mlp_module(m)))
+        removed += dense_params(*shape) - factored_params(*shape, r)
     return removed / dense

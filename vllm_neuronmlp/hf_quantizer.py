@@ -3,7 +3,9 @@
 After `import vllm_neuronmlp`, `AutoModelForCausalLM.from_pretrained(ckpt)` reads
 the checkpoint's `quantization_config`, swaps every factored `nn.Linear` for an
 `SVDLinear` holding `svd_u` / `svd_v` (the same names as on disk, so the normal
-loader fills them) and computes `(x @ svd_u) @ svd_v`. peft and other HF tools
+loader fills them) and computes `(x @ svd_u) @ svd_v`. In a format-v2 checkpoint
+the projections of a narrowed layer are built at its width (gate/up outputs and
+down inputs k wide), dense or factored. peft and other HF tools
 then see ordinary trainable parameters; `save_pretrained` writes format v1 back.
 """
 from __future__ import annotations
@@ -49,6 +51,7 @@ class SVDNeuronHFConfig(QuantizationConfigMixin):
         self.quant_method = fmt.QUANT_METHOD
         self._raw: Dict[str, Any] = dict(kwargs)
         self.ranks = parsed.ranks
+        self.widths = parsed.widths
         self.block_size = parsed.block_size
 
     def to_dict(self) -> Dict[str, Any]:
@@ -62,22 +65,23 @@ class SVDNeuronHfQuantizer(HfQuantizer):
     requires_calibration = True  # only pre-factored checkpoints load; the tool makes them
 
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
-        mlp_families.family_for_config(model.config)  # refuses a model_type whose MLP the format does not know
+        family = mlp_families.family_for_config(model.config)  # refuses a model_type whose MLP the format does not know
         ranks = self.quantization_config.ranks
+        widths = self.quantization_config.widths
+        for mlp, width in widths.items():
+            for proj in family.projections:
+                name = f"{mlp}.{proj}"
+                if name in ranks:
+                    continue
+                linear = _linear(model, name, fmt.KEY_WIDTHS)
+                n_in, n_out = _narrowed(name, linear, width)
+                _replace(model, name, nn.Linear(n_in, n_out, bias=linear.bias is not None, dtype=linear.weight.dtype,
+                                                device=linear.weight.device))
         for name in ranks:
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError:
-                raise fmt.CheckpointFormatError(
-                    f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS} names {name}, "
-                    f"which this model does not have") from None
-            if not isinstance(linear, nn.Linear):
-                raise fmt.CheckpointFormatError(f"{name} is a {type(linear).__name__}, not a linear layer")
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, SVDLinear(linear.in_features, linear.out_features, ranks[name],
-                                            bias=linear.bias is not None, dtype=linear.weight.dtype,
-                                            device=linear.weight.device))
+            linear = _linear(model, name, fmt.KEY_RANKS)
+            n_in, n_out = _narrowed(name, linear, widths.get(fmt.mlp_module(name)))
+            _replace(model, name, SVDLinear(n_in, n_out, ranks[name], bias=linear.bias is not None,
+                                            dtype=linear.weight.dtype, device=linear.weight.device))
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False
@@ -88,6 +92,33 @@ class SVDNeuronHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def _linear(model, name: str, key: str) -> nn.Linear:
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        raise fmt.CheckpointFormatError(
+            f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{key} names {name}, which this model does not have"
+        ) from None
+    if not isinstance(linear, nn.Linear):
+        raise fmt.CheckpointFormatError(f"{name} is a {type(linear).__name__}, not a linear layer")
+    return linear
+
+
+def _narrowed(name: str, linear: nn.Linear, width) -> tuple:
+    """(in, out) of a projection in a layer narrowed to `width` channels (None: unchanged)."""
+    if width is None:
+        return linear.in_features, linear.out_features
+    if mlp_families.role_of(name) == mlp_families.DOWN:
+        return width, linear.out_features
+    return linear.in_features, width
+
+
+def _replace(model, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
 
 
 def register_with_transformers() -> None:

@@ -50,6 +50,12 @@ class SVDNeuronConfig(_vllm_config_base()):
                 f"'{fmt.QUANTIZATION_CONFIG_KEY}' with quant_method '{fmt.QUANT_METHOD}': it is a dense "
                 f"checkpoint. Serve it without --quantization, or make an {fmt.QUANT_METHOD} checkpoint "
                 f"with `vllm-neuronmlp compress`.")
+        if quant.widths:
+            raise fmt.CheckpointFormatError(
+                f"{fmt.CONFIG_FILE}: {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS} narrows "
+                f"{len(quant.widths)} layer(s) below intermediate_size (format version {quant.format_version}); "
+                f"this vLLM plugin does not serve per-layer intermediate widths yet. Load it with transformers, "
+                f"or compress with equal widths and nothing factored and `--export dense` (docs/checkpoint_format.md)")
         self.quant = quant
         self.ranks: Dict[str, int] = dict(quant.ranks)
         self.block_size = quant.block_size
