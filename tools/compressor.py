@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -108,20 +108,7 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
             calib = calibration.load(src_path, opts.calib_text, opts.calib_samples, opts.calib_seq_len, opts.seed)
     ctx = Context(sk, src, opts, calib)
 
-    stats = None
-    stats_key = method.statistics_key(opts)
-    if stats_key is not None:
-        cache = cache if cache is not None else {}
-        key = stats_key + (os.path.abspath(src_path), tuple(opts.calib_text), opts.calib_samples,
-                           opts.calib_seq_len, opts.seed, opts.damping)
-        if key not in cache:
-            cache[key] = method.statistics(ctx)
-        stats = cache[key]
-    try:
-        candidates = method.candidates(ctx, stats)
-    except rk.BudgetError as e:
-        raise UserError(f"--ratio: {e}") from None
-    all_ranks, selection = method.choose(ctx, stats, candidates)
+    stats, all_ranks, selection = plan(ctx, method, cache)
 
     mats = ctx.matrices()
     warnings = _allocation_warnings(sk, mats, all_ranks, opts)
@@ -200,6 +187,27 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
         method=opts.method, allocation=opts.rank_allocation, num_layers=sk.num_layers,
         calibration=calib.info if calib else {}, jitter_modules=ctx.jitter_modules, lora=lora_info,
         warnings=warnings, selection=selection)
+
+
+def plan(ctx: Context, method, cache: Optional[Dict]) -> Tuple[object, Dict[str, int], Dict]:
+    """(the method's statistics, the chosen ranks, how they were chosen). The
+    statistics do not depend on the ratio; `cache` keeps them across calls."""
+    opts = ctx.opts
+    stats = None
+    stats_key = method.statistics_key(opts)
+    if stats_key is not None:
+        cache = cache if cache is not None else {}
+        key = stats_key + (os.path.abspath(ctx.src.path), tuple(opts.calib_text), opts.calib_samples,
+                           opts.calib_seq_len, opts.seed, opts.damping)
+        if key not in cache:
+            cache[key] = method.statistics(ctx)
+        stats = cache[key]
+    try:
+        candidates = method.candidates(ctx, stats)
+    except rk.BudgetError as e:
+        raise UserError(f"--ratio: {e}") from None
+    ranks, selection = method.choose(ctx, stats, candidates)
+    return stats, ranks, selection
 
 
 def factor_pass(ctx: Context, method, stats, ranks: Dict[str, int], writer: ShardWriter, out_dtype: torch.dtype,
