@@ -38,36 +38,13 @@ def _register_with_transformers() -> None:
     register_with_transformers()
 
 
-class _RegisterWhenTransformersLoads:
-    """`import vllm_neuronmlp` makes transformers' from_pretrained load svd_neuron
-    checkpoints, without importing transformers (or torch) itself: this finder
-    registers our quantizer right after transformers loads its quantizer registry."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != _HF_QUANTIZER_REGISTRY:
-            return None
-        import importlib.machinery
-
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module):
-            exec_module(module)
-            _register_with_transformers()
-
-        spec.loader.exec_module = exec_then_register
-        return spec
-
-
 def _install_transformers_hook() -> None:
-    import sys
+    """`import vllm_neuronmlp` makes transformers' from_pretrained load svd_neuron
+    checkpoints without importing transformers (or torch) itself: our quantizer joins
+    transformers' registry right after that registry module loads."""
+    from vllm_neuronmlp.import_hooks import call_after_import
 
-    if _HF_QUANTIZER_REGISTRY in sys.modules:
-        _register_with_transformers()
-    elif not any(isinstance(f, _RegisterWhenTransformersLoads) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
+    call_after_import(_HF_QUANTIZER_REGISTRY, lambda _module: _register_with_transformers())
 
 
 _install_transformers_hook()

@@ -31,16 +31,15 @@ native line (0.21+; written against tag v0.21.0.1.0.0, vLLM 0.24)
 from __future__ import annotations
 
 import copy
-import importlib.machinery
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp import mlp_families
+from vllm_neuronmlp.import_hooks import call_after_import
 from vllm_neuronmlp.neuron import stack as stack_mod
 from vllm_neuronmlp.neuron.sharding import intermediate_shard
 
@@ -193,38 +192,6 @@ def patch_model_class(cls) -> None:
 
 
 # ---------------------------------------------------------------- import hooks
-class _AfterImport:
-    """A meta-path finder that runs `callback(module)` right after `fullname` is executed,
-    so vllm-neuron's modules are patched whenever they load, in any process and whichever
-    plugin loaded first. (`vllm_neuronmlp/__init__.py` does the same for transformers.)"""
-
-    def __init__(self, fullname: str, callback: Callable):
-        self.fullname, self.callback = fullname, callback
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.fullname:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module, callback = spec.loader.exec_module, self.callback
-
-        def exec_then_patch(module):
-            exec_module(module)
-            callback(module)
-
-        spec.loader.exec_module = exec_then_patch
-        return spec
-
-
-def call_after_import(fullname: str, callback: Callable) -> None:
-    module = sys.modules.get(fullname)
-    if module is not None:
-        callback(module)
-    elif not any(isinstance(f, _AfterImport) and f.fullname == fullname for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(fullname, callback))
-
-
 def _patch_hook_target(hook: ModelHook) -> Callable:
     def patch(module):
         cls = getattr(module, hook.cls, None)
