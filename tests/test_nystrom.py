@@ -12,7 +12,8 @@ from vllm_neuronmlp.tools.methods import nystrom as ny
 def random_z(tokens=400, inter=48, seed=0, dead=True):
     """Correlated intermediate activations, with (`dead`) a few nearly dead channels."""
     rng = np.random.default_rng(seed)
-    z = rng.standard_normal((tokens, 16)) @ rng.standard_normal((16, inter)) + 0.1 * rng.standard_normal((tokens, inter))
+    z = rng.standard_normal((tokens, 16)) @ rng.standard_normal((16, inter))
+    z += 0.1 * rng.standard_normal((tokens, inter))
     if dead:
         z[:, :3] *= 1e-3
     return z

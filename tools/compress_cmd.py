@@ -48,8 +48,8 @@ examples:
 def add_parser(subparsers) -> None:
     from vllm_neuronmlp import checkpoint_format as cf
     from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD, REGISTRY
-    from vllm_neuronmlp.tools.options import (DEFAULT_CALIB_TEXT, DEFAULT_FISHER_SAMPLES, DTYPE_CHOICES, LORA_BATCH,
-                                              LORA_LR, LORA_RANK)
+    from vllm_neuronmlp.tools.options import (DEFAULT_CALIB_TEXT, DEFAULT_FISHER_SAMPLES, DTYPE_CHOICES, EXPORTS,
+                                              LORA_BATCH, LORA_LR, LORA_RANK)
 
     p = subparsers.add_parser("compress", help="SVD-compress the MLPs of a Hugging Face checkpoint",
                               description=DESCRIPTION, epilog=EPILOG,
@@ -95,6 +95,10 @@ def add_parser(subparsers) -> None:
                    help="calibration windows per LoRA step (default %(default)s)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype of the written tensors; auto = the source's (default %(default)s)")
+    p.add_argument("--export", choices=EXPORTS, default="svd_neuron",
+                   help="svd_neuron: the plugin's format; dense: a plain model with a smaller intermediate_size "
+                        "that stock vLLM serves without the plugin (only --method nystrom with every layer at one "
+                        "width; refused otherwise) (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--max-shard-size", type=float, default=0.5, metavar="GIB",
                    help="safetensors shard size in GiB; output is buffered in memory up to this size "
@@ -114,7 +118,8 @@ def run(args) -> int:
         calib_text=tuple(args.calib_text), calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         fisher_samples=args.fisher_samples, seed=args.seed, rank_allocation=args.rank_allocation,
         method=args.method, damping=args.damping, lora_steps=args.lora_steps, lora_rank=args.lora_rank,
-        lora_lr=args.lora_lr, lora_batch=args.lora_batch, dtype=args.dtype, overwrite=args.overwrite,
+        lora_lr=args.lora_lr, lora_batch=args.lora_batch, dtype=args.dtype, export=args.export,
+        overwrite=args.overwrite,
         max_shard_bytes=int(args.max_shard_size * 1024 ** 3), progress=not args.no_progress)
     res = compress_with_options(args.src, args.out, opts)
     emit(args, format_summary(res), res.to_dict())

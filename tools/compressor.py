@@ -66,6 +66,7 @@ class CompressResult:
     lora: Dict = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     selection: Dict = field(default_factory=dict)
+    widths: Dict[int, int] = field(default_factory=dict)  # {layer: intermediate width} of narrowed layers
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -111,8 +112,16 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
     stats, all_ranks, selection = plan(ctx, method, cache)
 
     mats = ctx.matrices()
-    warnings = _allocation_warnings(sk, mats, all_ranks, opts)
-    achieved = rk.achieved_ratio(mats, all_ranks)
+    if isinstance(all_ranks, rk.Plan):  # channel-selecting methods also narrow layers (format v2)
+        ctx.widths = dict(all_ranks.widths)
+        all_ranks = {m.name: all_ranks.ranks.get(m.name, rk.DENSE) for m in mats}
+    widths = ctx.widths
+    if opts.export == "dense":  # refuse before the factor pass, not after it
+        from vllm_neuronmlp.tools.export import check_exportable
+
+        check_exportable({n: r for n, r in all_ranks.items() if r != rk.DENSE}, widths, sk.num_layers)
+    warnings = _allocation_warnings(sk, mats, all_ranks, opts, widths)
+    achieved = rk.plan_ratio(mats, all_ranks, widths)
     out_dtype = _out_dtype(src, sk, opts)
     cast_all = out_dtype != src.torch_dtype(cf.weight_name(sk.module_names(0)[st.GATE]))
     cast = out_dtype if cast_all else None
@@ -135,7 +144,7 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
                 if key in config or key == "torch_dtype":
                     config[key] = str(out_dtype).replace("torch.", "")
         mlp_before = sum(m.dense for m in mats)
-        mlp_after = rk.total_cost(mats, all_ranks)
+        mlp_after = rk.plan_cost(mats, all_ranks, widths)
         params_before = sum(src.numel(n) for n in src.names())
         params_after = params_before - (mlp_before - mlp_after)
         provenance = {
@@ -148,6 +157,7 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
             "method": opts.method,
             "rank_allocation": opts.rank_allocation,
             "allocation_selection": selection,
+            "allocation_mix": allocation_mix(sk, mats, all_ranks, widths),
             "rounding_threshold": opts.rounding_threshold,
             "calibration": calib.info if calib else {},
             "seed": opts.seed,
@@ -159,7 +169,9 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
         }
 
         def write_config() -> None:
-            qc = cf.QuantizationConfig(block_size=opts.block_size, ranks=factored, provenance=provenance)
+            qc = cf.QuantizationConfig(block_size=opts.block_size, ranks=factored, provenance=provenance,
+                                       widths={cf.mlp_module(sk.module_names(i)[st.DOWN]): k
+                                               for i, k in sorted(widths.items())})
             write_json(os.path.join(stage.path, cf.CONFIG_FILE), {**config, cf.QUANTIZATION_CONFIG_KEY: qc.to_dict()})
 
         if opts.lora_steps > 0:
@@ -175,6 +187,10 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
             shutil.copy2(os.path.join(src_path, entry), os.path.join(stage.path, entry))
         with pg.stage("validate the written checkpoint", opts.progress):
             cf.validate(stage.path, check_values=False)  # never publish a checkpoint that breaks the format
+        if opts.export == "dense":
+            from vllm_neuronmlp.tools.export import export_dense
+
+            export_dense(stage.path, sk.num_layers)
         bytes_after = sum(os.path.getsize(os.path.join(stage.path, f)) for f in os.listdir(stage.path)
                           if f.endswith(".safetensors"))
         stage.commit()
@@ -186,7 +202,7 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
         bytes_before=src.total_bytes_on_disk(), bytes_after=bytes_after, wall_time_s=time.time() - t0,
         method=opts.method, allocation=opts.rank_allocation, num_layers=sk.num_layers,
         calibration=calib.info if calib else {}, jitter_modules=ctx.jitter_modules, lora=lora_info,
-        warnings=warnings, selection=selection)
+        warnings=warnings, selection=selection, widths=dict(widths))
 
 
 def plan(ctx: Context, method, cache: Optional[Dict]) -> Tuple[object, Dict[str, int], Dict]:
@@ -235,14 +251,25 @@ def source_name(src_path: str) -> str:
     return os.path.basename(os.path.normpath(os.path.abspath(src_path)))
 
 
-def _allocation_warnings(sk: st.Skeleton, mats: List[rk.Matrix], ranks: Dict[str, int], opts) -> List[str]:
+def allocation_mix(sk: st.Skeleton, mats: List[rk.Matrix], ranks: Dict[str, int], widths: Dict[int, int]) -> Dict:
+    """How the removed parameters split between narrowing (channels) and factoring (ranks)."""
+    dense = sum(m.dense for m in mats)
+    by_channels = sum(m.dense - rk.narrowed(m, widths.get(m.layer)).dense for m in mats)
+    by_ranks = rk.plan_cost(mats, {}, widths) - rk.plan_cost(mats, ranks, widths)
+    return {"layers_narrowed": len(widths), "factored_modules": sum(1 for r in ranks.values() if r != rk.DENSE),
+            "ratio_by_channels": round(by_channels / dense, 6), "ratio_by_ranks": round(by_ranks / dense, 6),
+            "widths": {str(i): k for i, k in sorted(widths.items())}, "intermediate_size": sk.intermediate}
+
+
+def _allocation_warnings(sk: st.Skeleton, mats: List[rk.Matrix], ranks: Dict[str, int], opts,
+                         widths: Optional[Dict[int, int]] = None) -> List[str]:
     warnings = []
     shapes = {m.name: (m.m, m.n) for m in mats}
     never = [m.name for m in mats if m.max_rank(opts.block_size) == 0]
     if never:
         warnings.append(f"{len(never)} projection(s) stay dense: no multiple of block size {opts.block_size} "
                         f"saves parameters for their shape (e.g. {never[0]} {list(shapes[never[0]])})")
-    achieved = rk.achieved_ratio(mats, ranks)
+    achieved = rk.plan_ratio(mats, ranks, widths or {})
     if abs(achieved - opts.ratio) > 0.03:
         warnings.append(f"achieved MLP ratio {achieved:.4f} is more than 0.03 from the requested {opts.ratio} "
                         f"(block size {opts.block_size} is coarse for these shapes)")

@@ -44,7 +44,9 @@ def summarize(ckpt: str, check_values: bool = True) -> Dict:
         "mlp_modules": 3 * int(text.get("num_hidden_layers", 0)),
         "ranks": ranks,
         "ranks_by_projection": {p: {"min": min(v), "max": max(v), "mean": sum(v) / len(v)} for p, v in by_proj.items()},
-        "mlp_ratio": cf.mlp_ratio(report.model_config, ranks),
+        "mlp_ratio": cf.mlp_ratio(report.model_config, ranks, widths=report.quant.widths),
+        "widths": dict(report.quant.widths),
+        "intermediate_size": int(text.get("intermediate_size", 0)),
         "mlp_params_dense": report.mlp_dense_params,
         "mlp_params_factored": report.mlp_factored_params,
         "tensor_bytes": report.tensor_bytes,
@@ -67,6 +69,12 @@ def describe(s: Dict) -> str:
              f"  factored {s['factored_modules']} of {s['mlp_modules']} MLP projections; MLP ratio "
              f"{s['mlp_ratio']:.4f} (parameters of the factored modules {s['mlp_params_dense']:,} -> "
              f"{s['mlp_params_factored']:,})"]
+    if s["widths"]:
+        mix = s["provenance"].get("allocation_mix", {})
+        split = (f"; of the ratio, {mix['ratio_by_channels']:.4f} by channels and {mix['ratio_by_ranks']:.4f} by "
+                 f"ranks" if mix else "")
+        lines.append(f"  narrowed {len(s['widths'])} of {s['mlp_modules'] // 3} layers below intermediate size "
+                     f"{s['intermediate_size']}{split}")
     for role in fam.ROLES:
         st = s["ranks_by_projection"].get(role)
         if st:
@@ -80,8 +88,10 @@ def describe(s: Dict) -> str:
     layers: Dict[int, Dict[str, int]] = {}
     for m, r in s["ranks"].items():
         layers.setdefault(layer_index(m), {})[fam.role_of(m)] = r
-    lines.append("  ranks (layer: gate up down):")
-    for idx in sorted(layers):
-        d = layers[idx]
-        lines.append(f"    {idx:>3}: " + " ".join(f"{str(d.get(role, 'dense')):>6}" for role in fam.ROLES))
+    widths = {layer_index(m): k for m, k in s["widths"].items()}
+    lines.append("  ranks (layer: gate up down" + (", width)" if widths else ")") + ":")
+    for idx in sorted(set(layers) | set(widths)):
+        d = layers.get(idx, {})
+        lines.append(f"    {idx:>3}: " + " ".join(f"{str(d.get(role, 'dense')):>6}" for role in fam.ROLES)
+                     + (f" {widths[idx]:>6}" if idx in widths else ""))
     return "\n".join(lines)

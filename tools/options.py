@@ -12,6 +12,7 @@ from vllm_neuronmlp.tools.errors import UserError
 from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD, METHODS
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+EXPORTS = ("svd_neuron", "dense")  # dense: a plain smaller model of the same architecture (tools/export.py)
 DEFAULT_CALIB_TEXT = text_data.BUILTIN_PREFIX + "calibration"
 DEFAULT_FISHER_SAMPLES = 32  # windows of the Fisher pass (its stored activations grow with them)
 # LoRA recovery defaults; benchmarks/accuracy_vs_ratio.py's LoRA rows used batch 1, lr 3e-4 (README)
@@ -36,6 +37,7 @@ class CompressOptions:
     lora_lr: float = LORA_LR
     lora_batch: int = LORA_BATCH
     dtype: str = "auto"
+    export: str = "svd_neuron"
     overwrite: bool = False
     max_shard_bytes: int = 512 * 1024 ** 2  # also bounds the write buffer held in memory
     progress: bool = True
@@ -62,6 +64,11 @@ class CompressOptions:
             raise UserError(f"--rank-allocation must be one of {', '.join(ALLOCATIONS)}, got {self.rank_allocation!r}")
         if self.method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.export not in EXPORTS:
+            raise UserError(f"--export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+        if self.export == "dense" and self.method != "nystrom":
+            raise UserError(f"--export dense needs --method nystrom (only channel selection keeps the model's "
+                            f"architecture), got --method {self.method}")
         if self.dtype not in DTYPE_CHOICES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if not self.calib_text:

@@ -14,6 +14,8 @@ REGISTRY = {
     "whiten": ("whiten", "SVD-LLM input whitening"),
     "fisher": ("fisher", "input whitening plus loss-sensitivity (Fisher) weights on the output channels"),
     "error-aware": ("error_aware", "whitening fit on the inputs the compressed model really feeds each layer"),
+    "nystrom": ("nystrom", "MLP channels by ridge leverage, Nyström-corrected down projection (MoDeGPT)"),
+    "hybrid": ("hybrid", "channel selection and Fisher-weighted factors under one loss-based budget"),
 }
 METHODS = tuple(REGISTRY)
 DEFAULT_METHOD = "fisher"  # best measured on SmolLM2 (benchmarks/results/accuracy_vs_ratio.json)

@@ -52,6 +52,7 @@ class Context:
     opts: Any  # compressor.CompressOptions
     calib: Optional[Calibration]
     jitter_modules: List[str] = field(default_factory=list)
+    widths: Dict[int, int] = field(default_factory=dict)  # {layer: kept intermediate channels} of the chosen plan
 
     def cholesky(self, gram: GramAccumulator, module: str, record: bool = True) -> torch.Tensor:
         """Whitening factor of a module's input covariance (damped; jitter recorded

@@ -37,7 +37,7 @@ from vllm_neuronmlp.tools import ranks as rk
 from vllm_neuronmlp.tools import sensitivity
 from vllm_neuronmlp.tools import streaming as st
 from vllm_neuronmlp.tools.methods.base import Context, Method, weights_io
-from vllm_neuronmlp.tools.whitening import FactorizationError, GramAccumulator
+from vllm_neuronmlp.tools.whitening import FactorizationError, factorize
 
 LEVERAGE_RIDGE = 1e-2  # lambda = 1e-2 x mean(diag C): scores of channels below that energy are damped
 SOLVE_RIDGE = 1e-6  # lambda' = 1e-6 x mean(diag C): keeps the solve defined for dead channels
@@ -165,25 +165,48 @@ def kept_channels(order: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class NystromFactorizer:
-    """Streams the calibration windows through the dense layers; each layer with
-    a width below I is narrowed to its first `width` channels of the statistics'
-    order, with the down projection refit on all calibration windows."""
+    """Streams the calibration windows through the dense layers. A layer with a
+    width below I is narrowed to the first `width` channels of the statistics'
+    order, its down projection refit on all calibration windows; then the
+    projections in `todo` are factored at the layer's (reduced) shape, whitened
+    by their inputs (the kept channels' C for down) and output-weighted by the
+    Fisher weights `out_scales` {module: d [out]} when given (the hybrid)."""
 
-    def __init__(self, ctx: Context, stats: ChannelStats):
+    def __init__(self, ctx: Context, stats: ChannelStats, out_scales: Optional[Mapping[str, torch.Tensor]] = None):
         self.ctx, self.stats = ctx, stats
+        self.out_scales = out_scales or {}
         self.x = st.embed(ctx.sk, ctx.src, ctx.calib.windows)
         self.runner = st.LayerRunner(ctx.sk, ctx.calib.windows.shape[1])
 
     def __call__(self, i, layer, todo) -> LayerWeights:
-        width = self.ctx.widths.get(i, self.ctx.sk.intermediate)
-        if width >= self.ctx.sk.intermediate:
+        sk = self.ctx.sk
+        width = self.ctx.widths.get(i, sk.intermediate)
+        if width >= sk.intermediate and not todo:
             for sl in st.chunks(self.x.shape[0], self.x.shape[1]):
                 self.x[sl] = self.runner.run(layer, self.x[sl])["out"]
             return LayerWeights(None, {}, {})
-        _acc_a, acc_z = st.mlp_input_grams(self.ctx.sk, self.runner, layer, self.x)
-        keep = kept_channels(self.stats.order[i], width)
-        w = pruned_weights(self.ctx, layer, acc_z.matrix, keep)
-        return LayerWeights(keep, {role: t.T.float().contiguous() for role, t in w.items()}, {})
+        acc_a, acc_z = st.mlp_input_grams(sk, self.runner, layer, self.x)
+        keep = kept_channels(self.stats.order[i], width) if width < sk.intermediate else None
+        if keep is None:
+            w, c = weights_io(self.ctx, layer), acc_z.matrix
+        else:
+            w, c = pruned_weights(self.ctx, layer, acc_z.matrix, keep), acc_z.matrix[keep][:, keep]
+        names = sk.module_names(i)
+        factors = {}
+        if todo:
+            acc_z.matrix = c  # the kept channels' correlation whitens the narrowed down projection
+            chol = {st.GATE: self.ctx.cholesky(acc_a, names[st.GATE])} if (st.GATE in todo or st.UP in todo) else {}
+            chol[st.UP] = chol.get(st.GATE)
+            if st.DOWN in todo:
+                chol[st.DOWN] = self.ctx.cholesky(acc_z, names[st.DOWN])
+            for role, r in todo.items():
+                d = self.out_scales.get(names[role])
+                if d is not None and keep is not None and role != st.DOWN:
+                    d = d[keep]
+                f = factorize(w[role], r, chol[role], out_scale=d)
+                factors[role] = (f.u.float(), f.v.float())
+        dense = {} if keep is None else {role: t.T.float().contiguous() for role, t in w.items() if role not in todo}
+        return LayerWeights(keep, dense, factors)
 
 
 class Nystrom(Method):

@@ -1,0 +1,44 @@
+"""`hybrid`: channel selection (nystrom.py) and Fisher-weighted factors (fisher.py)
+under one loss-based budget.
+
+Both kinds of cut are estimated in one unit, the Fisher-weighted output error
+of the layer: a block of intermediate channels by the Nyström loss curve of
+its layer, a block of rank by the dropped squared singular values of the
+input-whitened, Fisher-weighted projection. One greedy allocation
+(ranks.allocate_hybrid) spends the budget on whichever cut costs the least
+estimated loss per parameter; the factor pass narrows each layer, refits its
+down projection, then factors the chosen projections at the reduced width."""
+from __future__ import annotations
+
+from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import sensitivity
+from vllm_neuronmlp.tools.methods.base import Context
+from vllm_neuronmlp.tools.methods.nystrom import ChannelStats, Nystrom, NystromFactorizer, channel_statistics
+
+
+class Hybrid(Nystrom):
+    name = "hybrid"
+
+    def statistics_key(self, opts):
+        return ("hybrid", opts.fisher_samples)
+
+    def statistics(self, ctx: Context) -> ChannelStats:
+        return channel_statistics(ctx, with_spectra=True)
+
+    def candidates(self, ctx: Context, stats: ChannelStats):
+        o = ctx.opts
+        ctx.calib.info["fisher_samples"] = min(o.fisher_samples, int(ctx.calib.windows.shape[0]))
+        plan = rk.allocate_hybrid(ctx.matrices(), stats.spectra, stats.losses, ctx.sk.intermediate, o.ratio,
+                                  o.block_size)
+        return {"hybrid-greedy": plan}
+
+    def choose(self, ctx, stats, candidates):
+        (name, plan), = candidates.items()
+        return plan, {"chosen": name, "note": "one greedy over channel blocks (Nyström loss) and rank blocks "
+                                              "(Fisher-weighted spectra) by estimated loss per parameter; not scored"}
+
+    def factorizer(self, ctx: Context, stats: ChannelStats):
+        return NystromFactorizer(ctx, stats, {n: sensitivity.output_weights(f) for n, f in stats.fisher.items()})
+
+
+METHOD = Hybrid()
