@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = [
     "eval",
     "inspect",
     "default_model",
+    "setup_vllm_cpu",
 ]
 
 
@@ -47,8 +48,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from vllm_neuronmlp.checkpoint_format import CheckpointFormatError
     from vllm_neuronmlp.tools.errors import UserError
 
+    from vllm_neuronmlp import vllm_cpu_shim
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "setup-vllm-cpu" and vllm_cpu_shim.needed():
+        print(f"vllm-neuronmlp: warning: {vllm_cpu_shim.HINT}", file=sys.stderr)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

