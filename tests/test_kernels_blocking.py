@@ -97,12 +97,11 @@ def test_ridge_objective_picks_smallest_block_clearing_the_ridge():
     want = blocking.RIDGE_MARGIN * t.ridge_flop_per_byte
     assert blocking.arithmetic_intensity(ks, bm) >= want
     assert blocking.arithmetic_intensity(ks, bm - 128) < want
-    # the default (by modelled time) clears the ridge too, moves no more bytes than the
-    # ridge pick and is no slower
+    # the default (by modelled time, on the geometric grid of candidates) clears the ridge
+    # too and is within 5% of the ridge pick's modelled time
     default = blocking.select_block_m(ks, "trn1")
     assert blocking.arithmetic_intensity(ks, default) >= want
-    assert sum(blocking.hbm_bytes(ks, default)) <= sum(blocking.hbm_bytes(ks, bm))
-    assert blocking.modeled_time(ks, default) <= blocking.modeled_time(ks, bm)
+    assert blocking.modeled_time(ks, default) <= 1.05 * blocking.modeled_time(ks, bm)
     # tiny S: one strip covering all tokens
     assert blocking.select_block_m(blocking.xuv_shape(7, *PAPER)) == 128
 

@@ -24,19 +24,66 @@ program order (docs/kernels.md, "The cost model"):
   assumption: the compiler picks queues; see docs/kernels.md). A transfer moves
   `bytes / (engines x per-engine rate x efficiency)` where engines = ceil(partitions / 8)
   ("each DMA engine is typically responsible for moving data for eight SBUF partitions",
-  same overview page); all transfers share the 16 engines' aggregate bandwidth (one
-  bandwidth server, FIFO in program order).
+  same overview page); all transfers share the 16 engines' aggregate bandwidth, booked in
+  time (`Calendar`: the earliest free interval after a transfer is ready).
 
 Latency = the end of the last instruction. Per engine: busy time (sum of its
 instructions' costs) and stall time (time its queue waited on dependencies while it had
 the next instruction ready in program order).
 """
+import bisect
 from dataclasses import dataclass
 
 CELL_BYTES = 512            # dependency granularity within one partition of a tensor
 HBM_CELLS = 4096            # an HBM tensor is tracked in at most this many cells
 
 COMPUTE_ENGINES = ("tensor", "vector", "scalar", "gpsimd")
+
+
+class Calendar:
+    """A resource shared in time (the DMA engines' aggregate bandwidth, NC-v2's PSUM port):
+    booked intervals, merged when they touch. A request takes the earliest gap long enough
+    at or after its ready time, so a transfer issued later in program order but ready
+    earlier is not held behind one still waiting for its inputs ("DMA transfers from
+    different DMA queues are scheduled in a round robin fashion", nki-dma-overview.rst).
+    Bounded memory: beyond MAX_GAPS intervals the oldest half is forgotten."""
+
+    MAX_GAPS = 4096
+
+    def __init__(self):
+        self.iv = []             # sorted, disjoint [start, end]
+
+    def book(self, t0, d):
+        iv = self.iv
+        if d <= 0.0:
+            return t0
+        i = bisect.bisect_right(iv, [t0, float("inf")]) - 1
+        if i >= 0 and iv[i][1] > t0:
+            t0 = iv[i][1]
+        i += 1
+        while i < len(iv) and iv[i][0] < t0 + d:
+            t0 = max(t0, iv[i][1])
+            i += 1
+        # insert [t0, t0 + d] before index i, merging with neighbours that touch
+        lo, hi = t0, t0 + d
+        j = i
+        if j > 0 and iv[j - 1][1] >= lo - 1e-15:
+            j -= 1
+            lo = iv[j][0]
+            del iv[j]
+            i -= 1
+        if i < len(iv) and iv[i][0] <= hi + 1e-15:
+            hi = iv[i][1]
+            del iv[i]
+        iv.insert(j, [lo, hi])
+        if len(iv) > self.MAX_GAPS:
+            del iv[:len(iv) // 2]
+        return t0
+
+    def shift(self, dt):
+        for x in self.iv:
+            x[0] += dt
+            x[1] += dt
 
 
 @dataclass(frozen=True)
@@ -66,8 +113,8 @@ class Timeline:
         self.free = {e: 0.0 for e in COMPUTE_ENGINES}
         self.busy = {e: 0.0 for e in COMPUTE_ENGINES + ("dma",)}
         self.stall = {e: 0.0 for e in COMPUTE_ENGINES + ("dma",)}
-        self.port_free = 0.0
-        self.bw_free = 0.0
+        self.port = Calendar()
+        self.bw = Calendar()
         self.queue_free = {}
         self.last_write = {}     # storage key -> list of end times per cell
         self.last_read = {}
@@ -124,15 +171,13 @@ class Timeline:
             eng = ev.engine
             free = self.free[eng]
             start = max(free, ready + (self.sync_latency_s if ready > 0.0 else 0.0))
-            if ev.psum_port and self.port_free > start:
-                start = self.port_free
+            if ev.psum_port:
+                start = self.port.book(start, ev.cost_s)
             if start > free:
                 self.stall[eng] += start - free
             end = start + ev.cost_s
             self.free[eng] = end
             self.busy[eng] += ev.cost_s
-            if ev.psum_port:
-                self.port_free = end
         self._commit(ev, end)
         if end > self.end:
             self.end = end
@@ -141,10 +186,10 @@ class Timeline:
     def _dma(self, ev, ready):
         t = self.t
         qfree = self.queue_free.get(ev.queue, 0.0)
-        start = max(ready + t.dma_fixed_s, qfree, self.bw_free)
-        if start > max(qfree, self.bw_free):
-            self.stall["dma"] += start - max(qfree, self.bw_free)
-        self.bw_free = start + ev.occupancy_s
+        earliest = max(ready + t.dma_fixed_s, qfree)
+        if earliest > qfree:
+            self.stall["dma"] += earliest - qfree
+        start = self.bw.book(earliest, ev.occupancy_s)
         end = start + max(ev.cost_s, ev.occupancy_s)
         self.queue_free[ev.queue] = end
         self.busy["dma"] += ev.occupancy_s
@@ -186,8 +231,8 @@ class Timeline:
             self.stall[k] += m * (self.stall[k] - stall0[k])
         for e in self.free:
             self.free[e] += shift
-        self.port_free += shift
-        self.bw_free += shift
+        self.port.shift(shift)
+        self.bw.shift(shift)
         for q in self.queue_free:
             self.queue_free[q] += shift
         for table, attr in ((self.last_read, "reads"), (self.last_write, "writes")):
