@@ -2,22 +2,24 @@
 (NKI 0.3+) keyword signatures (`dst` first), their hardware checks, their values and
 their cost.
 
-Cost figures (per instruction; see `runner.Stats` for how they combine):
+Cost figures (per instruction; `timeline` schedules them, see docs/kernels.md):
 * nc_matmul: max(64, N) tensor-engine cycles for 2-byte inputs, 4x that for 4-byte
   inputs, N = moving free size; 2*K*M*N FLOPs. The stationary load is assumed hidden
   behind the previous multiply (background LoadStationary).
 * nc_transpose (tensor engine): a matmul against an identity, max(64, P) cycles (x4
   for 4-byte data); counted as a transpose, not as FLOPs.
-* vector / scalar / gpsimd instructions: max(64, F) cycles of their engine, F = elements
-  per partition; VectorE instructions with two input tiles (tensor_tensor) 2F ("roughly
-  2N cycles", trainium_inferentia2_arch.rst, Vector Engine cost model). On NeuronCore-v2
-  the VectorE/ScalarE instructions that read or write PSUM also add their time to a
-  shared PSUM port (the two engines "cannot access PSUM in parallel", same page).
-* DMA (dma_copy, dma_transpose): the fixed cost of one transfer plus bytes at one DMA
-  engine's sustained bandwidth (17 B/ns trn1, 23 B/ns trn2) divided by an efficiency, in
-  DMA-engine-seconds; the 16 engines share the total. Efficiency: for a copy, the
-  documented throughput-vs-bytes-per-partition curve at the copy's smallest contiguous
-  run (`targets.dma_chunk_efficiency`: 256 B -> 0.105, 1 KiB -> 0.43, 2 KiB -> 0.84,
+* vector / scalar / gpsimd instructions: F cycles of their engine, F = elements per
+  partition, 2F for VectorE instructions with two input tiles (tensor_tensor; "roughly
+  2N cycles", trainium_inferentia2_arch.rst, Vector Engine cost model), plus the
+  documented 100-cycle static overhead when F < 128. On NeuronCore-v2 the VectorE/ScalarE
+  instructions that read or write PSUM also hold a shared PSUM port (the two engines
+  "cannot access PSUM in parallel", same page).
+* DMA (dma_copy, dma_transpose): bytes over the engines the transfer spreads on
+  (ceil(partitions / 8)) at the sustained per-engine rate (17 B/ns trn1, 23 B/ns trn2)
+  times an efficiency; the fixed ~1.3 us latency, the in-order queues and the shared
+  bandwidth are the timeline's. Efficiency: for a copy, the documented
+  throughput-vs-bytes-per-partition curve at the copy's smallest contiguous run
+  (`targets.dma_chunk_efficiency`: 256 B -> 0.105, 1 KiB -> 0.43, 2 KiB -> 0.84,
   >= 4 KiB -> 1); for a DMA transpose, 0.9 ("up to 90%" of a copy). See `targets`.
 """
 import enum
