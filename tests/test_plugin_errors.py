@@ -66,15 +66,6 @@ def test_unknown_format_version(factored, tmp_path):
                      r"versions \[1, 2\]")
 
 
-def test_per_layer_widths_are_refused_by_the_plugin(tmp_path):
-    from model_factory import make_dense_and_narrowed
-
-    _, narrowed = make_dense_and_narrowed(str(tmp_path), {0: 128}, hidden=192, intermediate=256)
-    proc = run_engine(narrowed, str(tmp_path / "o.json"))
-    fails_with(proc, r"quantization_config\.widths narrows 1 layer\(s\) below intermediate_size \(format version 2\); "
-                     r"this vLLM plugin does not serve per-layer intermediate widths yet")
-
-
 def test_quantization_flag_on_a_dense_checkpoint(models, tmp_path):
     proc = run_engine(models[0], str(tmp_path / "o.json"), quantization="svd_neuron")
     fails_with(proc, r"--quantization svd_neuron was given, but the model's config\.json has no "

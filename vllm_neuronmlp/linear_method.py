@@ -18,6 +18,12 @@ Tensor parallelism (docs/vllm.md), exact for every layer kind:
 
 This per-linear path is the reference; the MLP normally runs through the fused
 `svd_mlp` op (see `mlp_fusion`), and tests check that both agree.
+
+Format v2 (per-layer intermediate widths, docs/checkpoint_format.md): vLLM builds
+every MLP at the config's intermediate_size I; for a layer narrowed to k channels
+the methods here allocate the parameters at k instead (each rank k / tp, split as
+above), so the activation and the down projection simply see k / tp channels.
+`NarrowedDenseMethod` does that for the projections of such a layer that stay dense.
 """
 from __future__ import annotations
 
@@ -37,8 +43,10 @@ def _linear_method_base():
 
 
 class SVDLinearMethod(_linear_method_base()):
-    def __init__(self, hf_modules: List[str], ranks: List[int], family: MLPFamily) -> None:
+    def __init__(self, hf_modules: List[str], ranks: List[int], family: MLPFamily,
+                 width: Optional[int] = None) -> None:
         self.family = family  # the model's MLP family: names and activation (mlp_fusion reads it)
+        self.width = width  # the layer's intermediate width (format v2), None for the config's
         self.hf_modules = list(hf_modules)
         self.ranks = list(ranks)
         self.rank_offsets = [sum(self.ranks[:k]) for k in range(len(self.ranks) + 1)]
@@ -63,6 +71,9 @@ class SVDLinearMethod(_linear_method_base()):
         total_rank = self.rank_offsets[-1]
         split_input = isinstance(layer, RowParallelLinear)
         split_output = isinstance(layer, ColumnParallelLinear)
+        if self.width is not None:  # a narrowed layer: its intermediate side is `width` wide
+            input_size_per_partition, input_size, out_shard = narrowed_sizes(
+                layer, self.width, input_size_per_partition, input_size, out_shard)
 
         u = torch.nn.Parameter(torch.empty(input_size_per_partition, total_rank, dtype=params_dtype),
                                requires_grad=False)
@@ -137,4 +148,62 @@ class SVDLinearMethod(_linear_method_base()):
     # ------------------------------------------------------------ compute
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return factored_linear(x, layer.svd_u, layer.svd_v, self.rank_offsets, bias)
+
+
+def narrowed_sizes(layer: torch.nn.Module, width: int, in_local: int, in_full: int, out_shard: int):
+    """(input size per rank, input size, output size per packed module and rank) of
+    an MLP linear of a layer narrowed to `width` intermediate channels: the
+    row-parallel down projection loses input rows, the column-parallel gate/up
+    output columns; each rank keeps width / tp of them."""
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+    if isinstance(layer, RowParallelLinear):
+        return width // layer.tp_size, width, out_shard
+    if isinstance(layer, ColumnParallelLinear):
+        return in_local, in_full, width // layer.tp_size
+    raise fmt.CheckpointFormatError(f"a narrowed MLP (format v2) has a {type(layer).__name__}, expected the "
+                                    f"column-parallel gate/up and the row-parallel down")
+
+
+def _unquantized_method_base():
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    return UnquantizedLinearMethod
+
+
+class NarrowedDenseMethod(_unquantized_method_base()):
+    """A dense MLP linear of a layer narrowed to `width` channels (format v2):
+    vLLM's dense compute on a weight allocated and loaded at the narrowed shape."""
+
+    def __init__(self, hf_modules: List[str], width: int) -> None:
+        super().__init__()
+        self.hf_modules, self.width = list(hf_modules), width
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: List[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        from vllm.model_executor.layers.linear import RowParallelLinear
+        from vllm.model_executor.utils import set_weight_attrs
+
+        extra_weight_attrs.pop("weight_loader", None)
+        in_local, in_full, out_shard = narrowed_sizes(layer, self.width, input_size_per_partition, input_size,
+                                                      output_partition_sizes[0])
+        split_input = isinstance(layer, RowParallelLinear)
+        n = len(output_partition_sizes)
+        weight = torch.nn.Parameter(torch.empty(out_shard * n, in_local, dtype=params_dtype), requires_grad=False)
+        layer.register_parameter("weight", weight)
+
+        def load(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+            k = 0 if shard_id is None else int(shard_id)
+            want = [output_size if split_input else out_shard * layer.tp_size, in_full]  # HF [out, in]
+            if list(loaded.shape) != want:
+                raise fmt.CheckpointFormatError(
+                    f"tensor {fmt.weight_name(self.hf_modules[k])} has shape {list(loaded.shape)}, expected {want} "
+                    f"(width {self.width} from {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS})")
+            if layer.tp_size > 1:
+                loaded = (loaded.narrow(1, layer.tp_rank * in_local, in_local) if split_input
+                          else loaded.narrow(0, layer.tp_rank * out_shard, out_shard))
+            param.data[k * out_shard:(k + 1) * out_shard].copy_(loaded)
+
+        set_weight_attrs(weight, {"weight_loader": load, **extra_weight_attrs})
 

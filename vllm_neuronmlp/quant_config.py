@@ -50,12 +50,6 @@ class SVDNeuronConfig(_vllm_config_base()):
                 f"'{fmt.QUANTIZATION_CONFIG_KEY}' with quant_method '{fmt.QUANT_METHOD}': it is a dense "
                 f"checkpoint. Serve it without --quantization, or make an {fmt.QUANT_METHOD} checkpoint "
                 f"with `vllm-neuronmlp compress`.")
-        if quant.widths:
-            raise fmt.CheckpointFormatError(
-                f"{fmt.CONFIG_FILE}: {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS} narrows "
-                f"{len(quant.widths)} layer(s) below intermediate_size (format version {quant.format_version}); "
-                f"this vLLM plugin does not serve per-layer intermediate widths yet. Load it with transformers, "
-                f"or compress with equal widths and nothing factored and `--export dense` (docs/checkpoint_format.md)")
         self.quant = quant
         self.ranks: Dict[str, int] = dict(quant.ranks)
         self.block_size = quant.block_size
@@ -120,7 +114,16 @@ class SVDNeuronConfig(_vllm_config_base()):
         family = _model_family()
         modules = self.hf_modules(prefix, family)
         factored = [m in self.ranks for m in modules]
+        width = self.quant.width_of(modules[0])  # format v2: this MLP keeps `width` intermediate channels
+        if width is not None:  # (vLLM resolves the method before it sets layer.tp_size)
+            from vllm.distributed import get_tensor_model_parallel_world_size
+
+            fmt.check_tensor_parallel(self.quant, get_tensor_model_parallel_world_size())
         if not any(factored):
+            if width is not None:
+                from vllm_neuronmlp.linear_method import NarrowedDenseMethod
+
+                return NarrowedDenseMethod(modules, width)
             return UnquantizedLinearMethod()
         if not all(factored):
             missing = [m for m, f in zip(modules, factored) if not f]
@@ -133,7 +136,7 @@ class SVDNeuronConfig(_vllm_config_base()):
         # Here, not in __init__: the config may be built in another process and
         # pickled to the workers, but the layers are built where this runs.
         install_mlp_fusion()
-        return SVDLinearMethod(hf_modules=modules, ranks=[self.ranks[m] for m in modules], family=family)
+        return SVDLinearMethod(hf_modules=modules, ranks=[self.ranks[m] for m in modules], family=family, width=width)
 
 
 def register_with_vllm() -> None:
