@@ -115,18 +115,23 @@ def make_dense_and_factored(root: str, arch: str = "llama", hidden: int = 192, i
             fact_state[fmt.u_name(module)] = u.contiguous()
             fact_state[fmt.v_name(module)] = v.contiguous()
             all_ranks[module] = r
+    _write_twins(dense_dir, state, fact_dir, fact_state, fmt.QuantizationConfig(block_size=block_size, ranks=all_ranks))
+    return dense_dir, fact_dir
+
+
+def _write_twins(dense_dir: str, state, out_dir: str, out_state, quant: "fmt.QuantizationConfig") -> None:
+    """Save the dense twin's state, and beside it the svd_neuron checkpoint (same other files, `quant`)."""
     save_file(state, os.path.join(dense_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
-    os.makedirs(fact_dir, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(dense_dir):
         if name != fmt.SAFETENSORS_SINGLE_FILE:
-            with open(os.path.join(dense_dir, name), "rb") as src, open(os.path.join(fact_dir, name), "wb") as dst:
+            with open(os.path.join(dense_dir, name), "rb") as src, open(os.path.join(out_dir, name), "wb") as dst:
                 dst.write(src.read())
-    save_file(fact_state, os.path.join(fact_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
-    config = fmt.read_config(fact_dir)
-    config[fmt.QUANTIZATION_CONFIG_KEY] = fmt.QuantizationConfig(block_size=block_size, ranks=all_ranks).to_dict()
-    with open(os.path.join(fact_dir, fmt.CONFIG_FILE), "w") as f:
+    save_file(out_state, os.path.join(out_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
+    config = fmt.read_config(out_dir)
+    config[fmt.QUANTIZATION_CONFIG_KEY] = quant.to_dict()
+    with open(os.path.join(out_dir, fmt.CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
-    return dense_dir, fact_dir
 
 
 def make_dense_and_narrowed(root: str, widths: Dict[int, int], arch: str = "llama", hidden: int = 192,
@@ -165,18 +170,8 @@ def make_dense_and_narrowed(root: str, widths: Dict[int, int], arch: str = "llam
         del out_state[name]
         out_state[fmt.u_name(module)] = u.contiguous()
         out_state[fmt.v_name(module)] = v.contiguous()
-    save_file(state, os.path.join(dense_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(dense_dir):
-        if name != fmt.SAFETENSORS_SINGLE_FILE:
-            with open(os.path.join(dense_dir, name), "rb") as src, open(os.path.join(out_dir, name), "wb") as dst:
-                dst.write(src.read())
-    save_file(out_state, os.path.join(out_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
-    config = fmt.read_config(out_dir)
-    config[fmt.QUANTIZATION_CONFIG_KEY] = fmt.QuantizationConfig(block_size=block_size, ranks=dict(ranks or {}),
-                                                                 widths=fmt_widths).to_dict()
-    with open(os.path.join(out_dir, fmt.CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
+    _write_twins(dense_dir, state, out_dir, out_state,
+                 fmt.QuantizationConfig(block_size=block_size, ranks=dict(ranks or {}), widths=fmt_widths))
     return dense_dir, out_dir
 
 

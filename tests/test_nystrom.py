@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_ranks import smollm2_matrices
 from vllm_neuronmlp.tools import ranks as rk
 from vllm_neuronmlp.tools.methods import nystrom as ny
 
@@ -82,13 +83,8 @@ def test_channel_losses_are_the_weighted_schur_complement_along_the_order():
 
 
 # ---------------------------------------------------------------- allocations
-def smollm2_like(layers=8, hidden=576, inter=1536):
-    shapes = {}
-    for i in range(layers):
-        shapes[f"model.layers.{i}.mlp.gate_proj"] = (hidden, inter)
-        shapes[f"model.layers.{i}.mlp.up_proj"] = (hidden, inter)
-        shapes[f"model.layers.{i}.mlp.down_proj"] = (inter, hidden)
-    return rk.matrices_from_shapes(shapes)
+def smollm2_like(layers=8):
+    return smollm2_matrices(layers=layers)
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.2, 0.4, 0.7])

@@ -164,11 +164,7 @@ class QuantizationConfig:
             raise CheckpointFormatError(
                 f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_RANKS} is missing or not an object "
                 f"(expected {{module name: rank}})")
-        for module, rank in ranks.items():
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0 or rank % block:
-                raise CheckpointFormatError(
-                    f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_RANKS}[{module!r}] is {rank!r}, expected a "
-                    f"positive multiple of block_size {block}")
+        _check_block_multiples(source, KEY_RANKS, ranks, block)
         for module in ranks:
             other = families.gate_up_partner(module)
             if other is not None and other not in ranks:
@@ -183,11 +179,7 @@ class QuantizationConfig:
         if not isinstance(widths, Mapping):
             raise CheckpointFormatError(
                 f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS} is not an object (expected {{MLP module: width}})")
-        for module, width in widths.items():
-            if not isinstance(width, int) or isinstance(width, bool) or width <= 0 or width % block:
-                raise CheckpointFormatError(
-                    f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS}[{module!r}] is {width!r}, expected a "
-                    f"positive multiple of block_size {block}")
+        _check_block_multiples(source, KEY_WIDTHS, widths, block)
         provenance = {k: v for k, v in qc.items()
                       if k not in (KEY_QUANT_METHOD, KEY_FORMAT_VERSION, KEY_BLOCK_SIZE, KEY_RANKS, KEY_WIDTHS)}
         if KEY_PROVENANCE in provenance and isinstance(provenance[KEY_PROVENANCE], Mapping):
@@ -195,6 +187,15 @@ class QuantizationConfig:
                           **provenance[KEY_PROVENANCE]}
         return cls(block_size=block, ranks={str(k): int(v) for k, v in ranks.items()},
                    format_version=version, provenance=provenance, widths={str(k): int(v) for k, v in widths.items()})
+
+
+def _check_block_multiples(source: str, key: str, values: Mapping[str, Any], block: int) -> None:
+    """Every value of `quantization_config[key]` (ranks, widths) is a positive multiple of the block size."""
+    for module, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % block:
+            raise CheckpointFormatError(
+                f"{source}: {QUANTIZATION_CONFIG_KEY}.{key}[{module!r}] is {value!r}, expected a "
+                f"positive multiple of block_size {block}")
 
 
 def has_svd_config(config: Mapping[str, Any]) -> bool:
