@@ -13,17 +13,11 @@ from __future__ import annotations
 from vllm_neuronmlp.tools import ranks as rk
 from vllm_neuronmlp.tools import sensitivity
 from vllm_neuronmlp.tools.methods.base import Context
-from vllm_neuronmlp.tools.methods.nystrom import ChannelStats, Nystrom, NystromFactorizer, channel_statistics
+from vllm_neuronmlp.tools.methods.nystrom import ChannelStats, Nystrom, NystromFactorizer
 
 
 class Hybrid(Nystrom):
     name = "hybrid"
-
-    def statistics_key(self, opts):
-        return ("hybrid", opts.fisher_samples)
-
-    def statistics(self, ctx: Context) -> ChannelStats:
-        return channel_statistics(ctx, with_spectra=True)
 
     def candidates(self, ctx: Context, stats: ChannelStats):
         o = ctx.opts

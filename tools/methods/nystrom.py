@@ -213,10 +213,12 @@ class Nystrom(Method):
     name = "nystrom"
 
     def statistics_key(self, opts):
-        return ("nystrom", opts.fisher_samples)
+        return ("channels", opts.fisher_samples)  # shared with the hybrid (a sweep computes them once)
 
     def statistics(self, ctx: Context) -> ChannelStats:
-        return channel_statistics(ctx)
+        # the Fisher-weighted spectra cost little beside the sensitivity pass, and make
+        # these statistics the hybrid's too
+        return channel_statistics(ctx, with_spectra=True)
 
     def candidates(self, ctx: Context, stats: ChannelStats):
         o = ctx.opts
