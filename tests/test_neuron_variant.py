@@ -112,3 +112,11 @@ def test_dense_checkpoint_goes_through_untouched(checkpoints):
     assert not hasattr(model, "_svd_neuron")
     model.load_weights(dense, "cpu", None)
     assert not names.svd_mlps(model)
+
+
+def test_per_layer_widths_are_refused_on_trainium():
+    quant = fmt.QuantizationConfig(block_size=32, ranks={}, widths={"model.layers.0.mlp": 64})
+    config = {"model_type": "llama", fmt.QUANTIZATION_CONFIG_KEY: quant.to_dict()}
+    with pytest.raises(fmt.CheckpointFormatError, match=r"quantization_config\.widths narrows 1 layer\(s\) \(format "
+                                                        r"version 2\); the Trainium variant serves format-v1"):
+        integrate.svd_quant_config(config)

@@ -77,7 +77,14 @@ def svd_quant_config(hf_config: Any) -> Optional[fmt.QuantizationConfig]:
     cfg = _config_dict(hf_config)
     if not fmt.has_svd_config(cfg):
         return None
-    return fmt.QuantizationConfig.from_dict(cfg[fmt.QUANTIZATION_CONFIG_KEY], source=fmt.CONFIG_FILE)
+    quant = fmt.QuantizationConfig.from_dict(cfg[fmt.QUANTIZATION_CONFIG_KEY], source=fmt.CONFIG_FILE)
+    if quant.widths:
+        raise fmt.CheckpointFormatError(
+            f"{fmt.CONFIG_FILE}: {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS} narrows {len(quant.widths)} layer(s) "
+            f"(format version {quant.format_version}); the Trainium variant serves format-v1 factors at the config's "
+            f"intermediate_size only. Compress with --method fisher for Trainium, or --method nystrom "
+            f"--rank-allocation uniform --export dense for a plain model")
+    return quant
 
 
 def without_quantization(hf_config: Any) -> Any:
