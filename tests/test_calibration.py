@@ -12,6 +12,8 @@ from vllm_neuronmlp.tools.errors import UserError
 
 from test_compress import SMALL, write_text
 
+pytestmark = pytest.mark.slow  # end-to-end runs of seconds each: `make test-fast` leaves them out
+
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):

@@ -18,6 +18,8 @@ from vllm_neuronmlp.tools.options import CompressOptions
 from vllm_neuronmlp.tools.cli import main as cli_main
 from vllm_neuronmlp.tools.errors import UserError
 
+pytestmark = pytest.mark.slow  # end-to-end runs of seconds each: `make test-fast` leaves them out
+
 WORDS = ("the of and to in is was for on that with as by at from his an were are which this be or first also new "
          "had not but one two its after their have they who has been other all time most some into more three "
          "city school year river war music film world state people known used between during later many").split()

@@ -12,6 +12,8 @@ from vllm_neuronmlp.tools import compressor as C
 from vllm_neuronmlp.tools import tiny
 from vllm_neuronmlp.tools.methods import nystrom as ny
 
+pytestmark = pytest.mark.slow  # end-to-end runs of seconds each: `make test-fast` leaves them out
+
 GATE0, UP0, DOWN0 = (f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
 
 

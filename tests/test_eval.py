@@ -16,6 +16,8 @@ from vllm_neuronmlp.tools import perplexity as P
 from vllm_neuronmlp.tools import tiny
 from vllm_neuronmlp.tools.errors import UserError
 
+pytestmark = pytest.mark.slow  # end-to-end runs of seconds each: `make test-fast` leaves them out
+
 
 def _text(n=3000):
     return " ".join(f"Sentence {i % 53} talks about item {i % 17} and the river {i % 11}." for i in range(n))
@@ -94,6 +96,7 @@ def _cli_eval(model, text, out_json):
                            "--json", out_json], capture_output=True, text=True, timeout=900, env=env)
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("which", ["dense", "svd"])
 def test_eval_through_vllm_matches_hf(work, which):
     """The CLI's vLLM path (prompt logprobs; for the compressed checkpoint the

@@ -58,6 +58,7 @@ def test_several_m_blocks():
     assert st.hbm_read_bytes == 4 * (1100 * 300 + 2 * 300 * 600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("S", [1024, 4096])
 def test_hbm_traffic_order_at_paper_shapes(S):
     """DeepSeek-V3 up_proj shapes: fused (traffic-minimal block) < sequential < dense."""

@@ -71,6 +71,7 @@ def test_eq10_arithmetic_intensity_is_the_emulators_flops_per_byte():
     assert ai == sorted(ai)                      # grows with the strip height
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["trn1", "trn2"])
 def test_selector_never_exceeds_sbuf(target):
     budget = blocking.sbuf_budget(target)
@@ -106,6 +107,7 @@ def test_ridge_objective_picks_smallest_block_clearing_the_ridge():
     assert blocking.select_block_m(blocking.xuv_shape(7, *PAPER)) == 128
 
 
+@pytest.mark.slow
 def test_time_objective_is_fastest_then_fewest_bytes():
     for S in (1024, 4096, 32768):
         ks = blocking.xuv_shape(S, *PAPER)
@@ -120,6 +122,7 @@ def test_time_objective_is_fastest_then_fewest_bytes():
                        if lat[bm] <= (1 + blocking.TIME_TIE) * best)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["trn1", "trn2"])
 def test_selector_within_5_percent_of_best_in_sweep(target):
     # paper K and r; N = 4096 keeps the sweep quick and makes small blocks DMA-bound
@@ -133,6 +136,7 @@ def test_selector_within_5_percent_of_best_in_sweep(target):
     assert sweep[128] > 1.3 * best      # the sweep does discriminate: small blocks are DMA-bound
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["trn1", "trn2"])
 def test_selector_within_5_percent_of_best_on_paper_shapes(target):
     """The paper's table-3 setting: K=7168, r=4096, N=18432, S=4096, BM = 128 ... 4096

@@ -89,6 +89,7 @@ def test_wide_u_slabs_and_v_blocks(dtype, transpose_out):
     assert st.modeled_latency_s == pytest.approx(blocking.modeled_time(ks, 640), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_multiple_stage1_substrips():
     """K so large that x^T of a whole strip does not fit next to (x u)^T: the strip is
     computed in two stage-1 sub-strips, u read twice, v once."""

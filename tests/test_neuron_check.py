@@ -17,6 +17,7 @@ import neuron_check  # noqa: E402
 HARDWARE_STEPS = ("device-kernels", "device-timing", "serve-accuracy", "serve-bench")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(nki_compat.REAL_NKI, reason="the Neuron SDK is installed: the hardware steps would run")
 def test_make_neuron_check_without_the_sdk(tmp_path):
     out = tmp_path / "out"

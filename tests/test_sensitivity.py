@@ -9,6 +9,8 @@ from vllm_neuronmlp.tools.streaming import build_skeleton
 from vllm_neuronmlp.tools.source import SourceCheckpoint
 from vllm_neuronmlp.tools.whitening import robust_cholesky, whitened_spectrum
 
+pytestmark = pytest.mark.slow  # end-to-end runs of seconds each: `make test-fast` leaves them out
+
 
 def reference_fisher(path, ids):
     """(sum over tokens of (dL/dy)^2 per output channel, L = summed next-token NLL,

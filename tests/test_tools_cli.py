@@ -13,6 +13,8 @@ from vllm_neuronmlp.tools import compressor as C
 from vllm_neuronmlp.tools import text_data, tiny
 from vllm_neuronmlp.tools.cli import main as cli_main
 
+pytestmark = pytest.mark.slow  # end-to-end runs of seconds each: `make test-fast` leaves them out
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
