@@ -71,6 +71,21 @@ def plot(data, png):
     plt.close(fig)
 
 
+def markdown_table(data) -> str:
+    texts = list(data["dense"])
+    rows = ["| ratio asked | method | allocation | MLP ratio achieved | mix (channels / ranks) | "
+            + " | ".join(f"PPL {t} (excess)" for t in texts) + " |",
+            "|---|---|---|---|---|" + "---|" * len(texts),
+            "| — | dense | — | 0 | — | " + " | ".join(f"{data['dense'][t]:.2f}" for t in texts) + " |"]
+    for p in sorted(data["points"], key=lambda p: (p["ratio_requested"], p["method"], p["allocation"])):
+        mix = p.get("allocation_mix") or {}
+        split = (f"{mix['ratio_by_channels']:.3f} / {mix['ratio_by_ranks']:.3f}" if "ratio_by_channels" in mix
+                 else "0 / all")
+        rows.append(f"| {p['ratio_requested']} | {p['method']} | {p['allocation']} | {p['ratio_mlp']:.4f} | {split} | "
+                    + " | ".join(f"{p['ppl'][t]:.2f} ({p['excess'][t]:.3f})" for t in texts) + " |")
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/vllm_neuronmlp_channels")
@@ -80,7 +95,12 @@ def main():
     ap.add_argument("--only", nargs="*", help="points as method/allocation/ratio")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table", action="store_true", help="print the README's markdown table from --json, then exit")
     args = ap.parse_args()
+    if args.table:
+        with open(args.json) as f:
+            print(markdown_table(json.load(f)))
+        return
 
     import torch
 
