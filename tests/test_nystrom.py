@@ -100,6 +100,19 @@ def test_width_allocations_fit_the_budget(ratio):
         assert ratio <= achieved < ratio + 3 * 128 / 1536 / 8 + 1e-9
 
 
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.2, 0.3, 0.4])
+def test_width_allocations_hit_a_reachable_ratio_exactly(ratio):
+    # SmolLM2's 30 layers x 12 blocks: every ratio here is a whole number of blocks
+    # (0.05 -> 18); a float-rounded budget once made the greedy remove a 19th
+    layers = list(range(30))
+    mats = smollm2_matrices(layers=30)
+    losses = {i: [float(1536 - k) * (1 + i) for k in range(1537)] for i in layers}
+    for widths in (rk.allocate_widths_uniform(layers, 576, 1536, ratio, 128),
+                   rk.allocate_widths_greedy(layers, 576, 1536, losses, ratio, 128)):
+        assert sum(1536 - k for k in widths.values()) == round(ratio * 360) * 128
+        assert rk.plan_ratio(mats, {}, widths) == pytest.approx(ratio, abs=1e-12)
+
+
 def test_greedy_widths_cut_the_layer_whose_channels_matter_least():
     layers = [0, 1]
     flat = [float(1536 - k) for k in range(1537)]  # 1 per channel

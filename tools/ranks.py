@@ -400,7 +400,8 @@ def _width_budget(layers: Sequence[int], hidden: int, inter: int, ratio: float, 
     if inter % block:
         raise BudgetError(f"intermediate size {inter} is not a multiple of block size {block}: channel widths "
                           f"are block multiples, so the full width is not a level")
-    budget = int(math.floor((1.0 - ratio) * 3 * hidden * inter * len(layers) + 1e-9))
+    # the integer product first: (1 - ratio) * 3 * hidden * ... rounds below an exact budget
+    budget = int(math.floor((1.0 - ratio) * (3 * hidden * inter * len(layers)) + 1e-9))
     if 3 * hidden * block * len(layers) > budget:
         floor = block / inter
         raise BudgetError(f"ratio {ratio} cannot be reached with channel widths of at least one block ({block} "
