@@ -64,16 +64,28 @@ def read_checkpoint_like_vllm_neuron(model: torch.nn.Module, checkpoint_dir: str
 
 
 class StockTransposedLoader:
-    """At TP 1, the stock loaders of vllm_neuron/utils/weight_loader.py
-    (`sharding_weight_loader(..., is_storage_transposed=True)`, `fused_qkv_weight_loader`)
-    reduce to: concatenate the checkpoint tensors (q, k, v) and transpose HF's [out, in]."""
+    """The stock loaders of vllm_neuron/utils/weight_loader.py
+    (`sharding_weight_loader(..., is_storage_transposed=True)`, `fused_qkv_weight_loader`),
+    reduced to what the tests need: concatenate the checkpoint tensors (q, k, v), keep this
+    rank's part of a split dimension (HF [out, in]: `out` for the column-parallel gate/up,
+    `in` for the row-parallel down, with the MLP group's own rank like the stock MLP's
+    `with_rank_override`), and transpose to the stored [in, out]. Attention is not split
+    here (the stand-in model keeps it whole: the tests look at MLPs only)."""
+
+    def __init__(self, split_dim: Optional[int] = None, rank: int = 0, world_size: int = 1):
+        self.split_dim, self.rank, self.world_size = split_dim, rank, world_size
 
     def load(self, slices, rank):
-        return torch.cat([s[:] for s in slices], dim=0).t().contiguous()
+        full = torch.cat([s[:] for s in slices], dim=0)
+        if self.split_dim is not None and self.world_size > 1:
+            full = full.chunk(self.world_size, dim=self.split_dim)[self.rank]
+        return full.t().contiguous()
 
 
-def _stock(param: torch.nn.Parameter) -> torch.nn.Parameter:
-    param.weight_loader = StockTransposedLoader()
+def _stock(param: torch.nn.Parameter, split_dim: Optional[int] = None, group: Optional["FakeGroup"] = None
+           ) -> torch.nn.Parameter:
+    world, rank = (group.world_size, group.rank_in_group) if group is not None else (1, 0)
+    param.weight_loader = StockTransposedLoader(split_dim, rank, world)
     return param
 
 
@@ -87,10 +99,10 @@ class StandinMLP(torch.nn.Module):
         self.tp_group = self.mlp_tp_group = group
         self.world_size = self.mlp_tp_size = group.world_size
         self.rank = self.mlp_tp_rank = group.rank_in_group
-        i_local = intermediate // group.world_size
-        self.gate_proj_weight = _stock(torch.nn.Parameter(torch.empty(hidden, i_local, dtype=dtype)))
-        self.up_proj_weight = _stock(torch.nn.Parameter(torch.empty(hidden, i_local, dtype=dtype)))
-        self.down_proj_weight = _stock(torch.nn.Parameter(torch.empty(i_local, hidden, dtype=dtype)))
+        i_local = intermediate // group.world_size   # gate/up column-parallel, down row-parallel
+        self.gate_proj_weight = _stock(torch.nn.Parameter(torch.empty(hidden, i_local, dtype=dtype)), 0, group)
+        self.up_proj_weight = _stock(torch.nn.Parameter(torch.empty(hidden, i_local, dtype=dtype)), 0, group)
+        self.down_proj_weight = _stock(torch.nn.Parameter(torch.empty(i_local, hidden, dtype=dtype)), 1, group)
 
 
 class StandinLayer(torch.nn.Module):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from neuron_standins import FakeGroup, read_checkpoint_like_vllm_neuron
+from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp import mlp_families, ops
 from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP
 from vllm_neuronmlp.neuron.sharding import SVDShardingError
@@ -25,11 +26,11 @@ PREFIX = "model.layers.0.mlp"
 TOL = 1e-5
 
 
-def _factors(seed=0, dense=()):
+def _factors(seed=0, dense=(), inter=I):
     g = torch.Generator().manual_seed(seed)
     t = {}
     for role, proj in zip(mlp_families.ROLES, LLAMA.projections):
-        n_in, n_out = (H, I) if role != "down" else (I, H)
+        n_in, n_out = (H, inter) if role != "down" else (inter, H)
         name = f"{PREFIX}.{proj}"
         u = torch.randn(n_in, RANKS[role], generator=g, dtype=torch.float64) / n_in ** 0.5
         v = torch.randn(RANKS[role], n_out, generator=g, dtype=torch.float64) / RANKS[role] ** 0.5
@@ -51,11 +52,13 @@ def _dense_reference(tensors, x):
     return (F.silu(xd @ g) * (xd @ u)) @ d
 
 
-def _rank_mlp(ckpt_dir, tp, rank, gathered=None, dense=()):
+def _rank_mlp(ckpt_dir, tp, rank, gathered=None, dense=(), width=None):
+    """Rank `rank` of `tp`, loaded like vllm-neuron's reader does; `width`: a format-v2 narrowed layer."""
     group = FakeGroup(tp, rank, gathered)
     ranks = {r: (None if r in dense else RANKS[r]) for r in mlp_families.ROLES}
-    mlp = SVDNeuronMLP(layer=0, family=LLAMA, hidden_size=H, intermediate_size=I, ranks=ranks, tp_group=group,
-                       mlp_tp_group=group, mlp_tp_rank=rank, mlp_tp_size=tp, dtype=torch.float32)
+    mlp = SVDNeuronMLP(layer=0, family=LLAMA, hidden_size=H, intermediate_size=width or I, ranks=ranks,
+                       tp_group=group, mlp_tp_group=group, mlp_tp_rank=rank, mlp_tp_size=tp, dtype=torch.float32,
+                       narrowed=width is not None)
     holder = torch.nn.Module()
     holder.model = torch.nn.Module()
     holder.model.layers = torch.nn.ModuleList([torch.nn.Module()])
@@ -122,6 +125,36 @@ def test_mixed_layer_dense_down(tmp_path):
     x = torch.randn(S, H, generator=torch.Generator().manual_seed(7))
     total = sum(_rank_mlp(ckpt, 4, r, dense=("down",))[0](x, is_prefill=False) for r in range(4))
     assert _rel(total, _dense_reference(tensors, x)) < TOL
+
+
+@pytest.mark.parametrize("dense", [(), ("gate", "up", "down")], ids=["factored", "dense"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_narrowed_layer_shards_by_its_width(tmp_path, tp, dense):
+    """Format v2: a layer kept at K < I channels, factored or dense, splits K (not I) over
+    the ranks; decode partials and prefill's reduce-scatter both sum to its dense MLP."""
+    K = 96
+    tensors = _factors(seed=10, dense=dense, inter=K)
+    ckpt = _write(tmp_path, tensors)
+    x = torch.randn(S * tp, H, generator=torch.Generator().manual_seed(11))
+    decode, prefill = 0, 0
+    for rank in range(tp):
+        mlp, group = _rank_mlp(ckpt, tp, rank, gathered=x, dense=dense, width=K)
+        assert mlp.intermediate_size_per_rank == K // tp and mlp.fused == (not dense)
+        down = mlp.down_proj.weight if dense else mlp.down_proj.svd_u
+        assert down.shape[0] == K // tp                           # row-parallel down: K/tp rows here
+        decode = decode + mlp(x, is_prefill=False)
+        mlp(x.chunk(tp)[rank], is_prefill=True)
+        prefill = prefill + (group.partials[-1] if tp > 1 else mlp(x, is_prefill=True))
+    ref = _dense_reference(tensors, x)
+    assert _rel(decode, ref) < TOL and _rel(prefill, ref) < TOL
+
+
+def test_narrowed_width_that_does_not_divide_is_a_named_error():
+    group = FakeGroup(5, 0)
+    with pytest.raises(fmt.TensorParallelError, match=r"model\.layers\.0\.mlp: width \(its quantization_config\.widths\) "
+                                                       r"96 does not divide by the MLP's tensor-parallel degree 5"):
+        SVDNeuronMLP(layer=0, family=LLAMA, hidden_size=H, intermediate_size=96, ranks=RANKS, tp_group=group,
+                     mlp_tp_group=group, mlp_tp_rank=0, mlp_tp_size=5, dtype=torch.float32, narrowed=True)
 
 
 def test_tp_degree_that_does_not_divide_is_a_named_error():

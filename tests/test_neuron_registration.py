@@ -59,12 +59,14 @@ def on_path(tmp_path, monkeypatch):
         del sys.modules[name]
 
 
-def _vllm_config(architectures=("LlamaForCausalLM",), quant=True, tp=1, intermediate=200, quantization=None):
+def _vllm_config(architectures=("LlamaForCausalLM",), quant=True, tp=1, intermediate=200, quantization=None,
+                 widths=None):
+    qc = fmt.QuantizationConfig(block_size=4, ranks={}, widths=dict(widths or {})).to_dict()
     hf = SimpleNamespace(architectures=list(architectures),
                          to_dict=lambda: {"hidden_size": 64, "intermediate_size": intermediate, "num_hidden_layers": 2,
-                                          **({fmt.QUANTIZATION_CONFIG_KEY: {"quant_method": "svd_neuron"}} if quant else {})})
+                                          **({fmt.QUANTIZATION_CONFIG_KEY: qc} if quant else {})})
     if quant:
-        hf.quantization_config = {"quant_method": "svd_neuron"}
+        hf.quantization_config = qc
     model = SimpleNamespace(hf_config=hf, quantization=quantization or ("svd_neuron" if quant else None), model="ckpt")
     return SimpleNamespace(model_config=model, parallel_config=SimpleNamespace(tensor_parallel_size=tp),
                            additional_config={})
@@ -145,6 +147,15 @@ def test_native_line_gets_the_variant(on_path):
         NeuronPlatform.check_and_update_config(_vllm_config(architectures=["Qwen3ForCausalLM"]))
     with pytest.raises(SVDShardingError, match=r"intermediate_size 200 does not divide by the MLP's tensor-parallel degree 16"):
         NeuronPlatform.check_and_update_config(_vllm_config(tp=16))
+    # format v2: each narrowed layer is split by its own width, the CPU path's TensorParallelError
+    v2 = _vllm_config(tp=4, widths={"model.layers.0.mlp": 100, "model.layers.1.mlp": 96})
+    NeuronPlatform.check_and_update_config(v2)
+    assert NeuronPlatform.checked[-1] is v2
+    with pytest.raises(fmt.TensorParallelError, match=r"ckpt: config.json \(the MLP's tensor-parallel degree is "
+                                                      r"tensor_parallel_size 8 x mlp_dp_size 1\): "
+                                                      r"quantization_config\.widths\['model\.layers\.0\.mlp'\] is 100, "
+                                                      r"which does not split over tensor parallel size 8"):
+        NeuronPlatform.check_and_update_config(_vllm_config(tp=8, widths={"model.layers.0.mlp": 100}))
     with pytest.raises(fmt.CheckpointFormatError, match=r"--quantization svd_neuron was given, but .* dense checkpoint"):
         NeuronPlatform.check_and_update_config(_vllm_config(quant=False, quantization="svd_neuron"))
 

@@ -10,7 +10,8 @@ native line (0.21+; written against tag v0.21.0.1.0.0, vLLM 0.24)
      `_verify_quantization` -> `Platform.verify_quantization`) accepts the checkpoint with or
      without `--quantization svd_neuron`;
   2. wraps the platform's `check_and_update_config` to refuse, before anything compiles, an
-     architecture we cannot serve or an intermediate size the TP degree does not divide;
+     architecture we cannot serve or an intermediate size (or a format-v2 layer width) the
+     TP degree does not divide;
   3. patches the stock model classes when their modules are imported (whichever plugin
      loads first): `LlamaForCausalLM` (vllm_neuron/model/llama3/model.py) and
      `Qwen3ForCausalLM` (vllm_neuron/model/qwen3/model.py):
@@ -18,7 +19,8 @@ native line (0.21+; written against tag v0.21.0.1.0.0, vLLM 0.24)
          config without our `quantization_config` (the stock Llama config code,
          vllm_neuron/model/llama3/quantization.py `QuantizationSpec.from_hf_quantization_config`,
          rejects unknown quant methods), then replace the MLP of every layer listed in
-         `ranks` by `SVDNeuronMLP` (layers not listed stay stock);
+         `ranks` or narrowed by `widths` (format v2) by `SVDNeuronMLP` built at that layer's
+         width (layers neither factored nor narrowed stay stock);
        * `load_weights(checkpoint_path, device, cache_dir)`: check the checkpoint's MLP
          tensor names against our parameters (names.py), run the stock loader (which fills
          our parameters through their `ShardLoader`), then refuse a half-loaded model and
@@ -73,18 +75,12 @@ def _config_dict(hf_config: Any) -> Dict[str, Any]:
 
 
 def svd_quant_config(hf_config: Any) -> Optional[fmt.QuantizationConfig]:
-    """Our parsed quantization config when the model config carries one, else None."""
+    """Our parsed quantization config (format v1 or v2) when the model config carries one,
+    else None; an unknown format version or a malformed key is refused by the format module."""
     cfg = _config_dict(hf_config)
     if not fmt.has_svd_config(cfg):
         return None
-    quant = fmt.QuantizationConfig.from_dict(cfg[fmt.QUANTIZATION_CONFIG_KEY], source=fmt.CONFIG_FILE)
-    if quant.widths:
-        raise fmt.CheckpointFormatError(
-            f"{fmt.CONFIG_FILE}: {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS} narrows {len(quant.widths)} layer(s) "
-            f"(format version {quant.format_version}); the Trainium variant serves format-v1 factors at the config's "
-            f"intermediate_size only. Compress with --method fisher for Trainium, or --method nystrom "
-            f"--rank-allocation uniform --export dense for a plain model")
-    return quant
+    return fmt.QuantizationConfig.from_dict(cfg[fmt.QUANTIZATION_CONFIG_KEY], source=fmt.CONFIG_FILE)
 
 
 def without_quantization(hf_config: Any) -> Any:
@@ -122,6 +118,22 @@ def ranks_by_layer(quant: fmt.QuantizationConfig, family: mlp_families.MLPFamily
     return out
 
 
+def widths_by_layer(quant: fmt.QuantizationConfig, family: mlp_families.MLPFamily,
+                    num_layers: int) -> Dict[int, int]:
+    """{layer: width} of the layers format v2 narrows (read with `quant.width_of`); a named
+    error for a `widths` entry that is not an MLP of this model (it would be ignored)."""
+    first = family.projections[0]
+    out = {i: quant.width_of(mlp_families.module_name(family, i, first)) for i in range(num_layers)}
+    known = {fmt.mlp_module(mlp_families.module_name(family, i, first)) for i in range(num_layers)}
+    unknown = sorted(set(quant.widths) - known)
+    if unknown:
+        raise fmt.CheckpointFormatError(
+            f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS} lists {unknown}, which "
+            f"{'is' if len(unknown) == 1 else 'are'} not an MLP of this {family.name} model ({num_layers} layers, "
+            f"modules {family.layer_prefix}.<i>.mlp)")
+    return {i: w for i, w in out.items() if w is not None}
+
+
 # ---------------------------------------------------------------- the model variant
 @dataclass
 class VariantInfo:
@@ -131,7 +143,8 @@ class VariantInfo:
 
 
 def install_svd_mlps(model, quant: fmt.QuantizationConfig, hf_config: Any) -> VariantInfo:
-    """Replace the MLP of every layer listed in `ranks` (stock layers stay stock)."""
+    """Replace the MLP of every layer listed in `ranks` or narrowed by `widths`, each built
+    at its own width (layers neither factored nor narrowed stay stock)."""
     from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP
 
     cfg = _config_dict(hf_config)
@@ -139,27 +152,39 @@ def install_svd_mlps(model, quant: fmt.QuantizationConfig, hf_config: Any) -> Va
     hidden, intermediate, _ = _text_dims(cfg)
     layers = model.model.layers          # LlamaForCausalLM.model (LlamaModel).layers, vllm-neuron 0.21
     plan = ranks_by_layer(quant, family, len(layers))
-    for i, ranks in sorted(plan.items()):
+    widths = widths_by_layer(quant, family, len(layers))
+    replaced = sorted(set(plan) | set(widths))
+    for i in replaced:
         layers[i].mlp = SVDNeuronMLP.from_stock(layers[i].mlp, layer=i, family=family, hidden_size=hidden,
-                                                intermediate_size=intermediate, ranks=ranks)
-    info = VariantInfo(quant, family, tuple(sorted(plan)))
+                                                intermediate_size=widths.get(i, intermediate),
+                                                ranks=plan.get(i, {}), narrowed=i in widths)
+    info = VariantInfo(quant, family, tuple(replaced))
     model._svd_neuron = info
-    # Per rank, factors beat the dense shard only while r < H (I/tp) / (H + I/tp) (docs/trainium.md).
-    factored = sum(p.numel() for i in plan for p in layers[i].mlp.parameters())
-    dense = len(plan) * 3 * hidden * layers[min(plan)].mlp.intermediate_size_per_rank if plan else 0
-    logger.info("vllm-neuronmlp: %d of %d %s MLPs replaced by the factored variant; their parameters per rank: "
-                "%.1f M (dense: %.1f M)", len(plan), len(layers), family.name, factored / 1e6, dense / 1e6)
-    if factored > dense:
+    # Per rank, factors beat the dense shard only while r < H (I/tp) / (H + I/tp) (docs/trainium.md);
+    # each layer is compared with its dense shard at its own width.
+    ours = sum(p.numel() for i in replaced for p in layers[i].mlp.parameters())
+    dense = sum(3 * hidden * layers[i].mlp.intermediate_size_per_rank for i in replaced)
+    logger.info("vllm-neuronmlp: %d of %d %s MLPs replaced by the svd_neuron variant (%d factored, %d narrowed "
+                "by format-v2 widths); their parameters per rank: %.1f M (dense at the same widths: %.1f M)",
+                len(replaced), len(layers), family.name, len(plan), len(widths), ours / 1e6, dense / 1e6)
+    if ours > dense:
         logger.warning("vllm-neuronmlp: at this tensor-parallel degree the factored MLPs hold more parameters per "
                        "rank than the dense ones would (%d > %d); a lower degree or lower ranks would save memory",
-                       factored, dense)
+                       ours, dense)
     return info
 
 
-def _checkpoint_tensor_names(checkpoint_path: str) -> Optional[list]:
+def _checkpoint_tensor_shapes(checkpoint_path: str) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """{tensor: shape} from the safetensors headers (no data read), None for a hub name."""
     if not os.path.isdir(str(checkpoint_path)):
         return None   # a hub name: the reader downloads it; our after-load check still runs
-    return list(fmt.safetensors_files(str(checkpoint_path)))
+    files = fmt.safetensors_files(str(checkpoint_path))
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for path in sorted(set(files.values())):
+        for name, header in fmt.read_safetensors_header(path).items():
+            if name in files:
+                shapes[name] = tuple(header["shape"])
+    return shapes
 
 
 def patch_model_class(cls) -> None:
@@ -182,7 +207,7 @@ def patch_model_class(cls) -> None:
     def load_weights(self, checkpoint_path, *args, **kwargs):
         info = getattr(self, "_svd_neuron", None)
         if info is not None:
-            tensors = _checkpoint_tensor_names(checkpoint_path)
+            tensors = _checkpoint_tensor_shapes(checkpoint_path)
             if tensors is not None:
                 names.check_mlp_tensors(tensors, self, source=str(checkpoint_path))
         result = original_load_weights(self, checkpoint_path, *args, **kwargs)
@@ -256,6 +281,10 @@ def native_check(stack: stack_mod.NeuronStack) -> Callable:
         mlp_dp = int((additional.get("neuron_config") or {}).get("mlp_dp_size", 1) or 1)
         _, intermediate, _ = _text_dims(_config_dict(hf_config))
         intermediate_shard(intermediate, tp * mlp_dp, f"{model_config.model}: the MLP")
+        # format v2: every narrowed layer is split by its own width (the CPU path's check and error)
+        fmt.check_tensor_parallel(svd_quant_config(hf_config), tp * mlp_dp,
+                                  source=f"{model_config.model}: {fmt.CONFIG_FILE} (the MLP's tensor-parallel degree "
+                                         f"is tensor_parallel_size {tp} x mlp_dp_size {mlp_dp})")
     return check
 
 

@@ -20,6 +20,10 @@ torch fallback `ops.svd_mlp` where they cannot run; `VLLM_NEURONMLP_BACKEND` pic
 decided once, after loading (`finalize`), outside the compiled graph. A layer with a
 dense projection (the compressor keeps a module dense when factoring saves nothing) runs
 each projection on its own: `ops.factored_linear` or `x @ W`.
+
+A layer narrowed by format v2 (`quantization_config.widths`, docs/checkpoint_format.md) is
+this module built at its width k instead of the config's intermediate_size: every
+projection, dense or factored, has k on its intermediate side, sharded k/tp per rank.
 """
 from __future__ import annotations
 
@@ -71,19 +75,23 @@ def _all_reduce(group, tensor: torch.Tensor) -> torch.Tensor:
 
 
 class SVDNeuronMLP(torch.nn.Module):
-    """A drop-in for vllm-neuron's stock MLP whose listed projections are factored."""
+    """A drop-in for vllm-neuron's stock MLP whose listed projections are factored, at
+    its layer's intermediate width."""
 
     def __init__(self, *, layer: int, family: mlp_families.MLPFamily, hidden_size: int, intermediate_size: int,
                  ranks: Mapping[str, Optional[int]], tp_group, mlp_tp_group, mlp_tp_rank: int, mlp_tp_size: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, narrowed: bool = False):
+        """`intermediate_size` is this layer's own: the config's, or its format-v2 width
+        when `narrowed` (which only changes how errors name it)."""
         super().__init__()
         self.layer, self.family = layer, family
         self.tp_group, self.mlp_tp_group = tp_group, mlp_tp_group
         self.world_size = tp_group.world_size if tp_group is not None else 1
         self.mlp_tp_rank, self.mlp_tp_size = mlp_tp_rank, mlp_tp_size
-        self.hidden_size = hidden_size
+        self.hidden_size, self.intermediate_size, self.narrowed = hidden_size, intermediate_size, narrowed
         where = f"{family.layer_prefix}.{layer}.mlp"
-        self.intermediate_size_per_rank = intermediate_shard(intermediate_size, mlp_tp_size, where)
+        what = f"width (its {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS})" if narrowed else "intermediate_size"
+        self.intermediate_size_per_rank = intermediate_shard(intermediate_size, mlp_tp_size, where, what)
         self.act = _ACTIVATIONS[family.activation]
         for role, proj in zip(mlp_families.ROLES, family.projections):
             module = mlp_families.module_name(family, layer, proj)
@@ -94,7 +102,7 @@ class SVDNeuronMLP(torch.nn.Module):
 
     @classmethod
     def from_stock(cls, stock: torch.nn.Module, *, layer: int, family: mlp_families.MLPFamily, hidden_size: int,
-                   intermediate_size: int, ranks: Mapping[str, Optional[int]]) -> "SVDNeuronMLP":
+                   intermediate_size: int, ranks: Mapping[str, Optional[int]], narrowed: bool = False) -> "SVDNeuronMLP":
         """Take the stock MLP's process groups, MLP-TP rank/size and dtype (attribute names
         of `LlamaMLP.__init__`, vllm_neuron/model/llama3/model.py, vllm-neuron 0.21; an MLP
         without the MLP-DP group falls back to its TP group, as before MLP DP existed)."""
@@ -105,7 +113,7 @@ class SVDNeuronMLP(torch.nn.Module):
         dtype = next((p.dtype for p in stock.parameters()), torch.bfloat16)
         return cls(layer=layer, family=family, hidden_size=hidden_size, intermediate_size=intermediate_size,
                    ranks=ranks, tp_group=tp_group, mlp_tp_group=mlp_tp_group, mlp_tp_rank=mlp_tp_rank,
-                   mlp_tp_size=mlp_tp_size, dtype=dtype)
+                   mlp_tp_size=mlp_tp_size, dtype=dtype, narrowed=narrowed)
 
     # ------------------------------------------------------------ structure
     def projections(self) -> Dict[str, FactoredProjection]:
@@ -174,5 +182,6 @@ class SVDNeuronMLP(torch.nn.Module):
 
     def extra_repr(self) -> str:
         ranks = {role: proj.rank for role, proj in self.projections().items()}
-        return (f"layer={self.layer}, ranks={ranks}, mlp_tp={self.mlp_tp_rank}/{self.mlp_tp_size}, "
+        width = f"width={self.intermediate_size}, " if self.narrowed else ""
+        return (f"layer={self.layer}, {width}ranks={ranks}, mlp_tp={self.mlp_tp_rank}/{self.mlp_tp_size}, "
                 f"intermediate_per_rank={self.intermediate_size_per_rank}")

@@ -10,11 +10,14 @@ the identity on our parameters; the stock mapping covers the rest of the model.
 The reader ignores checkpoint tensors nobody asked for, so a misnamed factor would be
 silently dropped. `check_mlp_tensors` refuses that before any loading: within every MLP we
 replaced, each checkpoint tensor must land in exactly one of our parameters and each of our
-parameters must find its tensor.
+parameters must find its tensor. Given the tensors' shapes (read from the safetensors
+headers), it also checks each against the shape the parameter expects, which for a layer
+narrowed by format v2 (`quantization_config.widths`) is at that layer's width, so a
+checkpoint whose tensors disagree with its widths is refused before loading too.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Mapping, Sequence, Tuple, Union
 
 import torch
 
@@ -42,9 +45,24 @@ def mlp_param_plan(model: torch.nn.Module) -> Dict[str, str]:
     return plan
 
 
-def check_mlp_tensors(checkpoint_tensors: Iterable[str], model: torch.nn.Module, source: str = "checkpoint") -> None:
+def expected_shapes(model: torch.nn.Module) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """checkpoint tensor -> (its full shape, HF layout; what sets the layer's width), for
+    the parameters of our MLPs (the shape each parameter's ShardLoader will accept)."""
+    out = {}
+    for path, mlp in svd_mlps(model).items():
+        width = (f"{path} narrowed to width {mlp.intermediate_size} by {fmt.QUANTIZATION_CONFIG_KEY}."
+                 f"{fmt.KEY_WIDTHS}" if mlp.narrowed else f"{path} at intermediate_size {mlp.intermediate_size}")
+        for name, param in mlp.named_parameters():
+            out[f"{path}.{name}"] = (tuple(param.weight_loader.shape), width)
+    return out
+
+
+def check_mlp_tensors(checkpoint_tensors: Union[Iterable[str], Mapping[str, Sequence[int]]], model: torch.nn.Module,
+                      source: str = "checkpoint") -> None:
     """Every tensor inside a replaced MLP maps to exactly one of our parameters and every
-    parameter has its tensor; otherwise CheckpointMappingError naming them."""
+    parameter has its tensor; given {tensor: shape}, each has the shape its parameter
+    expects (at its layer's width). Otherwise CheckpointMappingError naming them."""
+    shapes = checkpoint_tensors if isinstance(checkpoint_tensors, Mapping) else None
     tensors = set(checkpoint_tensors)
     plan = mlp_param_plan(model)
     missing = sorted(p for p, t in plan.items() if t not in tensors)
@@ -53,7 +71,8 @@ def check_mlp_tensors(checkpoint_tensors: Iterable[str], model: torch.nn.Module,
             f"{source}: the svd_neuron model variant needs tensor(s) {missing[:6]}"
             f"{' ...' if len(missing) > 6 else ''} ({len(missing)} in all), which the checkpoint lacks; "
             f"config.json {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS} lists their modules as factored "
-            f"(svd_u/svd_v) or the variant expected a dense .weight")
+            f"(svd_u/svd_v) or the variant expected a dense .weight (the other projections of a layer listed in "
+            f"{fmt.KEY_RANKS} or narrowed by {fmt.KEY_WIDTHS})")
     claimed = set(plan.values())
     prefixes = tuple(f"{path}." for path in svd_mlps(model))
     leftover = sorted(t for t in tensors if t.startswith(prefixes) and t not in claimed)
@@ -62,6 +81,13 @@ def check_mlp_tensors(checkpoint_tensors: Iterable[str], model: torch.nn.Module,
             f"{source}: tensor(s) {leftover[:6]}{' ...' if len(leftover) > 6 else ''} would be left over: "
             f"no parameter of the svd_neuron model variant takes them (a .weight of a factored module, or a "
             f"misnamed factor); fix the checkpoint or its {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS}")
+    if shapes is not None:
+        wrong = [f"{t} has shape {list(shapes[t])}, expected {list(want)} ({why})"
+                 for t, (want, why) in sorted(expected_shapes(model).items()) if tuple(shapes[t]) != want]
+        if wrong:
+            raise CheckpointMappingError(
+                f"{source}: tensor(s) of the svd_neuron model variant disagree with config.json: {'; '.join(wrong[:4])}"
+                f"{' ...' if len(wrong) > 4 else ''} ({len(wrong)} in all)")
 
 
 def check_loaded(model: torch.nn.Module) -> None:

@@ -12,6 +12,9 @@ by the caller). For factors that means (docs/trainium.md):
 
 so `sum_k (h_k U_d,k) V_d = h U_d V_d` over the ranks is exact. A rank holds factors
 smaller than its dense shard only while r < H (I/tp) / (H + I/tp).
+
+A layer narrowed by format v2 (`quantization_config.widths`, docs/checkpoint_format.md)
+is the same with its own width k in place of I: each rank holds k/tp of its channels.
 """
 from __future__ import annotations
 
@@ -26,19 +29,21 @@ COLUMN_ROLES = (mlp_families.GATE, mlp_families.UP)   # output split
 ROW_ROLES = (mlp_families.DOWN,)                      # input split
 
 
-class SVDShardingError(ValueError):
-    """The MLP cannot be split over the tensor-parallel degree asked for."""
+class SVDShardingError(fmt.TensorParallelError):
+    """The MLP cannot be split over the tensor-parallel degree asked for (a
+    TensorParallelError, the format module's error for the same fault on the CPU path)."""
 
 
-def intermediate_shard(intermediate_size: int, tp_size: int, where: str) -> int:
-    """I / tp, or a named error when tp does not divide I."""
+def intermediate_shard(intermediate_size: int, tp_size: int, where: str, what: str = "intermediate_size") -> int:
+    """I / tp (or a narrowed layer's k / tp, `what` naming it), or a named error when tp
+    does not divide it."""
     if tp_size < 1:
         raise SVDShardingError(f"{where}: tensor-parallel degree must be >= 1, got {tp_size}")
     if intermediate_size % tp_size:
         divisors = [d for d in range(1, min(intermediate_size, 64) + 1) if intermediate_size % d == 0]
         raise SVDShardingError(
-            f"{where}: intermediate_size {intermediate_size} does not divide by the MLP's tensor-parallel "
-            f"degree {tp_size} (tensor_parallel_size x mlp_dp_size), so the factors cannot be split evenly; "
+            f"{where}: {what} {intermediate_size} does not divide by the MLP's tensor-parallel "
+            f"degree {tp_size} (tensor_parallel_size x mlp_dp_size), so its projections cannot be split evenly; "
             f"degrees that divide it: {divisors}")
     return intermediate_size // tp_size
 
@@ -104,7 +109,7 @@ class ShardLoader:
         if shape != self.shape:
             raise fmt.CheckpointFormatError(
                 f"tensor {self.tensor_name} has shape {list(shape)}, expected {list(self.shape)} "
-                f"(from config.json and {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS})")
+                f"(from config.json and its {fmt.QUANTIZATION_CONFIG_KEY} {fmt.KEY_RANKS} / {fmt.KEY_WIDTHS})")
         index, transpose = shard_index(self.role, self.leaf, shape, self.tp_rank, self.tp_size)
         part = source[index]
         if not torch.isfinite(part).all():
