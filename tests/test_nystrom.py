@@ -82,6 +82,35 @@ def test_channel_losses_are_the_weighted_schur_complement_along_the_order():
     assert np.all(np.diff(got) <= 1e-9 * got[0])  # more channels never cost more
 
 
+def test_loss_aware_order_removes_the_channel_that_loses_least_at_every_step():
+    rng = np.random.default_rng(4)
+    z = random_z(inter=14, seed=4, dead=False)
+    c = z.T @ z
+    w = rng.standard_normal((14, 6))
+    w[9] *= 1e-3  # channel 9 barely reaches the output
+    d = rng.uniform(0.5, 2.0, 6)
+    order = ny.loss_aware_order(torch.from_numpy(c), torch.from_numpy(w), torch.from_numpy(d)).tolist()
+    assert sorted(order) == list(range(14))
+    a = c + ny.SOLVE_RIDGE * np.mean(np.diag(c)) * np.eye(14)
+    bt = c @ (w * d[None, :])
+
+    def explained(keep):  # tr(B_S^T A_SS^-1 B_S), by a direct solve
+        s = sorted(keep)
+        return np.trace(bt[s].T @ np.linalg.solve(a[np.ix_(s, s)], bt[s]))
+
+    kept = set(range(14))
+    for removed in order[::-1][:-1]:  # the reverse of the order is the removal sequence
+        values = {j: explained(kept - {j}) for j in kept}
+        assert values[removed] == pytest.approx(max(values.values()), rel=1e-9)
+        kept.remove(removed)
+    assert order[-1] == 9  # the channel the output does not need goes first
+    # on the loss it was built for, the order beats ridge leverage here (greedy: no guarantee in general)
+    losses = lambda o: ny.channel_losses(torch.from_numpy(c), torch.from_numpy(w), torch.tensor(o),
+                                         torch.from_numpy(d)).numpy()
+    lev = ny.leverage_order(torch.from_numpy(c)).tolist()
+    assert np.all(losses(order)[7:] <= losses(lev)[7:] + 1e-9 * losses(order)[0])
+
+
 # ---------------------------------------------------------------- allocations
 def smollm2_like(layers=8):
     return smollm2_matrices(layers=layers)

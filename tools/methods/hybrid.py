@@ -3,7 +3,8 @@ under one loss-based budget.
 
 Both kinds of cut are estimated in one unit, the Fisher-weighted output error
 of the layer: a block of intermediate channels by the Nyström loss curve of
-its layer, a block of rank by the dropped squared singular values of the
+its layer (channels ordered by the loss itself, `nystrom.loss_aware_order`),
+a block of rank by the dropped squared singular values of the
 input-whitened, Fisher-weighted projection. One greedy allocation
 (ranks.allocate_hybrid) spends the budget on whichever cut costs the least
 estimated loss per parameter; the factor pass narrows each layer, refits its
@@ -18,6 +19,7 @@ from vllm_neuronmlp.tools.methods.nystrom import ChannelStats, Nystrom, NystromF
 
 class Hybrid(Nystrom):
     name = "hybrid"
+    loss_aware = True  # channels ordered by nystrom.loss_aware_order, not by leverage
 
     def candidates(self, ctx: Context, stats: ChannelStats):
         o = ctx.opts

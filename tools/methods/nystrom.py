@@ -64,6 +64,45 @@ def leverage_order(c: torch.Tensor, rel_ridge: float = LEVERAGE_RIDGE) -> torch.
     return torch.tensor(sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j)), dtype=torch.long)
 
 
+def loss_aware_order(c: torch.Tensor, w_down_io: torch.Tensor, out_weights: Optional[torch.Tensor] = None,
+                     rel_ridge: float = SOLVE_RIDGE) -> torch.Tensor:
+    """Channel indices, most valuable first, by greedy backward elimination on the
+    loss itself: from all channels, repeatedly drop the one whose removal loses
+    the least of the Fisher-weighted output `Z W_d D` explained after the
+    Nyström refit (the quantity `channel_losses` subtracts); the order is the
+    reverse of the removals. Every prefix is then a loss-aware kept set, where
+    the leverage order ranks channels by their own energy alone.
+
+    With `A = C + lambda' I`, `B = C W_d D` and, over the kept set, `G = A_SS^-1`
+    and `M = G B_S`, dropping channel j loses `||M[j]||^2 / G[j, j]`; removing
+    it is one rank-one downdate of G and M (the Optimal Brain Surgeon step
+    applied to channels). G is a running search state, from one Cholesky
+    factor; the refit itself is still solved (`nystrom_down`). O(I^3) per
+    layer in float64."""
+    a = c.to(torch.float64).clone()
+    wt = w_down_io.to(torch.float64)
+    if out_weights is not None:
+        wt = wt * out_weights.to(torch.float64)[None, :]
+    b = a @ wt
+    a.diagonal().add_(_ridge(a, rel_ridge))
+    g = torch.cholesky_inverse(_cholesky(a, "intermediate channels' correlation"))
+    m = g @ b
+    n = a.shape[0]
+    kept = torch.ones(n, dtype=torch.bool)
+    removed: List[int] = []
+    for _ in range(n - 1):
+        d = g.diagonal()
+        lost = torch.where(kept, m.pow(2).sum(1) / d, torch.full_like(d, float("inf")))
+        j = int(torch.argmin(lost))
+        removed.append(j)
+        kept[j] = False
+        g_j, m_j, pivot = g[:, j].clone(), m[j].clone(), float(d[j])
+        g.addr_(g_j, g_j, alpha=-1.0 / pivot)
+        m.addr_(g_j, m_j, alpha=-1.0 / pivot)
+        g[j, j] = 1.0  # row and column j are now zero; keep the diagonal divisible
+    return torch.tensor([int(i) for i in torch.nonzero(kept)] + removed[::-1], dtype=torch.long)
+
+
 def _cholesky(a: torch.Tensor, what: str) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0 or not torch.isfinite(factor).all():
@@ -119,10 +158,11 @@ class ChannelStats:
     spectra: Dict[str, List[float]] = field(default_factory=dict)  # Fisher-weighted (hybrid only)
 
 
-def channel_statistics(ctx: Context, with_spectra: bool = False) -> ChannelStats:
+def channel_statistics(ctx: Context, with_spectra: bool = False, loss_aware: bool = False) -> ChannelStats:
     """Fisher diagonals (and, `with_spectra`, the Fisher-weighted spectra) from
     the sensitivity pass, then one streamed forward over the same Fisher windows
-    accumulating each layer's C: the channel order and its loss curve."""
+    accumulating each layer's C: the channel order (ridge leverage, or
+    `loss_aware_order` when `loss_aware`) and its loss curve."""
     sk, src, o = ctx.sk, ctx.src, ctx.opts
     ids = ctx.calib.fisher_windows(o.fisher_samples)
     fisher, spectra = sensitivity.sensitivity_pass(sk, src, ids, o.progress, with_spectra, o.damping)
@@ -134,8 +174,8 @@ def channel_statistics(ctx: Context, with_spectra: bool = False) -> ChannelStats
         _acc_a, acc_z = st.mlp_input_grams(sk, runner, layer, x)
         names = sk.module_names(i)
         w_down = sk.projection(layer, st.DOWN).weight.detach().T
-        order = leverage_order(acc_z.matrix)
         d = sensitivity.output_weights(fisher[names[st.DOWN]])
+        order = loss_aware_order(acc_z.matrix, w_down, d) if loss_aware else leverage_order(acc_z.matrix)
         out.order[i] = order
         out.losses[i] = channel_losses(acc_z.matrix, w_down, order, d).tolist()
         st.release_layer(sk, i)
@@ -212,13 +252,14 @@ class NystromFactorizer:
 class Nystrom(Method):
     name = "nystrom"
 
+    loss_aware = False  # MoDeGPT's ridge leverage order; the hybrid orders by the loss
+
     def statistics_key(self, opts):
-        return ("channels", opts.fisher_samples)  # shared with the hybrid (a sweep computes them once)
+        return ("channels", self.loss_aware, opts.fisher_samples)
 
     def statistics(self, ctx: Context) -> ChannelStats:
-        # the Fisher-weighted spectra cost little beside the sensitivity pass, and make
-        # these statistics the hybrid's too
-        return channel_statistics(ctx, with_spectra=True)
+        # the Fisher-weighted spectra cost little beside the sensitivity pass; the hybrid needs them
+        return channel_statistics(ctx, with_spectra=True, loss_aware=self.loss_aware)
 
     def candidates(self, ctx: Context, stats: ChannelStats):
         o = ctx.opts
