@@ -98,13 +98,17 @@ def test_bad_checkpoint_is_refused_by_name_before_loading(tmp_path, edit, match)
     assert not model.loaded_state                 # refused before the stock reader ran
 
 
+def _built_with_entry(checkpoint: str, key: str, entry: str, value: int):
+    """from_configs on the checkpoint's config with one more `quantization_config[key]` entry."""
+    cfg = read_config(checkpoint)
+    cfg[fmt.QUANTIZATION_CONFIG_KEY][key][entry] = value
+    return Model.from_configs(cfg, None)
+
+
 def test_ranks_naming_a_module_the_model_lacks(checkpoints):
-    _, factored = checkpoints
-    cfg = read_config(factored)
-    cfg[fmt.QUANTIZATION_CONFIG_KEY][fmt.KEY_RANKS]["model.layers.7.mlp.down_proj"] = 32
     with pytest.raises(fmt.CheckpointFormatError, match=r"lists 'model\.layers\.7\.mlp\.down_proj', which is not an "
                                                         r"MLP projection of this .* model \(3 layers"):
-        Model.from_configs(cfg, None)
+        _built_with_entry(checkpoints[1], fmt.KEY_RANKS, "model.layers.7.mlp.down_proj", 32)
 
 
 def test_dense_checkpoint_goes_through_untouched(checkpoints):
@@ -144,10 +148,13 @@ def _tensor_sources(model):
     return sources
 
 
-def test_v2_config_is_parsed_not_refused(narrowed):
+def test_v2_config_is_parsed_and_its_widths_checked_against_the_model(narrowed):
     _, v2 = narrowed
-    quant = integrate.svd_quant_config(read_config(v2))
+    quant = integrate.svd_quant_config(read_config(v2))      # no longer refused
     assert quant.format_version == 2 and quant.widths == {"model.layers.0.mlp": 96, "model.layers.1.mlp": 128}
+    with pytest.raises(fmt.CheckpointFormatError, match=r"widths lists \['model\.layers\.9\.mlp'\], which is not an "
+                                                        r"MLP of this .* model \(3 layers"):
+        _built_with_entry(v2, fmt.KEY_WIDTHS, "model.layers.9.mlp", 64)
 
 
 def test_v2_every_tensor_lands_in_exactly_one_parameter_at_its_width(narrowed):
@@ -214,12 +221,3 @@ def test_v2_tensor_at_the_wrong_width_is_refused_before_loading(tmp_path):
                              r"\(model\.layers\.0\.mlp narrowed to width 96 by quantization_config\.widths\)"):
         model.load_weights(v2, "cpu", None)
     assert not model.loaded_state
-
-
-def test_v2_widths_naming_a_layer_the_model_lacks(narrowed):
-    _, v2 = narrowed
-    cfg = read_config(v2)
-    cfg[fmt.QUANTIZATION_CONFIG_KEY][fmt.KEY_WIDTHS]["model.layers.9.mlp"] = 64
-    with pytest.raises(fmt.CheckpointFormatError, match=r"widths lists \['model\.layers\.9\.mlp'\], which is not an "
-                                                        r"MLP of this .* model \(3 layers"):
-        Model.from_configs(cfg, None)
