@@ -127,7 +127,7 @@ def test_mixed_layer_dense_down(tmp_path):
     assert _rel(total, _dense_reference(tensors, x)) < TOL
 
 
-@pytest.mark.parametrize("dense", [(), ("gate", "up", "down")], ids=["factored", "dense"])
+@pytest.mark.parametrize("dense", [(), ("down",), ("gate", "up", "down")], ids=["factored", "dense-down", "dense"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_narrowed_layer_shards_by_its_width(tmp_path, tp, dense):
     """Format v2: a layer kept at K < I channels, factored or dense, splits K (not I) over
@@ -140,7 +140,7 @@ def test_narrowed_layer_shards_by_its_width(tmp_path, tp, dense):
     for rank in range(tp):
         mlp, group = _rank_mlp(ckpt, tp, rank, gathered=x, dense=dense, width=K)
         assert mlp.intermediate_size_per_rank == K // tp and mlp.fused == (not dense)
-        down = mlp.down_proj.weight if dense else mlp.down_proj.svd_u
+        down = mlp.down_proj.weight if "down" in dense else mlp.down_proj.svd_u
         assert down.shape[0] == K // tp                           # row-parallel down: K/tp rows here
         decode = decode + mlp(x, is_prefill=False)
         mlp(x.chunk(tp)[rank], is_prefill=True)
