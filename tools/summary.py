@@ -47,8 +47,12 @@ def format_summary(res) -> str:
                      f"(e.g. {res.jitter_modules[0]})")
     if res.lora:
         lr = res.lora
-        lines.append(f"  LoRA: {lr['steps']} steps, validation perplexity {lr['ppl_before']:.3f} -> "
-                     f"{lr['ppl_after']:.3f} ({lr['eval_tokens']} tokens)")
+        if "note" in lr:
+            lines.append(f"  LoRA: not run, {lr['note']}")
+        else:
+            lines.append(f"  LoRA: {lr['steps']} steps on {lr['adapted_factored']} factored and "
+                         f"{lr['adapted_dense_narrowed']} narrowed dense projections, validation perplexity "
+                         f"{lr['ppl_before']:.3f} -> {lr['ppl_after']:.3f} ({lr['eval_tokens']} tokens)")
     for w in res.warnings:
         lines.append(f"  warning: {w}")
     lines.append(f"  wall time {res.wall_time_s:.1f} s")

@@ -198,6 +198,14 @@ def _check_block_multiples(source: str, key: str, values: Mapping[str, Any], blo
                 f"positive multiple of block_size {block}")
 
 
+def narrowed_dense_modules(quant: QuantizationConfig, model_config: Mapping[str, Any]) -> List[str]:
+    """The projections of narrowed layers (format v2 `widths`) stored dense: every
+    projection of an MLP in `widths` that is not in `ranks`, by MLP, then gate, up, down."""
+    projections = families.family_for_config(model_config).projections
+    return [f"{mlp}.{proj}" for mlp in sorted(quant.widths) for proj in projections
+            if f"{mlp}.{proj}" not in quant.ranks]
+
+
 def has_svd_config(config: Mapping[str, Any]) -> bool:
     qc = config.get(QUANTIZATION_CONFIG_KEY)
     return isinstance(qc, Mapping) and qc.get(KEY_QUANT_METHOD) == QUANT_METHOD
@@ -355,21 +363,19 @@ def validate(checkpoint_dir: str, check_values: bool = True) -> ValidationReport
             raise CheckpointFormatError(
                 f"{config_path}: {QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS}[{mlp!r}] is {width}, expected less than "
                 f"intermediate_size {full} (full-width layers are not listed)")
-        for proj in families.family_for_config(model_config).projections:
-            module = f"{mlp}.{proj}"
-            if module in quant.ranks:
-                continue  # its factors are checked below
-            name = weight_name(module)
-            if name not in files:
-                raise CheckpointFormatError(
-                    f"{checkpoint_dir}: tensor {name} is missing; {mlp} is listed in "
-                    f"{QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS} but {module} is neither dense nor factored")
-            n_in, n_out = expected_shape(model_config, module, width)
-            got = list(header_of(name)["shape"])
-            if got != [n_out, n_in]:
-                raise CheckpointFormatError(
-                    f"{files[name]}: tensor {name} has shape {got}, expected {[n_out, n_in]} "
-                    f"(width {width} of {mlp} from {config_path})")
+    for module in narrowed_dense_modules(quant, model_config):  # factored ones are checked below
+        mlp, width = mlp_module(module), quant.width_of(module)
+        name = weight_name(module)
+        if name not in files:
+            raise CheckpointFormatError(
+                f"{checkpoint_dir}: tensor {name} is missing; {mlp} is listed in "
+                f"{QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS} but {module} is neither dense nor factored")
+        n_in, n_out = expected_shape(model_config, module, width)
+        got = list(header_of(name)["shape"])
+        if got != [n_out, n_in]:
+            raise CheckpointFormatError(
+                f"{files[name]}: tensor {name} has shape {got}, expected {[n_out, n_in]} "
+                f"(width {width} of {mlp} from {config_path})")
 
     factored: Dict[str, Tuple[int, int, int]] = {}
     for module, rank in sorted(quant.ranks.items()):
