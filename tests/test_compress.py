@@ -381,8 +381,9 @@ def test_cli_lora_options_train_merge_and_write_what_was_measured(work):
 
     base = str(work["dir"] / "lora-off")
     out = str(work["dir"] / "lora-on")
-    common = ["--ratio", "0.5", "--block-size", "32", "--calib-text", work["calib"], "--calib-samples", "8",
-              "--calib-seq-len", "64", "--no-progress"]
+    # a factoring method, whatever the default: this test is about the factors (the next one, narrowed layers)
+    common = ["--ratio", "0.5", "--method", "fisher", "--block-size", "32", "--calib-text", work["calib"],
+              "--calib-samples", "8", "--calib-seq-len", "64", "--no-progress"]
     assert cli_main(["compress", work["llama"], base, *common]) == 0
     assert cli_main(["compress", work["llama"], out, *common, "--lora-steps", "6", "--lora-rank", "4",
                      "--lora-lr", "1e-2", "--lora-batch", "2"]) == 0
@@ -397,6 +398,30 @@ def test_cli_lora_options_train_merge_and_write_what_was_measured(work):
     changed = [n for n in t_on if n.endswith(cf.U_SUFFIX) and not torch.equal(t_on[n], t_off[n])]
     assert changed
     # the written checkpoint scores what LoRA reported on its validation windows (bf16 storage aside)
+    val = calibration.load(work["llama"], [work["calib"]], 8, 64, 0).validation
+    model, _ = load_model(out)
+    assert lora._ppl(model, val) == pytest.approx(info["ppl_after"], rel=2e-2)
+
+
+def test_cli_lora_adapts_the_narrowed_dense_layers_of_a_nystrom_checkpoint(work, capsys):
+    """--method nystrom narrows every layer and factors nothing: LoRA trains ordinary
+    adapters on the narrowed gate/up/down and merges them at the same widths."""
+    from vllm_neuronmlp.tools import calibration, lora
+    from vllm_neuronmlp.tools.hf_model import load_model
+
+    out = str(work["dir"] / "ny-lora")
+    assert cli_main(["compress", work["llama"], out, "--ratio", "0.25", "--method", "nystrom", "--rank-allocation",
+                     "uniform", "--block-size", "32", "--calib-text", work["calib"], "--calib-samples", "8",
+                     "--calib-seq-len", "64", "--no-progress", "--lora-steps", "6", "--lora-rank", "4",
+                     "--lora-lr", "1e-2", "--lora-batch", "2"]) == 0
+    assert "LoRA: 6 steps on 0 factored and 6 narrowed dense projections" in capsys.readouterr().out
+    qc = cf.validate(out).quant  # narrowed shapes as the widths say
+    assert qc.format_version == 2 and not qc.ranks
+    assert qc.widths == {"model.layers.0.mlp": 288, "model.layers.1.mlp": 288}  # 0.75 x 384
+    info = qc.provenance["lora"]
+    assert (info["adapted_factored"], info["adapted_dense_narrowed"]) == (0, 6)
+    assert info["ppl_after"] < 0.95 * info["ppl_before"]
+    # the written weights are the merged ones: they score what LoRA measured after merging (bf16 storage aside)
     val = calibration.load(work["llama"], [work["calib"]], 8, 64, 0).validation
     model, _ = load_model(out)
     assert lora._ppl(model, val) == pytest.approx(info["ppl_after"], rel=2e-2)
