@@ -29,8 +29,10 @@ from the whitened spectra are scored on held-aside calibration windows and the
 one with the lowest perplexity is kept; with plain (no calibration), the
 greedy one on squared relative error is used unscored.
 
---lora-steps N trains LoRA adapters on the factors with the calibration
-windows and merges them back into U and V (same ranks and format).
+--lora-steps N trains LoRA adapters on every projection the compression
+changed (the factors of factored ones, the weights of narrowed layers' dense
+ones) with the calibration windows and merges them back (same ranks, widths
+and format).
 
 OUT is written to a temporary sibling directory and renamed at the end: an
 interrupted run leaves nothing under OUT. SRC is only read.
