@@ -3,16 +3,14 @@ compression changed gets an adapter (factors through peft `target_parameters`,
 the dense projections of narrowed layers as ordinary LoRA), the merge is
 W + (alpha / r) B A at the stored shape and dtype, and the rewritten checkpoint
 is still valid. Tiny hand-written checkpoints (model_factory), seconds each."""
-import hashlib
-import os
 import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import vllm_neuronmlp  # noqa: F401  (registers the HF quantizer)
 from model_factory import make_dense_and_narrowed, mlp_module
+from test_compress import digest, tensors as stored
 from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families as mf
 from vllm_neuronmlp.hf_quantizer import SVDLinear
@@ -38,22 +36,6 @@ def v2(tmp_path_factory):
     return write_v2(tmp_path_factory.mktemp("lora-v2"))
 
 
-def stored(path):
-    out = {}
-    for name, file in cf.safetensors_files(path).items():
-        with safe_open(file, framework="pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
-
-
-def digest(path):
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        with open(os.path.join(path, name), "rb") as f:
-            h.update(name.encode() + f.read())
-    return h.hexdigest()
-
-
 def test_adapted_modules_are_the_factored_and_the_narrowed_dense_projections(v2):
     factored, dense = lora.adapted_modules(v2)
     assert factored == sorted(FACTORED) and sorted(dense) == sorted(DENSE_NARROWED)
@@ -69,7 +51,7 @@ def test_lora_on_narrowed_and_factored_layers_merges_to_w_plus_scaled_ba(v2, tmp
 
     # adapters exactly where the compression changed something
     wrapped_dense = {n.replace("base_model.model.", "", 1) for n, m in peft_model.named_modules()
-                     if isinstance(m, torch.nn.Module) and hasattr(m, "lora_A") and not hasattr(m, "parameter_name")}
+                     if hasattr(m, "lora_A") and not hasattr(m, "parameter_name")}
     wrapped_params = {(n.replace("base_model.model.", "", 1).replace(".base_layer", ""), m.parameter_name)
                       for n, m in peft_model.named_modules() if hasattr(m, "parameter_name") and hasattr(m, "lora_A")}
     assert wrapped_dense == set(DENSE_NARROWED)
