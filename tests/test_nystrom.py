@@ -207,5 +207,16 @@ def test_hybrid_mixes_both_kinds_of_moves_by_their_losses():
 def test_hybrid_unreachable_ratio():
     mats = smollm2_like(layers=2)
     spectra, losses = _synthetic(mats, 0, 1.0)
-    with pytest.raises(rk.BudgetError, match="cannot be reached"):
-        rk.allocate_hybrid(mats, spectra, losses, 1536, 0.99, 128)
+    with pytest.raises(rk.BudgetError, match=r"cannot be reached .*largest reachable ratio 0\.9166\)"):
+        rk.allocate_hybrid(mats, spectra, losses, 1536, 0.99, 128)  # one block of 12 per layer: 11/12
+
+
+@pytest.mark.parametrize("channel_scale", [1.0, 1e4])  # 1e4: ranks are cut first, then layers narrowed under them
+def test_hybrid_reaches_ratios_near_the_largest_reachable(channel_scale):
+    # a narrowing move that leaves a factored matrix less than one block of rank turns it
+    # back to dense instead of being unavailable (the greedy once got stuck there)
+    mats = smollm2_like(layers=4)
+    spectra, losses = _synthetic(mats, 3, channel_scale)
+    for ratio in (0.85, 0.9, 0.91):
+        plan = rk.allocate_hybrid(mats, spectra, losses, 1536, ratio, 128)
+        assert ratio <= rk.plan_ratio(mats, plan.ranks, plan.widths) <= 11 / 12 + 1e-12

@@ -130,12 +130,18 @@ def _spread_order(matrices: Sequence[Matrix]) -> List[int]:
                                  kind_pos[matrices[i].name.rpartition(".")[2]], layer_rank[matrices[i].layer]))
 
 
+def _reachable(ratio: float) -> str:
+    """A largest reachable ratio for a message, rounded down so that it is reachable."""
+    return f"{math.floor(ratio * 1e4 + 1e-9) / 1e4:.4f}"
+
+
 def _check_feasible(st: "_State", budget: int, ratio: float, block: int) -> None:
     floor = sum(m.cost(lv[0]) for m, lv in zip(st.mats, st.levels))
     if floor > budget:
         dense = sum(m.dense for m in st.mats)
         raise BudgetError(f"ratio {ratio} cannot be reached with block size {block}: even one block per matrix "
-                          f"keeps {floor:,} of {dense:,} parameters (largest reachable ratio {1 - floor / dense:.4f})")
+                          f"keeps {floor:,} of {dense:,} parameters (largest reachable ratio "
+                          f"{_reachable(1 - floor / dense)})")
 
 
 class _State:
@@ -405,7 +411,7 @@ def _width_budget(layers: Sequence[int], hidden: int, inter: int, ratio: float, 
     if 3 * hidden * block * len(layers) > budget:
         floor = block / inter
         raise BudgetError(f"ratio {ratio} cannot be reached with channel widths of at least one block ({block} "
-                          f"of {inter} channels; largest reachable ratio {1 - floor:.4f})")
+                          f"of {inter} channels; largest reachable ratio {_reachable(1 - floor)})")
     return budget
 
 
@@ -482,14 +488,13 @@ def allocate_hybrid(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[f
                     r = ranks[m.name]
                     new = narrowed(m, k - block)
                     if r != DENSE and r > new.max_rank(block):
-                        clamp[m.name] = new.max_rank(block)
-                        if clamp[m.name] < block:
-                            break
+                        # the narrower matrix holds less rank; below one block factoring saves nothing
+                        # there, and it goes back to dense (its truncation loss vanishes)
+                        clamp[m.name] = new.max_rank(block) if new.max_rank(block) >= block else DENSE
                         extra += tail(m, clamp[m.name]) - tail(m, r)
                     saved += shape(m).cost(r) - new.cost(clamp.get(m.name, r))
-                else:
-                    dloss = channel_losses[i][k - block] - channel_losses[i][k] + extra
-                    yield dloss, saved, ("width", i, clamp)
+                dloss = channel_losses[i][k - block] - channel_losses[i][k] + extra
+                yield dloss, saved, ("width", i, clamp)
             groups: Dict[Optional[str], List[Matrix]] = {}
             for m in by_layer[i]:
                 groups.setdefault(m.group or m.name, []).append(m)
@@ -508,6 +513,14 @@ def allocate_hybrid(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[f
                                 ("rank", [m.name], r - block)
 
     cost = plan_cost(mats, ranks, {})
+    narrowest = inter - block * ((inter - block) // block)  # the width moves stop below two blocks
+    # the cheapest plan: every layer at the narrowest width, each matrix dense or at rank one block
+    floor = sum(min(n.dense, n.cost(block) if n.max_rank(block) else n.dense)
+                for n in (narrowed(m, narrowest) for m in mats))
+    if floor > budget:
+        raise BudgetError(f"ratio {ratio} cannot be reached with block size {block}: {narrowest} channels per "
+                          f"layer keep {floor:,} of {cost:,} parameters (largest reachable ratio "
+                          f"{_reachable(1 - floor / cost)})")
     while cost > budget:
         best = None
         for dloss, saved, move in moves():
