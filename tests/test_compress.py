@@ -67,10 +67,11 @@ def tensors(directory):
 
 # ---------------------------------------------------------------- happy paths
 def test_compress_llama_end_to_end(work):
+    """The factor path end to end (the default method's own test follows)."""
     src = work["llama"]
     before = digest(src)
-    out = str(work["dir"] / "out-default")
-    res = C.compress(src, out, 0.5, **opts(work))
+    out = str(work["dir"] / "out-fisher")
+    res = C.compress(src, out, 0.5, method="fisher", **opts(work))
     assert digest(src) == before  # the source is never written
     report = cf.validate(out)  # format v1, shapes, finite values
     qc = cf.read_quantization_config(out)
@@ -97,7 +98,23 @@ def test_compress_llama_end_to_end(work):
     # tokenizer and generation config copied
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
     assert os.path.isfile(os.path.join(out, "generation_config.json"))
-    assert not [n for n in os.listdir(work["dir"]) if n.startswith(".out-default")]
+    assert not [n for n in os.listdir(work["dir"]) if n.startswith(".out-fisher")]
+
+
+def test_default_method_is_the_hybrid_and_writes_a_valid_checkpoint(work):
+    out = str(work["dir"] / "out-default")
+    res = C.compress(work["llama"], out, 0.5, **opts(work))
+    report = cf.validate(out)  # v2 widths and/or v1 factors, shapes, finite values
+    qc = report.quant
+    prov = qc.provenance
+    assert prov["method"] == "hybrid" and prov["rank_allocation"] == "adaptive"
+    assert prov["allocation_selection"]["chosen"] == "hybrid-greedy"
+    mix = prov["allocation_mix"]
+    assert mix["layers_narrowed"] == len(qc.widths) and mix["factored_modules"] == len(qc.ranks)
+    assert mix["ratio_by_channels"] + mix["ratio_by_ranks"] == pytest.approx(res.ratio_mlp, abs=1e-6)
+    assert qc.widths or qc.ranks
+    assert 0.5 <= res.ratio_mlp <= 0.5 + 32 / 384 + 1e-9  # at most one block of channels over the budget
+    assert prov["ratio_achieved_mlp"] == pytest.approx(res.ratio_mlp, abs=1e-6)
 
 
 def test_plain_method_factors_equal_truncated_svd(work):
@@ -158,8 +175,9 @@ def test_qwen3(work):
     src = tiny.make_model(str(work["dir"] / "qwen3"), arch="qwen3", layers=2)
     out = str(work["dir"] / "out-qwen3")
     res = C.compress(src, out, 0.5, **opts(work))
-    cf.validate(out)
-    assert res.ranks and cf.read_config(out)["model_type"] == "qwen3"
+    qc = cf.validate(out).quant
+    assert (qc.widths or qc.ranks) and cf.read_config(out)["model_type"] == "qwen3"
+    assert res.ratio_mlp >= 0.5
 
 
 def test_sharded_source_and_sharded_output(work):
@@ -188,7 +206,7 @@ def test_small_ratio_mixes_dense_and_factored(work):
     # some projections stay dense, and gate/up stay paired
     src = tiny.make_model(str(work["dir"] / "six"), layers=6, seed=4)
     out = str(work["dir"] / "out-mixed")
-    res = C.compress(src, out, 0.1, rank_allocation="uniform", **opts(work))
+    res = C.compress(src, out, 0.1, method="fisher", rank_allocation="uniform", **opts(work))
     assert res.dense_modules and res.ranks
     assert abs(res.ratio_mlp - 0.1) <= 0.03
     t = tensors(out)
@@ -289,7 +307,11 @@ def test_block_size_not_multiple_of_32(work, block):
 
 
 def test_unreachable_ratio(work):
-    expect_user_error(work, work["llama"], str(work["dir"] / "o10"), ratio=0.9, match="largest reachable ratio")
+    # the default (hybrid) keeps at least one block of 32 channels of 384 per layer
+    expect_user_error(work, work["llama"], str(work["dir"] / "o10"), ratio=0.95,
+                      match=r"--ratio: ratio 0.95 cannot be reached .*largest reachable ratio 0\.9166\)")
+    expect_user_error(work, work["llama"], str(work["dir"] / "o10"), ratio=0.9, method="fisher",
+                      match="largest reachable ratio")
 
 
 def test_calibration_text_too_short(work):
@@ -431,8 +453,9 @@ def test_progress_names_every_stage_and_no_progress_silences_it(work, capfd):
     C.compress(work["llama"], str(work["dir"] / "progress"), 0.5, **{**opts(work), "progress": True})
     err = capfd.readouterr().err
     for stage in ("calibration: tokenize the text and draw the windows: done in", "sensitivity: forward",
-                  "sensitivity: backward", "factor (fisher)", "validate the written checkpoint: done in"):
+                  "sensitivity: backward", "channel statistics", "factor (hybrid)",
+                  "validate the written checkpoint: done in"):
         assert stage in err, stage
     C.compress(work["llama"], str(work["dir"] / "quiet"), 0.5, **opts(work))
     err = capfd.readouterr().err
-    assert "done in" not in err and "factor (fisher)" not in err
+    assert "done in" not in err and "factor (hybrid)" not in err

@@ -63,7 +63,7 @@ def test_inspect_valid(ckpt, capsys):
     qc = cf.read_quantization_config(ckpt["out"])
     assert s["ranks"] == qc.ranks
     assert s["mlp_ratio"] == pytest.approx(qc.provenance["ratio_achieved_mlp"], abs=1e-6)
-    assert s["provenance"]["method"] == "fisher"
+    assert s["provenance"]["method"] == "hybrid"  # the default
     assert s["tensor_bytes"] > 0
 
 

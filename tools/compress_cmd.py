@@ -6,28 +6,34 @@ import argparse
 from vllm_neuronmlp.tools.cmd_common import add_json_argument, emit
 
 DESCRIPTION = """\
-Factor every MLP projection (gate, up and down) of the dense Hugging Face
-checkpoint SRC into two block-aligned low-rank factors, W ~ U V, and write an
-`svd_neuron` checkpoint to OUT that vLLM loads directly (`vllm serve OUT`).
+Compress the MLPs of the dense Hugging Face checkpoint SRC and write an
+`svd_neuron` checkpoint to OUT that vLLM loads directly (`vllm serve OUT`):
+each MLP keeps some of its intermediate channels (a narrower layer) and/or has
+projections factored into two block-aligned low-rank factors, W ~ U V.
 
 The model is streamed one decoder layer at a time (memory ~ one layer plus the
-calibration activations). Calibration text runs through the model. With the
-default --method fisher, each factorization is whitened by the activations of
-its input and weighted, per output channel, by how sensitive the loss is to it
-(the diagonal Fisher of the outputs, from one streamed backward pass over
---fisher-samples windows drawn at random); whiten is SVD-LLM's input whitening
-alone, error-aware fits each layer to the inputs the compressed model really
-feeds it, and plain skips calibration. Ranks are multiples of --block-size; the
-budget (--ratio, the fraction of MLP parameters removed) is met globally.
+calibration activations). Calibration text runs through the model. The default
+--method hybrid spends one budget on both kinds of cut: blocks of channels (kept
+in the order that loses least of the layer's output, the down projection refit
+on the kept ones by the Nystrom formula) and blocks of rank (factors whitened by
+their inputs and weighted, per output channel, by how sensitive the loss is to
+it: the diagonal Fisher from one streamed backward pass over --fisher-samples
+windows drawn at random), greedily by estimated loss per parameter. fisher
+factors only (no narrowed layers: checkpoint format version 1); nystrom keeps
+channels only, ranked by ridge leverage (MoDeGPT); whiten is SVD-LLM's input
+whitening alone, error-aware fits each layer to the inputs the compressed
+model really feeds it, and plain skips calibration. Ranks and widths are
+multiples of --block-size; the budget (--ratio, the fraction of MLP parameters
+removed) is met globally.
 
---rank-allocation uniform gives every matrix the paper's eq.-5 rank and meets
-the budget by mixing neighbouring block multiples. adaptive (default): with
-fisher, one greedy allocation by estimated loss reduction per parameter (the
-Fisher-weighted spectra are loss estimates, comparable across matrices), not
-scored; with whiten and error-aware, the uniform allocation and greedy ones
-from the whitened spectra are scored on held-aside calibration windows and the
-one with the lowest perplexity is kept; with plain (no calibration), the
-greedy one on squared relative error is used unscored.
+--rank-allocation adaptive (default): with hybrid and fisher, one greedy
+allocation by estimated loss per parameter, not scored; with nystrom, widths
+by the same loss estimate; with whiten and error-aware, the uniform allocation
+and greedy ones from the whitened spectra are scored on held-aside calibration
+windows and the one with the lowest perplexity is kept; with plain (no
+calibration), the greedy one on squared relative error is used unscored.
+uniform gives every matrix the paper's eq.-5 rank (nystrom: every layer the
+same width), meeting the budget by mixing neighbouring block multiples.
 
 --lora-steps N trains LoRA adapters on every projection the compression
 changed (the factors of factored ones, the weights of narrowed layers' dense
@@ -53,7 +59,7 @@ def add_parser(subparsers) -> None:
     from vllm_neuronmlp.tools.options import (DEFAULT_CALIB_TEXT, DEFAULT_FISHER_SAMPLES, DTYPE_CHOICES, EXPORTS,
                                               LORA_BATCH, LORA_LR, LORA_RANK)
 
-    p = subparsers.add_parser("compress", help="SVD-compress the MLPs of a Hugging Face checkpoint",
+    p = subparsers.add_parser("compress", help="compress the MLPs of a Hugging Face checkpoint (channels and/or low-rank factors)",
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="dense Hugging Face checkpoint directory (config.json + safetensors)")
@@ -74,14 +80,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calib-seq-len", type=int, default=512,
                    help="tokens per calibration window (default %(default)s)")
     p.add_argument("--fisher-samples", type=int, default=DEFAULT_FISHER_SAMPLES,
-                   help="calibration windows of the fisher method's backward pass, drawn at random from the "
+                   help="calibration windows of the Fisher pass (hybrid, fisher, nystrom), drawn at random from the "
                         "--calib-samples ones (at most that many are used); memory of the pass grows with "
                         "them (default %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for picking calibration windows and their random subsets (default %(default)s)")
     p.add_argument("--rank-allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
-                   help="adaptive: spend the budget where the spectra say the loss gains most (see above); "
-                        "uniform: eq.-5 ranks (default %(default)s)")
+                   help="adaptive: spend the budget where the estimated loss grows least (see above); "
+                        "uniform: eq.-5 ranks, or one width for nystrom (default %(default)s)")
     p.add_argument("--method", choices=tuple(REGISTRY), default=DEFAULT_METHOD,
                    help="; ".join(f"{name}: {text}" for name, (_module, text) in REGISTRY.items())
                         + " (default %(default)s)")
@@ -89,8 +95,8 @@ def add_parser(subparsers) -> None:
                    help="ridge added to each activation covariance, relative to its mean diagonal "
                         "(default %(default)s)")
     p.add_argument("--lora-steps", type=int, default=0,
-                   help="LoRA recovery steps on the calibration windows after factoring, merged back into U and V "
-                        "(0 = off, the default)")
+                   help="LoRA recovery steps on the calibration windows after compressing, merged back into the "
+                        "changed tensors (0 = off, the default)")
     p.add_argument("--lora-rank", type=int, default=LORA_RANK, help="LoRA rank (default %(default)s)")
     p.add_argument("--lora-lr", type=float, default=LORA_LR, help="LoRA peak learning rate (default %(default)s)")
     p.add_argument("--lora-batch", type=int, default=LORA_BATCH,

@@ -18,7 +18,7 @@ REGISTRY = {
     "hybrid": ("hybrid", "channel selection and Fisher-weighted factors under one loss-based budget"),
 }
 METHODS = tuple(REGISTRY)
-DEFAULT_METHOD = "fisher"  # best measured on SmolLM2 (benchmarks/results/accuracy_vs_ratio.json)
+DEFAULT_METHOD = "hybrid"  # best measured on SmolLM2 (benchmarks/results/channels_vs_factors.json)
 ALLOCATIONS = ("uniform", "adaptive")
 DEFAULT_ALLOCATION = "adaptive"
 

@@ -1,4 +1,4 @@
-"""`fisher` (the default): whitening on the input side and, on the output side,
+"""`fisher`: whitening on the input side and, on the output side,
 each channel weighted by the loss's sensitivity to it (the diagonal empirical
 Fisher of the projection's outputs, from one streamed forward/backward pass
 over a random subset of the calibration windows; sensitivity.py). The dropped
