@@ -7,8 +7,9 @@ tokens of `builtin:calibration` (seed 0), perplexity over the first 6 non-overla
 
   nystrom/uniform    MoDeGPT type I: every layer the same width (ridge leverage order)
   nystrom/adaptive   the same channels, widths allocated greedily by estimated loss
-  hybrid/adaptive    channels and Fisher-weighted factors under one greedy budget
-  fisher/adaptive    factors only (the default before issue 11)
+  hybrid/adaptive    the default: channels in loss-aware order and Fisher-weighted
+                     factors under one greedy budget
+  fisher/adaptive    factors only (the default before the hybrid)
 
 Texts: `builtin:heldout` (Wikipedia, never used for calibration) and a second
 held-out text of another domain that ships in a Debian package: quotations from
@@ -30,7 +31,7 @@ import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FORTUNE_FILES = ("wisdom", "people", "science", "politics", "love", "education", "art", "humorists")
-PLAN = [(m, a, r) for r in (0.05, 0.2) for m, a in
+PLAN = [(m, a, r) for r in (0.05, 0.2, 0.1, 0.3, 0.4) for m, a in
         (("hybrid", "adaptive"), ("nystrom", "uniform"), ("nystrom", "adaptive"), ("fisher", "adaptive"))]
 
 
