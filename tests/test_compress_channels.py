@@ -132,3 +132,12 @@ def test_export_dense_refuses_with_the_reason(work, kw, match):
     with pytest.raises(UserError, match=match):
         run(work, f"bad-export-{ratio}", ratio, export="dense", **kw)
     assert not (work["dir"] / f"bad-export-{ratio}").exists()
+
+
+def test_hybrid_refuses_the_uniform_allocation(work):
+    from vllm_neuronmlp.tools.errors import UserError
+
+    with pytest.raises(UserError, match=r"--rank-allocation uniform: the hybrid has one allocation .*--method "
+                                        r"nystrom --rank-allocation uniform"):
+        run(work, "hybrid-uniform", 0.2, method="hybrid", rank_allocation="uniform")
+    assert not (work["dir"] / "hybrid-uniform").exists()

@@ -33,7 +33,8 @@ and greedy ones from the whitened spectra are scored on held-aside calibration
 windows and the one with the lowest perplexity is kept; with plain (no
 calibration), the greedy one on squared relative error is used unscored.
 uniform gives every matrix the paper's eq.-5 rank (nystrom: every layer the
-same width), meeting the budget by mixing neighbouring block multiples.
+same width), meeting the budget by mixing neighbouring block multiples; the
+hybrid has no uniform mode.
 
 --lora-steps N trains LoRA adapters on every projection the compression
 changed (the factors of factored ones, the weights of narrowed layers' dense

@@ -69,6 +69,10 @@ class CompressOptions:
         if self.export == "dense" and self.method != "nystrom":
             raise UserError(f"--export dense needs --method nystrom (only channel selection keeps the model's "
                             f"architecture), got --method {self.method}")
+        if self.method == "hybrid" and self.rank_allocation != "adaptive":
+            raise UserError(f"--rank-allocation {self.rank_allocation}: the hybrid has one allocation (adaptive, one "
+                            f"greedy over channels and ranks); for the same width in every layer use --method "
+                            f"nystrom --rank-allocation uniform")
         if self.dtype not in DTYPE_CHOICES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if not self.calib_text:
