@@ -103,7 +103,13 @@ def achieved_ratio(matrices: Sequence[Matrix], ranks: Mapping[str, int]) -> floa
 
 def budget_params(matrices: Sequence[Matrix], ratio: float) -> int:
     """Largest number of parameters the targeted matrices may keep."""
-    return int(math.floor((1.0 - ratio) * sum(mat.dense for mat in matrices) + 1e-9))
+    return _kept(sum(mat.dense for mat in matrices), ratio)
+
+
+def _kept(total: int, ratio: float) -> int:
+    """floor((1 - ratio) x total), the integer total multiplied last (a float product of
+    its factors rounds below an exact budget)."""
+    return int(math.floor((1.0 - ratio) * total + 1e-9))
 
 
 def _levels(mat: Matrix, block: int) -> List[int]:
@@ -406,8 +412,7 @@ def _width_budget(layers: Sequence[int], hidden: int, inter: int, ratio: float, 
     if inter % block:
         raise BudgetError(f"intermediate size {inter} is not a multiple of block size {block}: channel widths "
                           f"are block multiples, so the full width is not a level")
-    # the integer product first: (1 - ratio) * 3 * hidden * ... rounds below an exact budget
-    budget = int(math.floor((1.0 - ratio) * (3 * hidden * inter * len(layers)) + 1e-9))
+    budget = _kept(3 * hidden * inter * len(layers), ratio)
     if 3 * hidden * block * len(layers) > budget:
         floor = block / inter
         raise BudgetError(f"ratio {ratio} cannot be reached with channel widths of at least one block ({block} "
