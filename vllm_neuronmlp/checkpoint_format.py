@@ -1,4 +1,4 @@
-"""The `svd_neuron` checkpoint format, versions 1 and 2: the one place that spells it.
+"""The `svd_neuron` checkpoint format, versions 1 to 3: the one place that spells it.
 
 A checkpoint is an ordinary Hugging Face directory (config.json + safetensors,
 sharded with `model.safetensors.index.json` when large). Its config.json carries
@@ -19,7 +19,10 @@ Every module named in `ranks` is stored as two factors and no `.weight`:
 Modules not in `ranks` stay dense. Version 2 adds
 `"widths": {"<layer prefix>.3.mlp": k, ...}`: that layer keeps k < intermediate_size
 intermediate channels, so its gate/up outputs and down inputs are k wide (dense
-`.weight` or factors alike); version 1 is version 2 without widths.
+`.weight` or factors alike); version 1 is version 2 without widths. Version 3
+lets `ranks` list attention projections as well (`<layer prefix>.0.self_attn.q_proj`
+..., stored as factors like the MLP's; q, k and v of one layer factored together,
+each at its own rank, o alone); it is written exactly when one is factored.
 The gate and up projections of one layer are
 factored together or not at all (vLLM runs them as one merged linear). Module
 names are the model's Hugging Face names; `mlp_families` spells them per model
@@ -42,7 +45,8 @@ from vllm_neuronmlp import mlp_families as families
 QUANT_METHOD = "svd_neuron"
 FORMAT_VERSION = 1
 WIDTHS_FORMAT_VERSION = 2  # per-layer intermediate widths
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+ATTENTION_FORMAT_VERSION = 3  # attention projections (q, k, v, o) may be factored too
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 DEFAULT_BLOCK_SIZE = 128
 
 # config.json keys
@@ -100,6 +104,11 @@ def mlp_module(module: str) -> str:
     return module.rpartition(".")[0]
 
 
+def is_attention_module(module: str) -> bool:
+    """True for an attention projection name (`...layers.3.self_attn.q_proj`; format v3)."""
+    return families.attention_role_of(module) is not None
+
+
 def split_factor_name(tensor_name: str) -> Optional[Tuple[str, str]]:
     """`a.b.svd_u` -> (`a.b`, `svd_u`); None for a tensor that is not a factor."""
     module, _, leaf = tensor_name.rpartition(".")
@@ -121,8 +130,14 @@ class QuantizationConfig:
     widths: Dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.widths:
+        if any(is_attention_module(m) for m in self.ranks):
+            self.format_version = ATTENTION_FORMAT_VERSION
+        elif self.widths:
             self.format_version = WIDTHS_FORMAT_VERSION
+
+    def attention_ranks(self) -> Dict[str, int]:
+        """{attention projection: rank} of the factored attention projections (format v3)."""
+        return {m: r for m, r in self.ranks.items() if is_attention_module(m)}
 
     def width_of(self, module: str) -> Optional[int]:
         """The intermediate width of the projection's layer, None when full."""

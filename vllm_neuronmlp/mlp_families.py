@@ -22,6 +22,11 @@ GELU_TANH = "gelu_tanh"  # GELU with the tanh approximation
 ACTIVATIONS = (SILU, GELU_TANH)
 GATE, UP, DOWN = "gate", "up", "down"  # the three roles in act(gate(x)) * up(x) -> down
 ROLES = (GATE, UP, DOWN)
+# The attention projections (format v3 may factor them): q, k, v read the layer's
+# normalized input, o reads the attention output. Every family here names them alike.
+Q, K, V, O = "q", "k", "v", "o"
+ATTENTION_ROLES = (Q, K, V, O)
+QKV_ROLES = (Q, K, V)  # vLLM runs these three as one merged linear (qkv_proj)
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,12 @@ class MLPFamily:
     layer_prefix: str = "model.layers"  # module path = f"{layer_prefix}.{i}.mlp.{proj}"
     vllm_gate_up: str = "gate_up_proj"  # vLLM's stacked gate+up linear
     vllm_act: str = "act_fn"            # vLLM's activation-and-mul module
+    attention: str = "self_attn"        # attention module path = f"{layer_prefix}.{i}.{attention}.{proj}"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    vllm_qkv: str = "qkv_proj"          # vLLM's stacked q+k+v linear
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -50,6 +61,15 @@ class MLPFamily:
     def projection(self, role: str) -> str:
         """This family's name for the projection of one role (GATE, UP or DOWN)."""
         return self.projections[ROLES.index(role)]
+
+    @property
+    def attention_projections(self) -> Tuple[str, str, str, str]:
+        """(q, k, v, o) in HF naming."""
+        return (self.q, self.k, self.v, self.o)
+
+    def attention_projection(self, role: str) -> str:
+        """This family's name for the attention projection of one role (Q, K, V or O)."""
+        return self.attention_projections[ATTENTION_ROLES.index(role)]
 
 
 FAMILIES: Tuple[MLPFamily, ...] = (
@@ -104,6 +124,38 @@ def module_name(family: MLPFamily, layer: int, proj: str) -> str:
     if proj not in family.projections:
         raise ValueError(f"{proj!r} is not an MLP projection of family {family.name!r}; expected one of {family.projections}")
     return f"{family.layer_prefix}.{layer}.mlp.{proj}"
+
+
+def attention_module_name(family: MLPFamily, layer: int, proj: str) -> str:
+    """HF module name of one attention projection, e.g. `model.layers.3.self_attn.q_proj`."""
+    if proj not in family.attention_projections:
+        raise ValueError(f"{proj!r} is not an attention projection of family {family.name!r}; expected one of "
+                         f"{family.attention_projections}")
+    return f"{family.layer_prefix}.{layer}.{family.attention}.{proj}"
+
+
+def attention_role_of(module: str) -> Optional[str]:
+    """Q, K, V or O for an attention module name such as
+    `model.layers.3.self_attn.k_proj` (its last two components, in any family), else None."""
+    parent, _, leaf = module.rpartition(".")
+    owner = parent.rpartition(".")[2]
+    for family in FAMILIES:
+        if owner == family.attention and leaf in family.attention_projections:
+            return ATTENTION_ROLES[family.attention_projections.index(leaf)]
+    return None
+
+
+def qkv_partners(module: str) -> Tuple[str, ...]:
+    """The other two of q/k/v for one of them (same attention module), else ():
+    vLLM runs the three as one merged linear, so they are factored together."""
+    role = attention_role_of(module)
+    if role not in QKV_ROLES:
+        return ()
+    parent, _, leaf = module.rpartition(".")
+    for family in FAMILIES:
+        if leaf in family.attention_projections:
+            return tuple(f"{parent}.{family.attention_projection(r)}" for r in QKV_ROLES if r != role)
+    return ()
 
 
 def _roles_by_name() -> Dict[str, str]:
