@@ -24,6 +24,11 @@ setup(
         "vllm_neuronmlp.kernels",
         "vllm_neuronmlp.kernels.sim",
         "vllm_neuronmlp.tools",
+        "vllm_neuronmlp.tools.allocation",
+        "vllm_neuronmlp.tools.cli",
+        "vllm_neuronmlp.tools.data",
+        "vllm_neuronmlp.tools.evaluation",
+        "vllm_neuronmlp.tools.methods",
     ],
     package_dir={
         "vllm_neuronmlp": "vllm_neuronmlp",

@@ -17,7 +17,7 @@ issue's baseline and the tool's default):
 Perplexity: token-level, non-overlapping 2048-token windows of the built-in
 held-out Wikipedia split (never used for calibration), the first
 `--eval-windows` windows, computed with the transformers backend
-(tools/perplexity.py `perplexity_hf`, float32) because starting vLLM per point
+(tools/evaluation/perplexity.py `perplexity_hf`, float32) because starting vLLM per point
 costs too much on this 2-core machine; `--vllm-check` recomputes the dense
 point and one compressed point through vLLM to cross-check.
 
@@ -132,9 +132,9 @@ def main():
 
     torch.set_num_threads(args.threads)
     from vllm_neuronmlp.tools import compressor as C
-    from vllm_neuronmlp.tools import default_model
+    from vllm_neuronmlp.tools.data import default_model
     from vllm_neuronmlp.tools.options import CompressOptions
-    from vllm_neuronmlp.tools import perplexity as evaluate
+    from vllm_neuronmlp.tools.evaluation import perplexity as evaluate
 
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -229,7 +229,7 @@ def unaligned_baseline(model_path, ratio, args, max_tokens, dense_ppl, state):
     from transformers import AutoModelForCausalLM
 
     from vllm_neuronmlp import mlp_families
-    from vllm_neuronmlp.tools import perplexity as evaluate
+    from vllm_neuronmlp.tools.evaluation import perplexity as evaluate
     from vllm_neuronmlp.tools.calibration import calibration_tokens
     from vllm_neuronmlp.tools.options import DEFAULT_CALIB_TEXT
     from vllm_neuronmlp.tools.whitening import GramAccumulator, factorize, robust_cholesky

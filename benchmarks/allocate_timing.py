@@ -16,7 +16,7 @@ import platform
 import random
 import time
 
-from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import allocation as alloc
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LAYERS, HIDDEN, INTERMEDIATE, BLOCK = 32, 4096, 14336, 128
@@ -28,7 +28,7 @@ def matrices_and_spectra(seed: int = 0):
         shapes[f"model.layers.{i}.mlp.gate_proj"] = (HIDDEN, INTERMEDIATE)
         shapes[f"model.layers.{i}.mlp.up_proj"] = (HIDDEN, INTERMEDIATE)
         shapes[f"model.layers.{i}.mlp.down_proj"] = (INTERMEDIATE, HIDDEN)
-    mats = rk.matrices_from_shapes(shapes)
+    mats = alloc.matrices_from_shapes(shapes)
     rnd = random.Random(seed)
     spectra = {}
     for m in mats:
@@ -43,9 +43,9 @@ def main() -> None:
     for ratio in (0.05, 0.2, 0.4):
         for normalize in (True, False):
             t0 = time.perf_counter()
-            ranks = rk.allocate_adaptive(mats, spectra, ratio, BLOCK, normalize=normalize)
+            ranks = alloc.allocate_adaptive(mats, spectra, ratio, BLOCK, normalize=normalize)
             seconds = time.perf_counter() - t0
-            achieved = rk.achieved_ratio(mats, ranks)
+            achieved = alloc.achieved_ratio(mats, ranks)
             rows.append({"ratio": ratio, "normalize": normalize, "seconds": round(seconds, 3),
                          "achieved_ratio": round(achieved, 5)})
             print(f"ratio {ratio} normalize {normalize}: {seconds:.2f} s (achieved {achieved:.4f})", flush=True)

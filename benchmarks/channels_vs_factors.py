@@ -108,8 +108,8 @@ def main():
     torch.set_num_threads(args.threads)
     from vllm_neuronmlp import checkpoint_format as cf
     from vllm_neuronmlp.tools import compressor as C
-    from vllm_neuronmlp.tools import default_model
-    from vllm_neuronmlp.tools import perplexity as evaluate
+    from vllm_neuronmlp.tools.data import default_model
+    from vllm_neuronmlp.tools.evaluation import perplexity as evaluate
     from vllm_neuronmlp.tools.options import CompressOptions
 
     os.makedirs(args.work, exist_ok=True)

@@ -41,7 +41,7 @@ def write_random_llama(path: str, layers: int, seed: int = 0, shard_bytes: int =
     import torch
     from safetensors.torch import save_file
 
-    from vllm_neuronmlp.tools import tiny
+    from vllm_neuronmlp.tools.data import tiny
 
     os.makedirs(path, exist_ok=True)
     tiny.make_tokenizer(path)
@@ -175,7 +175,7 @@ def main():
         if not args.skip_smollm2:
             smol = args.smollm2
             if smol is None:
-                from vllm_neuronmlp.tools import default_model
+                from vllm_neuronmlp.tools.data import default_model
 
                 smol = default_model.materialize(os.path.join(tmp, "smollm2"))
             r = run_child(smol, os.path.join(tmp, "out-smol"), {"ratio": 0.2})

@@ -357,7 +357,7 @@ def _checkpoints(args, work):
 
 
 def step_serve_accuracy(report, args, work):
-    from vllm_neuronmlp.tools.serving import VllmServer
+    from vllm_neuronmlp.tools.evaluation.serving import VllmServer
 
     dense, compressed = _checkpoints(args, work)
     result = {"tolerance": {"logprob_abs_diff_median_nats": LOGPROB_MEDIAN_NATS,

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Dict
 
-from vllm_neuronmlp.tools.serving import VllmServer, bench_serve, summarize_bench
+from vllm_neuronmlp.tools.evaluation.serving import VllmServer, bench_serve, summarize_bench
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

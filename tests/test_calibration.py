@@ -6,7 +6,8 @@ import torch
 from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import calibration as cal
 from vllm_neuronmlp.tools import compressor as C
-from vllm_neuronmlp.tools import selection, sensitivity, tiny
+from vllm_neuronmlp.tools import selection, sensitivity
+from vllm_neuronmlp.tools.data import tiny
 from vllm_neuronmlp.tools.cli import main as cli_main
 from vllm_neuronmlp.tools.errors import UserError
 

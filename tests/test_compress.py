@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import compressor as C
-from vllm_neuronmlp.tools import tiny
+from vllm_neuronmlp.tools.data import tiny
 from vllm_neuronmlp.tools.options import CompressOptions
 from vllm_neuronmlp.tools.cli import main as cli_main
 from vllm_neuronmlp.tools.errors import UserError
@@ -141,7 +141,7 @@ def test_whitening_reduces_output_error_of_the_real_model(work):
     the logits closer to the dense model's than plain SVD at equal ranks."""
     from transformers import AutoTokenizer
 
-    from vllm_neuronmlp.tools.hf_model import load_model
+    from vllm_neuronmlp.tools.evaluation.hf_model import load_model
 
     dense, _ = load_model(work["llama"])
     tok = AutoTokenizer.from_pretrained(work["llama"])
@@ -384,7 +384,7 @@ def test_cli_compress_and_errors(work, capsys):
                      "--json", str(work["dir"] / "summary.json")])
     text = capsys.readouterr().out
     assert code == 0
-    assert "ranks per projection" in text and "achieved: MLP" in text and "whole model" in text
+    assert "per layer (layer: MLP width" in text and "achieved: MLP" in text and "whole model" in text
     assert "size on disk" in text and "wall time" in text
     assert json.load(open(work["dir"] / "summary.json"))["ratio_requested"] == 0.5
     code = cli_main(["compress", work["llama"], out, "--ratio", "0.5", "--block-size", "32"])
@@ -399,7 +399,7 @@ def test_cli_compress_and_errors(work, capsys):
 # ---------------------------------------------------------------- LoRA recovery, from the command line
 def test_cli_lora_options_train_merge_and_write_what_was_measured(work):
     from vllm_neuronmlp.tools import calibration, lora
-    from vllm_neuronmlp.tools.hf_model import load_model
+    from vllm_neuronmlp.tools.evaluation.hf_model import load_model
 
     base = str(work["dir"] / "lora-off")
     out = str(work["dir"] / "lora-on")
@@ -429,7 +429,7 @@ def test_cli_lora_adapts_the_narrowed_dense_layers_of_a_nystrom_checkpoint(work,
     """--method nystrom narrows every layer and factors nothing: LoRA trains ordinary
     adapters on the narrowed gate/up/down and merges them at the same widths."""
     from vllm_neuronmlp.tools import calibration, lora
-    from vllm_neuronmlp.tools.hf_model import load_model
+    from vllm_neuronmlp.tools.evaluation.hf_model import load_model
 
     out = str(work["dir"] / "ny-lora")
     assert cli_main(["compress", work["llama"], out, "--ratio", "0.25", "--method", "nystrom", "--rank-allocation",

@@ -9,7 +9,7 @@ from test_compress import SMALL, tensors, write_text
 from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import calibration
 from vllm_neuronmlp.tools import compressor as C
-from vllm_neuronmlp.tools import tiny
+from vllm_neuronmlp.tools.data import tiny
 from vllm_neuronmlp.tools.methods import nystrom as ny
 
 pytestmark = pytest.mark.slow  # end-to-end runs of seconds each: `make test-fast` leaves them out
@@ -69,7 +69,7 @@ def test_nystrom_uniform_narrows_every_layer_with_the_corrected_down_projection(
 
 
 def test_nystrom_greedy_and_hybrid_fit_the_budget_and_load(work):
-    from vllm_neuronmlp.tools.hf_model import load_model
+    from vllm_neuronmlp.tools.evaluation.hf_model import load_model
 
     for method, ratio in (("nystrom", 0.3), ("hybrid", 0.3), ("hybrid", 0.6)):
         res = run(work, f"{method}-{ratio}", ratio, method=method)
@@ -96,14 +96,14 @@ def test_inspect_reports_widths_and_the_mix(work, capsys):
         assert f"narrowed {len(res.widths)} of 2 layers below intermediate size 384" in out
         assert f"{mix['ratio_by_channels']:.4f} by channels and {mix['ratio_by_ranks']:.4f} by ranks" in out
         for i, k in res.widths.items():
-            assert any(line.strip().startswith(f"{i}:") and line.split()[-1] == str(k) for line in out.splitlines())
+            assert any(cell.strip().startswith(f"{i}: w{k} ") for line in out.splitlines() for cell in line.split("|"))
     assert f"MLP ratio {res.ratio_mlp:.4f}" in out
 
 
 def test_export_dense_is_a_plain_model_equal_to_the_narrowed_one(work):
     from transformers import AutoModelForCausalLM
 
-    from vllm_neuronmlp.tools.hf_model import load_model
+    from vllm_neuronmlp.tools.evaluation.hf_model import load_model
 
     narrowed = run(work, "ny-export-src", 0.25, method="nystrom", rank_allocation="uniform")
     res = run(work, "ny-export", 0.25, method="nystrom", rank_allocation="uniform", export="dense")

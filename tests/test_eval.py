@@ -12,8 +12,8 @@ import torch
 
 from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import compressor as C
-from vllm_neuronmlp.tools import perplexity as P
-from vllm_neuronmlp.tools import tiny
+from vllm_neuronmlp.tools.evaluation import perplexity as P
+from vllm_neuronmlp.tools.data import tiny
 from vllm_neuronmlp.tools.errors import UserError
 
 pytestmark = pytest.mark.slow  # end-to-end runs of seconds each: `make test-fast` leaves them out
@@ -75,7 +75,7 @@ def test_hf_model_loads_factors_as_svdlinear(work):
     from safetensors.torch import load_file
 
     from vllm_neuronmlp.hf_quantizer import SVDLinear
-    from vllm_neuronmlp.tools.hf_model import load_model
+    from vllm_neuronmlp.tools.evaluation.hf_model import load_model
 
     model, ranks = load_model(work["svd"])
     assert ranks and ranks == cf.read_quantization_config(work["svd"]).ranks
@@ -109,7 +109,7 @@ def test_eval_through_vllm_matches_hf(work, which):
     got = json.load(open(out_json))
     ref = P.perplexity_hf(work[which], work["text"], seq_len=128, max_tokens=512, progress=False)
     assert got["backend"] == "vllm" and got["windows"] == 4
-    from vllm_neuronmlp.tools.cmd_common import fast_dtype
+    from vllm_neuronmlp.tools.cli.common import fast_dtype
 
     assert got["dtype"] == fast_dtype()  # the default picks the fast dtype for this CPU
     rel = 0.03 if got["dtype"] != "float32" else 5e-3  # bf16 serving vs the float32 reference

@@ -15,7 +15,7 @@ from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families as mf
 from vllm_neuronmlp.hf_quantizer import SVDLinear
 from vllm_neuronmlp.tools import lora
-from vllm_neuronmlp.tools.hf_model import load_model
+from vllm_neuronmlp.tools.evaluation.hf_model import load_model
 
 R = 4
 WIDTHS = {0: 96, 1: 160}  # layer 2 keeps the full 256 and stays dense: no adapter

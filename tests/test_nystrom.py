@@ -1,12 +1,12 @@
 """Intermediate-channel selection with a Nyström-corrected down projection
 (tools/methods/nystrom.py) against numpy references, and the width / hybrid
-allocations (tools/ranks.py) under the budget."""
+allocations (tools/allocation/) under the budget."""
 import numpy as np
 import pytest
 import torch
 
 from test_ranks import smollm2_matrices
-from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools.methods import nystrom as ny
 
 
@@ -122,10 +122,10 @@ def test_width_allocations_fit_the_budget(ratio):
     layers = list(range(8))
     rng = np.random.default_rng(0)
     losses = {i: np.cumsum(rng.uniform(0, 1, 1537)[::-1])[::-1].tolist() for i in layers}
-    for widths in (rk.allocate_widths_uniform(layers, 576, 1536, ratio, 128),
-                   rk.allocate_widths_greedy(layers, 576, 1536, losses, ratio, 128)):
+    for widths in (alloc.allocate_widths_uniform(layers, 576, 1536, ratio, 128),
+                   alloc.allocate_widths_greedy(layers, 576, 1536, losses, ratio, 128)):
         assert all(k % 128 == 0 and 128 <= k < 1536 for k in widths.values())
-        achieved = rk.plan_ratio(mats, {}, widths)
+        achieved = alloc.plan_ratio(mats, {}, widths)
         assert ratio <= achieved < ratio + 3 * 128 / 1536 / 8 + 1e-9
 
 
@@ -136,25 +136,25 @@ def test_width_allocations_hit_a_reachable_ratio_exactly(ratio):
     layers = list(range(30))
     mats = smollm2_matrices(layers=30)
     losses = {i: [float(1536 - k) * (1 + i) for k in range(1537)] for i in layers}
-    for widths in (rk.allocate_widths_uniform(layers, 576, 1536, ratio, 128),
-                   rk.allocate_widths_greedy(layers, 576, 1536, losses, ratio, 128)):
+    for widths in (alloc.allocate_widths_uniform(layers, 576, 1536, ratio, 128),
+                   alloc.allocate_widths_greedy(layers, 576, 1536, losses, ratio, 128)):
         assert sum(1536 - k for k in widths.values()) == round(ratio * 360) * 128
-        assert rk.plan_ratio(mats, {}, widths) == pytest.approx(ratio, abs=1e-12)
+        assert alloc.plan_ratio(mats, {}, widths) == pytest.approx(ratio, abs=1e-12)
 
 
 def test_greedy_widths_cut_the_layer_whose_channels_matter_least():
     layers = [0, 1]
     flat = [float(1536 - k) for k in range(1537)]  # 1 per channel
     steep = [100.0 * (1536 - k) for k in range(1537)]
-    widths = rk.allocate_widths_greedy(layers, 576, 1536, {0: steep, 1: flat}, 0.2, 128)
+    widths = alloc.allocate_widths_greedy(layers, 576, 1536, {0: steep, 1: flat}, 0.2, 128)
     assert 0 not in widths and widths[1] < 1536
 
 
 def test_width_budget_errors():
-    with pytest.raises(rk.BudgetError, match="largest reachable ratio"):
-        rk.allocate_widths_uniform([0, 1], 576, 1536, 0.95, 128)
-    with pytest.raises(rk.BudgetError, match="not a multiple of block size"):
-        rk.allocate_widths_uniform([0, 1], 576, 1500, 0.2, 128)
+    with pytest.raises(alloc.BudgetError, match="largest reachable ratio"):
+        alloc.allocate_widths_uniform([0, 1], 576, 1536, 0.95, 128)
+    with pytest.raises(alloc.BudgetError, match="not a multiple of block size"):
+        alloc.allocate_widths_uniform([0, 1], 576, 1500, 0.2, 128)
 
 
 def _synthetic(mats, seed, channel_scale):
@@ -172,18 +172,18 @@ def _synthetic(mats, seed, channel_scale):
 def test_hybrid_never_exceeds_the_budget(ratio, seed, channel_scale):
     mats = smollm2_like()
     spectra, losses = _synthetic(mats, seed, channel_scale)
-    plan = rk.allocate_hybrid(mats, spectra, losses, 1536, ratio, 128)
-    assert rk.plan_cost(mats, plan.ranks, plan.widths) <= rk.budget_params(mats, ratio)
-    assert rk.plan_ratio(mats, plan.ranks, plan.widths) < ratio + 0.01  # the give-back pass fills the budget
+    plan = alloc.allocate_hybrid(mats, spectra, losses, 1536, ratio, 128)
+    assert alloc.plan_cost(mats, plan.ranks, plan.widths) <= alloc.budget_params(mats, ratio)
+    assert alloc.plan_ratio(mats, plan.ranks, plan.widths) < ratio + 0.01  # the give-back pass fills the budget
     for m in mats:
         r = plan.ranks[m.name]
-        shaped = rk.narrowed(m, plan.widths.get(m.layer))
-        assert r == rk.DENSE or (r % 128 == 0 and 128 <= r <= shaped.max_rank(128))
+        shaped = alloc.narrowed(m, plan.widths.get(m.layer))
+        assert r == alloc.DENSE or (r % 128 == 0 and 128 <= r <= shaped.max_rank(128))
     for i, k in plan.widths.items():
         assert k % 128 == 0 and 128 <= k < 1536
     for i in range(8):  # gate and up factored together or dense together
         g, u = (plan.ranks[f"model.layers.{i}.mlp.{p}"] for p in ("gate_proj", "up_proj"))
-        assert (g == rk.DENSE) == (u == rk.DENSE)
+        assert (g == alloc.DENSE) == (u == alloc.DENSE)
 
 
 def test_hybrid_mixes_both_kinds_of_moves_by_their_losses():
@@ -194,21 +194,21 @@ def test_hybrid_mixes_both_kinds_of_moves_by_their_losses():
         losses[i] = [x * 1e-6 for x in losses[i]]
     for i in range(2, 8):
         losses[i] = [x * 1e6 for x in losses[i]]
-    plan = rk.allocate_hybrid(mats, spectra, losses, 1536, 0.3, 128)
+    plan = alloc.allocate_hybrid(mats, spectra, losses, 1536, 0.3, 128)
     assert set(plan.widths) == {0, 1} and max(plan.widths.values()) <= 256
     # the rest of the budget is ranks in layers 2-7
-    assert any(plan.ranks[m.name] != rk.DENSE for m in mats if m.layer >= 2)
+    assert any(plan.ranks[m.name] != alloc.DENSE for m in mats if m.layer >= 2)
     # with free ranks instead, the hybrid factors rather than narrowing
     cheap = {n: [x * 1e-9 for x in s] for n, s in spectra.items()}
-    plan = rk.allocate_hybrid(mats, cheap, losses, 1536, 0.3, 128)
+    plan = alloc.allocate_hybrid(mats, cheap, losses, 1536, 0.3, 128)
     assert not plan.widths
 
 
 def test_hybrid_unreachable_ratio():
     mats = smollm2_like(layers=2)
     spectra, losses = _synthetic(mats, 0, 1.0)
-    with pytest.raises(rk.BudgetError, match=r"cannot be reached .*largest reachable ratio 0\.9166\)"):
-        rk.allocate_hybrid(mats, spectra, losses, 1536, 0.99, 128)  # one block of 12 per layer: 11/12
+    with pytest.raises(alloc.BudgetError, match=r"cannot be reached .*largest reachable ratio 0\.9166\)"):
+        alloc.allocate_hybrid(mats, spectra, losses, 1536, 0.99, 128)  # one block of 12 per layer: 11/12
 
 
 @pytest.mark.parametrize("channel_scale", [1.0, 1e4])  # 1e4: ranks are cut first, then layers narrowed under them
@@ -218,5 +218,5 @@ def test_hybrid_reaches_ratios_near_the_largest_reachable(channel_scale):
     mats = smollm2_like(layers=4)
     spectra, losses = _synthetic(mats, 3, channel_scale)
     for ratio in (0.85, 0.9, 0.91):
-        plan = rk.allocate_hybrid(mats, spectra, losses, 1536, ratio, 128)
-        assert ratio <= rk.plan_ratio(mats, plan.ranks, plan.widths) <= 11 / 12 + 1e-12
+        plan = alloc.allocate_hybrid(mats, spectra, losses, 1536, ratio, 128)
+        assert ratio <= alloc.plan_ratio(mats, plan.ranks, plan.widths) <= 11 / 12 + 1e-12

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import allocation as alloc
 
 
 def smollm2_matrices(layers=30, hidden=576, inter=1536):
@@ -13,7 +13,7 @@ def smollm2_matrices(layers=30, hidden=576, inter=1536):
         shapes[f"model.layers.{i}.mlp.gate_proj"] = (hidden, inter)
         shapes[f"model.layers.{i}.mlp.up_proj"] = (hidden, inter)
         shapes[f"model.layers.{i}.mlp.down_proj"] = (inter, hidden)
-    return rk.matrices_from_shapes(shapes)
+    return alloc.matrices_from_shapes(shapes)
 
 
 # ---------------------------------------------------------------- eq. 5
@@ -32,7 +32,7 @@ def smollm2_matrices(layers=30, hidden=576, inter=1536):
     (2048, 8192, 0.2, 128, 0.5, 1280),
 ])
 def test_eq5_rank(m, n, ratio, block, theta, expected):
-    assert rk.eq5_rank(m, n, ratio, block, theta) == expected
+    assert alloc.eq5_rank(m, n, ratio, block, theta) == expected
 
 
 def test_eq5_formula_against_direct_computation():
@@ -43,55 +43,55 @@ def test_eq5_formula_against_direct_computation():
         x = (1 - ratio) * m * n / ((m + n) * block)
         frac = x - math.floor(x)
         blocks = math.floor(x) + (1 if frac >= theta else 0)
-        assert rk.eq5_rank(m, n, ratio, block, theta) == block * max(1, blocks)
+        assert alloc.eq5_rank(m, n, ratio, block, theta) == block * max(1, blocks)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5, float("nan")])
 def test_bad_ratio(ratio):
     with pytest.raises(ValueError, match="ratio"):
-        rk.eq5_rank(576, 1536, ratio, 128)
+        alloc.eq5_rank(576, 1536, ratio, 128)
 
 
 @pytest.mark.parametrize("block", [0, -32, 48, 100, 1])
 def test_bad_block(block):
     with pytest.raises(ValueError, match="multiple of 32"):
-        rk.eq5_rank(576, 1536, 0.2, block)
+        alloc.eq5_rank(576, 1536, 0.2, block)
 
 
 def test_max_rank_is_last_block_that_saves():
-    mat = rk.Matrix("x", 576, 1536)
+    mat = alloc.Matrix("x", 576, 1536)
     assert mat.max_rank(128) == 384  # break-even is 418.9
-    assert rk.saves_parameters(576, 1536, 384) and not rk.saves_parameters(576, 1536, 512)
-    assert rk.Matrix("y", 64, 64).max_rank(64) == 0  # 64*128 > 64*64: nothing saves
+    assert alloc.saves_parameters(576, 1536, 384) and not alloc.saves_parameters(576, 1536, 512)
+    assert alloc.Matrix("y", 64, 64).max_rank(64) == 0  # 64*128 > 64*64: nothing saves
 
 
 # ---------------------------------------------------------------- uniform allocation
 @pytest.mark.parametrize("ratio", [0.05, 0.1, 0.2, 0.3, 0.4])
 def test_uniform_hits_budget_within_003_on_smollm2(ratio):
     mats = smollm2_matrices()
-    ranks = rk.allocate_uniform(mats, ratio, 128)
-    achieved = rk.achieved_ratio(mats, ranks)
+    ranks = alloc.allocate_uniform(mats, ratio, 128)
+    achieved = alloc.achieved_ratio(mats, ranks)
     assert abs(achieved - ratio) <= 0.03
     assert achieved >= ratio - 1e-12  # never above the parameter budget
-    assert all(r == rk.DENSE or r % 128 == 0 for r in ranks.values())
+    assert all(r == alloc.DENSE or r % 128 == 0 for r in ranks.values())
 
 
 def test_uniform_eq5_alone_would_miss_the_budget():
     # the reason for the global correction: eq. 5 alone gives 384 everywhere for 0.05 and 0.2
     mats = smollm2_matrices()
-    plain = {m.name: rk.eq5_rank(m.m, m.n, 0.05, 128) for m in mats}
-    assert abs(rk.achieved_ratio(mats, plain) - 0.0833) < 1e-3
+    plain = {m.name: alloc.eq5_rank(m.m, m.n, 0.05, 128) for m in mats}
+    assert abs(alloc.achieved_ratio(mats, plain) - 0.0833) < 1e-3
 
 
 def test_gate_and_up_dense_together():
     mats = smollm2_matrices()
-    for alloc in (lambda r: rk.allocate_uniform(mats, r, 128),
-                  lambda r: rk.allocate_adaptive(mats, random_spectra(mats), r, 128)):
+    for allocate in (lambda r: alloc.allocate_uniform(mats, r, 128),
+                     lambda r: alloc.allocate_adaptive(mats, random_spectra(mats), r, 128)):
         for ratio in (0.03, 0.05, 0.1):
-            ranks = alloc(ratio)
+            ranks = allocate(ratio)
             for i in range(30):
                 g, u = ranks[f"model.layers.{i}.mlp.gate_proj"], ranks[f"model.layers.{i}.mlp.up_proj"]
-                assert (g == rk.DENSE) == (u == rk.DENSE)
+                assert (g == alloc.DENSE) == (u == alloc.DENSE)
 
 
 # ---------------------------------------------------------------- adaptive allocation
@@ -116,10 +116,10 @@ def test_adaptive_never_exceeds_budget(seed, ratio, normalize):
         h, f = rnd.choice([(256, 768), (512, 1408), (576, 1536)])
         shapes.update({f"model.layers.{i}.mlp.gate_proj": (h, f), f"model.layers.{i}.mlp.up_proj": (h, f),
                        f"model.layers.{i}.mlp.down_proj": (f, h)})
-    mats = rk.matrices_from_shapes(shapes)
-    ranks = rk.allocate_adaptive(mats, random_spectra(mats, seed), ratio, 128, normalize=normalize)
-    assert rk.total_cost(mats, ranks) <= rk.budget_params(mats, ratio)
-    assert all(r == rk.DENSE or (r % 128 == 0 and rk.saves_parameters(m.m, m.n, r))
+    mats = alloc.matrices_from_shapes(shapes)
+    ranks = alloc.allocate_adaptive(mats, random_spectra(mats, seed), ratio, 128, normalize=normalize)
+    assert alloc.total_cost(mats, ranks) <= alloc.budget_params(mats, ratio)
+    assert all(r == alloc.DENSE or (r % 128 == 0 and alloc.saves_parameters(m.m, m.n, r))
                for m, r in zip(mats, (ranks[m.name] for m in mats)))
 
 
@@ -131,7 +131,7 @@ def test_adaptive_spends_rank_where_spectrum_is_heavy():
         # layer 0 has flat spectra (hard to compress), layer 1 steep ones (easy)
         decay = 0.001 if ".0." in m.name else 0.05
         spectra[m.name] = [math.exp(-decay * i) for i in range(k)]
-    ranks = rk.allocate_adaptive(mats, spectra, 0.3, 128)
+    ranks = alloc.allocate_adaptive(mats, spectra, 0.3, 128)
     r0 = sum(ranks[n] or 10 ** 6 for n in ranks if ".0." in n)
     r1 = sum(ranks[n] or 10 ** 6 for n in ranks if ".1." in n)
     assert r0 > r1
@@ -141,34 +141,34 @@ def test_adaptive_loss_not_worse_than_uniform_on_its_objective():
     mats = smollm2_matrices()
     spectra = random_spectra(mats, 3)
     for ratio in (0.1, 0.2, 0.3):
-        a = rk.allocate_adaptive(mats, spectra, ratio, 128, normalize=False)
-        u = rk.allocate_uniform(mats, ratio, 128)
-        la = sum(rk.truncation_loss(spectra[n], r) for n, r in a.items())
-        lu = sum(rk.truncation_loss(spectra[n], r) for n, r in u.items())
-        assert rk.total_cost(mats, a) <= rk.budget_params(mats, ratio)
+        a = alloc.allocate_adaptive(mats, spectra, ratio, 128, normalize=False)
+        u = alloc.allocate_uniform(mats, ratio, 128)
+        la = sum(alloc.truncation_loss(spectra[n], r) for n, r in a.items())
+        lu = sum(alloc.truncation_loss(spectra[n], r) for n, r in u.items())
+        assert alloc.total_cost(mats, a) <= alloc.budget_params(mats, ratio)
         assert la <= lu * (1 + 1e-9)
 
 
 def test_adaptive_missing_spectrum():
     mats = smollm2_matrices(layers=1)
     with pytest.raises(ValueError, match="no spectrum"):
-        rk.allocate_adaptive(mats, {}, 0.2, 128)
+        alloc.allocate_adaptive(mats, {}, 0.2, 128)
 
 
 def test_unreachable_ratio_is_an_error_naming_the_limit():
     mats = smollm2_matrices(layers=2)
-    for alloc in (lambda: rk.allocate_uniform(mats, 0.9, 128),
-                  lambda: rk.allocate_adaptive(mats, random_spectra(mats), 0.9, 128)):
+    for allocate in (lambda: alloc.allocate_uniform(mats, 0.9, 128),
+                     lambda: alloc.allocate_adaptive(mats, random_spectra(mats), 0.9, 128)):
         # 1 - 128 * (576 + 1536) / (576 * 1536) = 0.6944
-        with pytest.raises(rk.BudgetError, match=r"largest reachable ratio 0\.6944"):
-            alloc()
+        with pytest.raises(alloc.BudgetError, match=r"largest reachable ratio 0\.6944"):
+            allocate()
 
 
 def test_tail_energies_are_the_truncation_losses():
     rnd = random.Random(3)
     spectrum = sorted((rnd.uniform(0, 5) for _ in range(300)), reverse=True)
-    tails = rk.tail_energies(spectrum)
+    tails = alloc.tail_energies(spectrum)
     assert len(tails) == 301 and tails[-1] == 0.0
     for r in range(1, 301):
-        assert tails[r] == pytest.approx(rk.truncation_loss(spectrum, r), rel=1e-12, abs=1e-12)
+        assert tails[r] == pytest.approx(alloc.truncation_loss(spectrum, r), rel=1e-12, abs=1e-12)
     assert tails[0] == pytest.approx(sum(s * s for s in spectrum), rel=1e-12)

@@ -4,7 +4,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from vllm_neuronmlp import mlp_families
-from vllm_neuronmlp.tools import sensitivity, tiny
+from vllm_neuronmlp.tools import sensitivity
+from vllm_neuronmlp.tools.data import tiny
 from vllm_neuronmlp.tools.streaming import build_skeleton
 from vllm_neuronmlp.tools.source import SourceCheckpoint
 from vllm_neuronmlp.tools.whitening import robust_cholesky, whitened_spectrum

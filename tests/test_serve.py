@@ -5,7 +5,7 @@ compiled path (no --enforce-eager), as a user's `vllm serve` does."""
 import pytest
 
 from model_factory import make_dense_and_factored
-from vllm_neuronmlp.tools.serving import VllmServer, bench_serve
+from vllm_neuronmlp.tools.evaluation.serving import VllmServer, bench_serve
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "256"]

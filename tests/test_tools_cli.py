@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import compressor as C
-from vllm_neuronmlp.tools import text_data, tiny
+from vllm_neuronmlp.tools.data import text_data
+from vllm_neuronmlp.tools.data import tiny
 from vllm_neuronmlp.tools.cli import main as cli_main
 
 pytestmark = pytest.mark.slow  # end-to-end runs of seconds each: `make test-fast` leaves them out
@@ -73,6 +74,37 @@ def _broken_copy(ckpt, name):
     dst = str(ckpt["dir"] / name)
     shutil.copytree(ckpt["out"], dst)
     return dst
+
+
+def test_inspect_shows_each_layers_width_and_ranks_on_a_v2_checkpoint(tmp_path, capsys):
+    """Layer 0 narrowed with factored gate/up, layer 1 full width with a factored down,
+    layer 2 untouched: each row says so (a narrowed dense layer must not read as
+    "nothing compressed")."""
+    from model_factory import make_dense_and_narrowed
+
+    _dense, out = make_dense_and_narrowed(
+        str(tmp_path), {0: 128, 2: 192}, layers=4,
+        ranks={"model.layers.0.mlp.gate_proj": 32, "model.layers.0.mlp.up_proj": 32,
+               "model.layers.1.mlp.down_proj": 64})
+    assert cli_main(["inspect", out]) == 0
+    rows = [cell.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("    ")
+            for cell in line.split("|")]
+    assert rows == ["0: w128 r32   r32   dense", "1: w256 dense dense r64",
+                    "2: w192 dense dense dense", "3: w256 dense dense dense"]
+
+
+def test_compress_summary_and_inspect_print_one_layer_table(ckpt, capsys):
+    from vllm_neuronmlp.tools.summary import layer_table
+
+    res = C.compress(ckpt["src"], str(ckpt["dir"] / "table"), 0.5, block_size=32, calib_text=[str(ckpt["dir"] /
+                     "calib.txt")], calib_samples=8, calib_seq_len=64, progress=False)
+    table = layer_table(res.num_layers, res.ranks, res.widths, res.intermediate_size)
+    assert len(table) == 1 + 1  # heading + one line of (at most three) layers
+    from vllm_neuronmlp.tools.summary import format_summary
+
+    assert "\n".join(table) in format_summary(res)
+    assert cli_main(["inspect", res.out]) == 0
+    assert "\n".join(table) in capsys.readouterr().out
 
 
 def test_inspect_invalid_checkpoints(ckpt, capsys):
@@ -140,7 +172,7 @@ def test_default_model(tmp_path):
 def test_find_in_distribution_finds_files_and_reports_what_is_missing():
     from importlib import metadata
 
-    from vllm_neuronmlp.tools.installed_files import find_in_distribution
+    from vllm_neuronmlp.tools.data.installed_files import find_in_distribution
 
     path, version = find_in_distribution("pytest", "__init__.py")
     assert path is not None and os.path.isfile(path) and version == metadata.version("pytest")
@@ -184,7 +216,7 @@ def test_provenance_names_the_source_not_the_machine_path(ckpt):
 
 
 def test_fast_dtype_follows_the_cpu_flags(tmp_path):
-    from vllm_neuronmlp.tools import cmd_common
+    from vllm_neuronmlp.tools.cli import common as cmd_common
 
     plain = tmp_path / "avx2"
     plain.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")

@@ -10,9 +10,9 @@ compression, evaluation, inspection and the embedded default model, behind the
 _LAZY = {
     "compress": ("vllm_neuronmlp.tools.compressor", "compress"),
     "CompressOptions": ("vllm_neuronmlp.tools.options", "CompressOptions"),
-    "evaluate": ("vllm_neuronmlp.tools.perplexity", "evaluate"),
-    "materialize_default_model": ("vllm_neuronmlp.tools.default_model", "materialize"),
-    "inspect_checkpoint": ("vllm_neuronmlp.tools.inspect_cmd", "summarize"),
+    "evaluate": ("vllm_neuronmlp.tools.evaluation.perplexity", "evaluate"),
+    "materialize_default_model": ("vllm_neuronmlp.tools.data.default_model", "materialize"),
+    "inspect_checkpoint": ("vllm_neuronmlp.tools.cli.inspect", "summarize"),
 }
 __all__ = list(_LAZY)
 

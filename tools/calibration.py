@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from vllm_neuronmlp.tools import text_data
+from vllm_neuronmlp.tools.data import text_data
 from vllm_neuronmlp.tools.errors import UserError
 
 VALIDATION_WINDOWS = 8  # unused windows that score the allocation candidates and judge LoRA

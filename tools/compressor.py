@@ -7,7 +7,7 @@ layer: the orchestration (docs/architecture.md).
    their random subsets (calibration.py).
 3. The method (methods/, one module each, registered in methods/__init__.py)
    computes its ratio-independent statistics, proposes allocations meeting the
-   budget (ranks.py) and chooses one.
+   budget (allocation/) and chooses one.
 4. Factor pass: for each decoder layer, materialize it alone on CPU, let the
    method factor it, write the layer's tensors, drop the layer. Peak memory is
    one layer plus the calibration activations plus the Gram matrices.
@@ -31,7 +31,7 @@ from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import calibration
 from vllm_neuronmlp.tools import methods
 from vllm_neuronmlp.tools import progress as pg
-from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import streaming as st
 from vllm_neuronmlp.tools.errors import UserError
 from vllm_neuronmlp.tools.methods.base import Context
@@ -67,6 +67,7 @@ class CompressResult:
     warnings: List[str] = field(default_factory=list)
     selection: Dict = field(default_factory=dict)
     widths: Dict[int, int] = field(default_factory=dict)  # {layer: intermediate width} of narrowed layers
+    intermediate_size: int = 0  # the model's full MLP width
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -112,16 +113,16 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
     stats, all_ranks, selection = plan(ctx, method, cache)
 
     mats = ctx.matrices()
-    if isinstance(all_ranks, rk.Plan):  # channel-selecting methods also narrow layers (format v2)
+    if isinstance(all_ranks, alloc.Plan):  # channel-selecting methods also narrow layers (format v2)
         ctx.widths = dict(all_ranks.widths)
-        all_ranks = {m.name: all_ranks.ranks.get(m.name, rk.DENSE) for m in mats}
+        all_ranks = {m.name: all_ranks.ranks.get(m.name, alloc.DENSE) for m in mats}
     widths = ctx.widths
     if opts.export == "dense":  # refuse before the factor pass, not after it
         from vllm_neuronmlp.tools.export import check_exportable
 
-        check_exportable({n: r for n, r in all_ranks.items() if r != rk.DENSE}, widths, sk.num_layers)
+        check_exportable({n: r for n, r in all_ranks.items() if r != alloc.DENSE}, widths, sk.num_layers)
     warnings = _allocation_warnings(sk, mats, all_ranks, opts, widths)
-    achieved = rk.plan_ratio(mats, all_ranks, widths)
+    achieved = alloc.plan_ratio(mats, all_ranks, widths)
     out_dtype = _out_dtype(src, sk, opts)
     cast_all = out_dtype != src.torch_dtype(cf.weight_name(sk.module_names(0)[st.GATE]))
     cast = out_dtype if cast_all else None
@@ -135,8 +136,8 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
             writer.add(name, _cast(src.get(name), cast))
         factor_pass(ctx, method, stats, all_ranks, writer, out_dtype, cast, on_layer)
         writer.finish()
-        factored = {n: r for n, r in all_ranks.items() if r != rk.DENSE}
-        dense_modules = sorted(n for n, r in all_ranks.items() if r == rk.DENSE)
+        factored = {n: r for n, r in all_ranks.items() if r != alloc.DENSE}
+        dense_modules = sorted(n for n, r in all_ranks.items() if r == alloc.DENSE)
 
         config = dict(src.config)
         if cast_all:
@@ -144,7 +145,7 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
                 if key in config or key == "torch_dtype":
                     config[key] = str(out_dtype).replace("torch.", "")
         mlp_before = sum(m.dense for m in mats)
-        mlp_after = rk.plan_cost(mats, all_ranks, widths)
+        mlp_after = alloc.plan_cost(mats, all_ranks, widths)
         params_before = sum(src.numel(n) for n in src.names())
         params_after = params_before - (mlp_before - mlp_after)
         provenance = {
@@ -202,7 +203,7 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
         bytes_before=src.total_bytes_on_disk(), bytes_after=bytes_after, wall_time_s=time.time() - t0,
         method=opts.method, allocation=opts.rank_allocation, num_layers=sk.num_layers,
         calibration=calib.info if calib else {}, jitter_modules=ctx.jitter_modules, lora=lora_info,
-        warnings=warnings, selection=selection, widths=dict(widths))
+        warnings=warnings, selection=selection, widths=dict(widths), intermediate_size=sk.intermediate)
 
 
 def plan(ctx: Context, method, cache: Optional[Dict]) -> Tuple[object, Dict[str, int], Dict]:
@@ -220,7 +221,7 @@ def plan(ctx: Context, method, cache: Optional[Dict]) -> Tuple[object, Dict[str,
         stats = cache[key]
     try:
         candidates = method.candidates(ctx, stats)
-    except rk.BudgetError as e:
+    except alloc.BudgetError as e:
         raise UserError(f"--ratio: {e}") from None
     ranks, selection = method.choose(ctx, stats, candidates)
     return stats, ranks, selection
@@ -234,7 +235,7 @@ def factor_pass(ctx: Context, method, stats, ranks: Dict[str, int], writer: Shar
     for i in pg.bar(range(sk.num_layers), ctx.opts.progress, desc=f"factor ({method.name})", unit="layer"):
         layer = st.materialize_layer(sk, src, i)
         names = sk.module_names(i)
-        todo = {role: ranks[n] for role, n in names.items() if ranks.get(n, rk.DENSE) != rk.DENSE}
+        todo = {role: ranks[n] for role, n in names.items() if ranks.get(n, alloc.DENSE) != alloc.DENSE}
         drop, add = method.layer_tensors(names, factorizer(i, layer, todo))
         for name in sorted(src.with_prefix(f"{sk.layer_prefix}.{i}.")):
             if name not in drop:
@@ -251,17 +252,17 @@ def source_name(src_path: str) -> str:
     return os.path.basename(os.path.normpath(os.path.abspath(src_path)))
 
 
-def allocation_mix(sk: st.Skeleton, mats: List[rk.Matrix], ranks: Dict[str, int], widths: Dict[int, int]) -> Dict:
+def allocation_mix(sk: st.Skeleton, mats: List[alloc.Matrix], ranks: Dict[str, int], widths: Dict[int, int]) -> Dict:
     """How the removed parameters split between narrowing (channels) and factoring (ranks)."""
     dense = sum(m.dense for m in mats)
-    by_channels = sum(m.dense - rk.narrowed(m, widths.get(m.layer)).dense for m in mats)
-    by_ranks = rk.plan_cost(mats, {}, widths) - rk.plan_cost(mats, ranks, widths)
-    return {"layers_narrowed": len(widths), "factored_modules": sum(1 for r in ranks.values() if r != rk.DENSE),
+    by_channels = sum(m.dense - alloc.narrowed(m, widths.get(m.layer)).dense for m in mats)
+    by_ranks = alloc.plan_cost(mats, {}, widths) - alloc.plan_cost(mats, ranks, widths)
+    return {"layers_narrowed": len(widths), "factored_modules": sum(1 for r in ranks.values() if r != alloc.DENSE),
             "ratio_by_channels": round(by_channels / dense, 6), "ratio_by_ranks": round(by_ranks / dense, 6),
             "widths": {str(i): k for i, k in sorted(widths.items())}, "intermediate_size": sk.intermediate}
 
 
-def _allocation_warnings(sk: st.Skeleton, mats: List[rk.Matrix], ranks: Dict[str, int], opts,
+def _allocation_warnings(sk: st.Skeleton, mats: List[alloc.Matrix], ranks: Dict[str, int], opts,
                          widths: Optional[Dict[int, int]] = None) -> List[str]:
     warnings = []
     shapes = {m.name: (m.m, m.n) for m in mats}
@@ -269,7 +270,7 @@ def _allocation_warnings(sk: st.Skeleton, mats: List[rk.Matrix], ranks: Dict[str
     if never:
         warnings.append(f"{len(never)} projection(s) stay dense: no multiple of block size {opts.block_size} "
                         f"saves parameters for their shape (e.g. {never[0]} {list(shapes[never[0]])})")
-    achieved = rk.plan_ratio(mats, ranks, widths or {})
+    achieved = alloc.plan_ratio(mats, ranks, widths or {})
     if abs(achieved - opts.ratio) > 0.03:
         warnings.append(f"achieved MLP ratio {achieved:.4f} is more than 0.03 from the requested {opts.ratio} "
                         f"(block size {opts.block_size} is coarse for these shapes)")

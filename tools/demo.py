@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from vllm_neuronmlp.tools.serving import VllmServer, bench_serve, summarize_bench
+from vllm_neuronmlp.tools.evaluation.serving import VllmServer, bench_serve, summarize_bench
 
 
 class StepTimer:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from vllm_neuronmlp.tools import compress, evaluate, materialize_default_model
-    from vllm_neuronmlp.tools.cmd_common import fast_dtype
+    from vllm_neuronmlp.tools.cli.common import fast_dtype
 
     if a.dtype == "fast":
         a.dtype = fast_dtype()

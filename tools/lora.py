@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from vllm_neuronmlp import checkpoint_format as cf
-from vllm_neuronmlp.tools import nll
+from vllm_neuronmlp.tools.evaluation import nll
 from vllm_neuronmlp.tools import progress as pg
 from vllm_neuronmlp.tools.errors import UserError
 from vllm_neuronmlp.tools.writer import ShardWriter
@@ -54,7 +54,7 @@ def recover(ckpt_dir: str, train: torch.Tensor, val: Optional[torch.Tensor], ste
     measured on `val` windows (a random subset of the calibration windows not
     used for training; calibration.py)."""
     _peft()  # a missing peft is named before anything is loaded
-    from vllm_neuronmlp.tools.hf_model import load_model
+    from vllm_neuronmlp.tools.evaluation.hf_model import load_model
 
     t0 = time.time()
     factored, dense = adapted_modules(ckpt_dir)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from vllm_neuronmlp import checkpoint_format as cf
-from vllm_neuronmlp.tools import ranks as rk
-from vllm_neuronmlp.tools import text_data
+from vllm_neuronmlp.tools import allocation as alloc
+from vllm_neuronmlp.tools.data import text_data
 from vllm_neuronmlp.tools.errors import UserError
 from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD, METHODS
 
@@ -44,11 +44,11 @@ class CompressOptions:
 
     def validate(self) -> None:
         try:
-            rk.check_ratio(self.ratio)
+            alloc.check_ratio(self.ratio)
         except ValueError as e:
             raise UserError(f"--ratio: {e}") from None
         try:
-            rk.check_block_size(self.block_size)
+            alloc.check_block_size(self.block_size)
         except ValueError as e:
             raise UserError(f"--block-size: {e}") from None
         if not 0.0 < self.rounding_threshold <= 1.0:

@@ -14,9 +14,9 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from vllm_neuronmlp.tools import nll
+from vllm_neuronmlp.tools.evaluation import nll
 from vllm_neuronmlp.tools import progress as pg
-from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import streaming as st
 from vllm_neuronmlp.tools.whitening import factorize
 
@@ -39,7 +39,7 @@ def selection_pass(ctx, val: torch.Tensor, candidates: Dict[str, Dict[str, int]]
             swap = {}
             for role in st.ROLES:
                 r = ranks[names[role]]
-                if r != rk.DENSE:
+                if r != alloc.DENSE:
                     if (role, r) not in cache:
                         f = factorize(sk.projection(layer, role).weight.T, r, chol[role])
                         # scored as the checkpoint will hold them (bfloat16 factors)

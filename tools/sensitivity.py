@@ -31,7 +31,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from vllm_neuronmlp.tools import nll
+from vllm_neuronmlp.tools.evaluation import nll
 from vllm_neuronmlp.tools import progress as pg
 from vllm_neuronmlp.tools import streaming as st
 from vllm_neuronmlp.tools.whitening import GramAccumulator, robust_cholesky, whitened_spectrum

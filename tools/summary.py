@@ -1,10 +1,12 @@
 """The human-readable summary `compress` prints."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Mapping
 
 from vllm_neuronmlp import mlp_families as fam
-from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import allocation as alloc
+
+ROWS_PER_LINE = 3
 
 
 def human_bytes(n: float) -> str:
@@ -15,19 +17,36 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
+def layer_table(num_layers: int, ranks: Mapping[str, int], widths: Mapping[int, int], intermediate: int) -> List[str]:
+    """Each decoder layer's MLP width and projection ranks, the one table `compress`'s
+    summary and `inspect` print: `  7: w1408 dense dense dense` (narrowed, dense),
+    ` 12: w1536 r256 r256 dense` (full width, gate and up factored at rank 256).
+    `ranks` {module: rank} lists the factored modules; `widths` {layer: k} the
+    narrowed layers."""
+    by_layer: Dict[int, Dict[str, int]] = {}
+    for name, r in ranks.items():
+        role = fam.role_of(name)
+        if role is not None:
+            by_layer.setdefault(alloc.layer_index(name), {})[role] = r
+    width_cell = max(len(f"w{k}") for k in [intermediate, *widths.values()])
+    rank_cell = max([len("dense")] + [len(f"r{r}") for r in ranks.values()])
+    rows = []
+    for i in range(num_layers):
+        roles = by_layer.get(i, {})
+        cells = [f"w{widths.get(i, intermediate)}".ljust(width_cell)]
+        cells += [(f"r{roles[role]}" if role in roles else "dense").ljust(rank_cell) for role in fam.ROLES]
+        rows.append(f"{i:>3}: " + " ".join(cells))
+    lines = ["  per layer (layer: MLP width, then gate up down as rN = factored at rank N, or dense):"]
+    for k in range(0, len(rows), ROWS_PER_LINE):
+        lines.append("    " + "  | ".join(rows[k:k + ROWS_PER_LINE]))
+    return lines
+
+
 def format_summary(res) -> str:
     """Summary of a compressor.CompressResult."""
     lines = [f"compressed -> {res.out}",
              f"  method {res.method}, rank allocation {res.allocation}, {res.num_layers} layers"]
-    per_layer: Dict[int, Dict[str, str]] = {}
-    for name in list(res.ranks) + list(res.dense_modules):
-        per_layer.setdefault(rk.layer_index(name), {})[fam.role_of(name)] = (
-            str(res.ranks[name]) if name in res.ranks else "dense")
-    lines.append("  ranks per projection (layer: gate up down):")
-    rows = [f"{layer:>3}: " + " ".join(f"{d.get(role, '-'):>5}" for role in fam.ROLES)
-            for layer, d in sorted(per_layer.items())]
-    for k in range(0, len(rows), 3):
-        lines.append("    " + "   |".join(rows[k:k + 3]))
+    lines += layer_table(res.num_layers, res.ranks, res.widths, res.intermediate_size)
     lines.append(f"  ratio requested {res.ratio_requested:.4f}; achieved: MLP {res.ratio_mlp:.4f}, "
                  f"whole model {res.ratio_model:.4f}")
     lines.append(f"  MLP parameters {res.mlp_params_before:,} -> {res.mlp_params_after:,}; "

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from vllm_neuronmlp import checkpoint_format as cf
-from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import streaming as st
 from vllm_neuronmlp.tools.calibration import Calibration
 from vllm_neuronmlp.tools.source import SourceCheckpoint
@@ -72,8 +72,8 @@ class Context:
         chol_a = self.cholesky(acc_a, names[st.GATE], record)
         return {st.GATE: chol_a, st.UP: chol_a, st.DOWN: self.cholesky(acc_z, names[st.DOWN], record)}
 
-    def matrices(self) -> List[rk.Matrix]:
-        return rk.matrices_from_shapes(self.sk.mlp_shapes())
+    def matrices(self) -> List[alloc.Matrix]:
+        return alloc.matrices_from_shapes(self.sk.mlp_shapes())
 
 
 class Method:
@@ -98,10 +98,10 @@ class Method:
         scales per matrix, so the candidates are scored, not trusted."""
         o = ctx.opts
         mats = ctx.matrices()
-        out = {"uniform": rk.allocate_uniform(mats, o.ratio, o.block_size, o.rounding_threshold)}
+        out = {"uniform": alloc.allocate_uniform(mats, o.ratio, o.block_size, o.rounding_threshold)}
         if o.rank_allocation == "adaptive":
             for p in ADAPTIVE_POWERS:
-                cand = rk.allocate_adaptive(mats, self.spectra(stats), o.ratio, o.block_size, power=p)
+                cand = alloc.allocate_adaptive(mats, self.spectra(stats), o.ratio, o.block_size, power=p)
                 if cand not in out.values():
                     out[f"spectral-p{p:g}"] = cand
         return out

@@ -7,7 +7,7 @@ across matrices, so the adaptive allocation is one greedy allocation by
 estimated loss reduction per parameter, not scored."""
 from __future__ import annotations
 
-from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import sensitivity
 from vllm_neuronmlp.tools.methods.base import Context, Method
 from vllm_neuronmlp.tools.methods.whiten import DensePathFactorizer
@@ -33,7 +33,7 @@ class Fisher(Method):
         if ctx.opts.rank_allocation != "adaptive":
             return super().candidates(ctx, stats)
         o = ctx.opts
-        return {"fisher-greedy": rk.allocate_adaptive(ctx.matrices(), self.spectra(stats), o.ratio, o.block_size,
+        return {"fisher-greedy": alloc.allocate_adaptive(ctx.matrices(), self.spectra(stats), o.ratio, o.block_size,
                                                       normalize=False, power=1.0)}
 
     def choose(self, ctx, stats, candidates):

@@ -11,7 +11,7 @@ estimated loss per parameter; the factor pass narrows each layer, refits its
 down projection, then factors the chosen projections at the reduced width."""
 from __future__ import annotations
 
-from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import sensitivity
 from vllm_neuronmlp.tools.methods.base import Context
 from vllm_neuronmlp.tools.methods.nystrom import ChannelStats, Nystrom, NystromFactorizer
@@ -24,7 +24,7 @@ class Hybrid(Nystrom):
     def candidates(self, ctx: Context, stats: ChannelStats):
         o = ctx.opts
         ctx.calib.info["fisher_samples"] = min(o.fisher_samples, int(ctx.calib.windows.shape[0]))
-        plan = rk.allocate_hybrid(ctx.matrices(), stats.spectra, stats.losses, ctx.sk.intermediate, o.ratio,
+        plan = alloc.allocate_hybrid(ctx.matrices(), stats.spectra, stats.losses, ctx.sk.intermediate, o.ratio,
                                   o.block_size)
         return {"hybrid-greedy": plan}
 

@@ -19,7 +19,7 @@ the Fisher-weighted output error the corrected layer leaves, exactly what the
 fisher method's dropped squared singular values measure for a rank cut. Along
 a fixed order the estimate for every k comes from one Cholesky factor of the
 permuted C (`channel_losses`), so an allocator can compare "drop 128 channels
-in layer 7" with "drop 128 rank in layer 12's up projection" (ranks.py).
+in layer 7" with "drop 128 rank in layer 12's up projection" (allocation/).
 
 Ridges (relative to the mean diagonal of the matrix they regularize):
 LEVERAGE_RIDGE for the leverage scores, SOLVE_RIDGE for the Nyström solve and
@@ -33,7 +33,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from vllm_neuronmlp.tools import progress as pg
-from vllm_neuronmlp.tools import ranks as rk
+from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import sensitivity
 from vllm_neuronmlp.tools import streaming as st
 from vllm_neuronmlp.tools.methods.base import Context, Method, weights_io
@@ -267,11 +267,11 @@ class Nystrom(Method):
         layers = list(range(ctx.sk.num_layers))
         hidden, inter = ctx.sk.hidden, ctx.sk.intermediate
         if o.rank_allocation == "uniform":
-            widths = rk.allocate_widths_uniform(layers, hidden, inter, o.ratio, o.block_size)
-            return {"channels-uniform": rk.Plan({}, widths)}
+            widths = alloc.allocate_widths_uniform(layers, hidden, inter, o.ratio, o.block_size)
+            return {"channels-uniform": alloc.Plan({}, widths)}
         losses = {i: stats.losses[i] for i in layers}
-        widths = rk.allocate_widths_greedy(layers, hidden, inter, losses, o.ratio, o.block_size)
-        return {"channels-greedy": rk.Plan({}, widths)}
+        widths = alloc.allocate_widths_greedy(layers, hidden, inter, losses, o.ratio, o.block_size)
+        return {"channels-greedy": alloc.Plan({}, widths)}
 
     def choose(self, ctx, stats, candidates):
         (name, plan), = candidates.items()

@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from vllm_neuronmlp.tools.default_model import materialize
+    from vllm_neuronmlp.tools.data.default_model import materialize
 
     materialize(args.out, dtype=args.dtype, overwrite=args.overwrite)
     return 0

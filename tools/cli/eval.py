@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_neuronmlp.tools.cmd_common import add_json_argument, emit
+from vllm_neuronmlp.tools.cli.common import add_json_argument, emit
 
 DESCRIPTION = """\
 Token-level perplexity of MODEL (a dense or svd_neuron checkpoint directory) on
@@ -18,7 +18,7 @@ DTYPES = ("fast", "auto", "bfloat16", "float16", "float32")
 
 
 def add_parser(subparsers) -> None:
-    from vllm_neuronmlp.tools.perplexity import DEFAULT_SEQ_LEN
+    from vllm_neuronmlp.tools.evaluation.perplexity import DEFAULT_SEQ_LEN
 
     p = subparsers.add_parser("eval", help="perplexity of a checkpoint through vLLM (prompt logprobs)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,8 +42,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from vllm_neuronmlp.tools.cmd_common import fast_dtype
-    from vllm_neuronmlp.tools.perplexity import evaluate
+    from vllm_neuronmlp.tools.cli.common import fast_dtype
+    from vllm_neuronmlp.tools.evaluation.perplexity import evaluate
 
     dtype = fast_dtype() if args.dtype == "fast" else args.dtype
     kwargs = {}

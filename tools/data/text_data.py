@@ -19,7 +19,7 @@ Two disjoint splits, by article (a stable hash of the title decides):
 - ``calibration``: about 80 % of the articles, for ``compress --calib-text``;
 - ``heldout``: the other articles, for ``eval``. Never calibrate on it.
 
-``python -m vllm_neuronmlp.tools.text_data DIR`` writes ``DIR/calibration.txt``
+``python -m vllm_neuronmlp.tools.data.text_data DIR`` writes ``DIR/calibration.txt``
 and ``DIR/heldout.txt``. In the CLI the names ``builtin:calibration`` and
 ``builtin:heldout`` stand for these splits wherever a text file is expected.
 """
@@ -62,7 +62,7 @@ def dump_path() -> str:
     """Path of the Wikipedia dump excerpt inside the installed gensim package."""
     from importlib import metadata
 
-    from vllm_neuronmlp.tools.installed_files import find_in_distribution
+    from vllm_neuronmlp.tools.data.installed_files import find_in_distribution
 
     try:
         path, version = find_in_distribution(DIST_NAME, DUMP_SUFFIX)
@@ -277,7 +277,7 @@ def write_splits(directory: str) -> List[str]:
 def main(argv: List[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m vllm_neuronmlp.tools.text_data DIR\n\n"
+        print("usage: python -m vllm_neuronmlp.tools.data.text_data DIR\n\n"
               "Writes DIR/calibration.txt and DIR/heldout.txt, two disjoint splits (by article) of "
               + SOURCE_DESCRIPTION + ".")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

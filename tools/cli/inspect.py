@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import Dict, List
 
-from vllm_neuronmlp.tools.cmd_common import add_json_argument, emit
+from vllm_neuronmlp.tools.cli.common import add_json_argument, emit
 
 DESCRIPTION = """\
 Check CKPT against the svd_neuron checkpoint format (version, ranks, factor
@@ -47,6 +47,7 @@ def summarize(ckpt: str, check_values: bool = True) -> Dict:
         "mlp_ratio": cf.mlp_ratio(report.model_config, ranks, widths=report.quant.widths),
         "widths": dict(report.quant.widths),
         "intermediate_size": int(text.get("intermediate_size", 0)),
+        "num_layers": int(text.get("num_hidden_layers", 0)),
         "mlp_params_dense": report.mlp_dense_params,
         "mlp_params_factored": report.mlp_factored_params,
         "tensor_bytes": report.tensor_bytes,
@@ -62,13 +63,15 @@ def run(args) -> int:
 
 def describe(s: Dict) -> str:
     from vllm_neuronmlp import mlp_families as fam
-    from vllm_neuronmlp.tools.ranks import layer_index
+    from vllm_neuronmlp.tools.allocation import layer_index
+    from vllm_neuronmlp.tools.summary import layer_table
 
     lines = [f"{s['checkpoint']}: valid svd_neuron checkpoint (format v{s['format_version']}, block size "
              f"{s['block_size']})",
-             f"  factored {s['factored_modules']} of {s['mlp_modules']} MLP projections; MLP ratio "
-             f"{s['mlp_ratio']:.4f} (parameters of the factored modules {s['mlp_params_dense']:,} -> "
-             f"{s['mlp_params_factored']:,})"]
+             f"  MLP ratio {s['mlp_ratio']:.4f}; factored {s['factored_modules']} of {s['mlp_modules']} MLP "
+             f"projections"
+             + (f" (their parameters {s['mlp_params_dense']:,} -> {s['mlp_params_factored']:,})"
+                if s["factored_modules"] else "")]
     if s["widths"]:
         mix = s["provenance"].get("allocation_mix", {})
         split = (f"; of the ratio, {mix['ratio_by_channels']:.4f} by channels and {mix['ratio_by_ranks']:.4f} by "
@@ -85,13 +88,6 @@ def describe(s: Dict) -> str:
         lines.append("  provenance:")
         for k, v in prov.items():
             lines.append(f"    {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    layers: Dict[int, Dict[str, int]] = {}
-    for m, r in s["ranks"].items():
-        layers.setdefault(layer_index(m), {})[fam.role_of(m)] = r
     widths = {layer_index(m): k for m, k in s["widths"].items()}
-    lines.append("  ranks (layer: gate up down" + (", width)" if widths else ")") + ":")
-    for idx in sorted(set(layers) | set(widths)):
-        d = layers.get(idx, {})
-        lines.append(f"    {idx:>3}: " + " ".join(f"{str(d.get(role, 'dense')):>6}" for role in fam.ROLES)
-                     + (f" {widths[idx]:>6}" if idx in widths else ""))
+    lines += layer_table(s["num_layers"], s["ranks"], widths, s["intermediate_size"])
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """`vllm-neuronmlp`: the project's one console script.
 
-Each subcommand lives in its own module of `vllm_neuronmlp.tools` and exposes
+Each subcommand lives in its own module of this package (`tools/cli/`) and exposes
 `add_parser(subparsers)`, which registers the subcommand and sets `func` to a
 callable taking the parsed arguments and returning an exit code. Heavy imports
 (torch, vLLM) happen inside those callables so `--help` stays fast.
@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-# (module, one-line help) in the order `--help` lists them.
+# the subcommand modules of this package, in the order `--help` lists them
 SUBCOMMAND_MODULES = [
     "compress",
     "eval",
@@ -34,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vllm-neuronmlp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"vllm_neuronmlp.tools.{name}_cmd")
-        except ModuleNotFoundError as e:
-            if e.name != f"vllm_neuronmlp.tools.{name}_cmd":
-                raise
-            continue  # subcommand not built yet
-        module.add_parser(sub)
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return parser
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
-from vllm_neuronmlp.tools import text_data
+from vllm_neuronmlp.tools.data import text_data
 from vllm_neuronmlp.tools.errors import UserError
 
 DEFAULT_SEQ_LEN = 2048
@@ -79,7 +79,7 @@ def perplexity_vllm(model_path: str, text: str, seq_len: int = DEFAULT_SEQ_LEN, 
     (vllm.LLM) to reuse it; otherwise one is started with `llm_kwargs`.
     Call from under `if __name__ == "__main__":` (vLLM spawns workers)."""
     from vllm_neuronmlp import checkpoint_format as cf
-    from vllm_neuronmlp.tools import nll
+    from vllm_neuronmlp.tools.evaluation import nll
 
     windows, total = eval_windows(model_path, text, seq_len, max_tokens)
     t0 = time.time()
@@ -130,8 +130,8 @@ def perplexity_hf(model_path: str, text: str, seq_len: int = DEFAULT_SEQ_LEN, ma
     """Same protocol through a transformers forward (float32 by default)."""
     import torch
 
-    from vllm_neuronmlp.tools import nll
-    from vllm_neuronmlp.tools.hf_model import load_model
+    from vllm_neuronmlp.tools.evaluation import nll
+    from vllm_neuronmlp.tools.evaluation.hf_model import load_model
 
     windows, total = eval_windows(model_path, text, seq_len, max_tokens)
     t0 = time.time()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_neuronmlp.tools.cmd_common import add_json_argument, emit
+from vllm_neuronmlp.tools.cli.common import add_json_argument, emit
 
 DESCRIPTION = """\
 Compress the MLPs of the dense Hugging Face checkpoint SRC and write an

@@ -22,7 +22,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def gguf_path() -> str:
     from importlib import metadata
 
-    from vllm_neuronmlp.tools.installed_files import find_in_distribution
+    from vllm_neuronmlp.tools.data.installed_files import find_in_distribution
 
     try:
         path, version = find_in_distribution(GGUF_DIST, GGUF_FILE)
