@@ -54,10 +54,10 @@ class Kernel:
     def __call__(self, *args, **kwargs):
         if REAL_NKI:
             return self.nki_kernel(*args, **kwargs)
-        from .sim import core, runner
+        from .sim import core, nki_api
         if getattr(core._state, "ctx", None) is not None:   # called from inside a run
             return self.__nki_python_fn__(*args, **kwargs)
-        return runner.run(self.__nki_python_fn__, *args, **kwargs)[0]
+        return nki_api.run(self.__nki_python_fn__, *args, **kwargs)[0]
 
     def __repr__(self):
         return f"<NKI kernel {self.__module__}.{self.__name__}>"

@@ -15,6 +15,8 @@ project's kernels use. It knows nothing about SVD.
   SBUF/PSUM bytes per partition (compile-time allocation, `core`), static and dynamic
   instruction counts; a modelled latency and MFU for trn1 or trn2 from a timeline of
   the instruction stream (`timeline`, `runner`);
+* `nki_api` is the emulator's `nki` package (`jit`, `simulate`, `run`); while a run
+  is active, kernel modules bound to a real SDK see the emulator instead;
 * `count_only=True` skips all arithmetic (shapes only) for large shapes.
 """
 from . import isa, language, nki_api
@@ -23,7 +25,8 @@ from .errors import (DmaPsumError, DmaTransposeError, DynamicIndexError, EngineA
                      MovingFreeError, NkiSimError, PartitionDimError, PsumBankError,
                      PsumCapacityError, PsumPlacementError, SbufCapacityError,
                      ShapeMismatchError, StationaryFreeError, UnsupportedError)
-from .runner import SimKernel, Stats, jit, model_stats, run, simulate, spec
+from .nki_api import SimKernel, jit, run, simulate
+from .runner import Stats, model_stats, spec
 from .targets import TARGETS, TRN1, TRN2, Target, get_target
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""Running a kernel in the emulator, and turning its instruction stream into a modelled
-latency.
+"""Executing a kernel in one emulator context, and turning its instruction stream into a
+modelled latency (`Stats`). `nki_api` builds `sim.run`, `jit` and `simulate` on `execute`.
 
 Latency model: the timeline (`timeline.Timeline`, docs/kernels.md "The cost model").
 Every instruction runs on its engine's in-order queue once the instructions producing its
@@ -20,12 +20,11 @@ the compiler's reordering of independent instructions across engine queues (prog
 is kept per engine), write-after-read hazards between different tensors the allocator
 places at the same SBUF address.
 """
-import sys
 from dataclasses import dataclass, field, asdict
 
 import numpy as np
 
-from . import core, isa, language
+from . import core
 from .core import Allocation, NkiTensor, as_dtype
 from .errors import UnsupportedError
 from .targets import Target, get_target
@@ -134,40 +133,6 @@ def python_function(kernel):
     raise TypeError(f"not a kernel: {kernel!r}")
 
 
-class _EmulatedGlobals:
-    """When the real Neuron SDK is importable, kernel modules bind `nl`/`nisa`/`nki` to
-    it; for an emulated run those names are pointed at the emulator and restored after."""
-
-    def __enter__(self):
-        self.saved = []
-        real = {name: sys.modules.get(name) for name in ("nki", "nki.language", "nki.isa")}
-        if real["nki"] is None:
-            return self
-        from . import nki_api
-        reals = [m for m in real.values() if m is not None]
-        repl = {id(real["nki"]): nki_api, id(real.get("nki.language")): language,
-                id(real.get("nki.isa")): isa}
-        own = __name__.rsplit(".", 1)[0]
-        for mod in list(sys.modules.values()):
-            name = getattr(mod, "__name__", "") or ""
-            if name == "nki" or name.startswith("nki.") or name.startswith(own):
-                continue
-            d = getattr(mod, "__dict__", None)
-            if not isinstance(d, dict):
-                continue
-            for k, v in list(d.items()):
-                for m in reals:
-                    if v is m:
-                        self.saved.append((d, k, v))
-                        d[k] = repl[id(m)]
-        return self
-
-    def __exit__(self, *exc):
-        for d, k, v in self.saved:
-            d[k] = v
-        return False
-
-
 def _to_hbm(ctx, a, i):
     if isinstance(a, spec):
         if not ctx.count_only:
@@ -197,53 +162,24 @@ def _from_hbm(ctx, out):
     return None if ctx.count_only else out.numpy()
 
 
-def run(kernel, *arrays, target="trn1", count_only=False, **kernel_kwargs):
-    """Execute `kernel` in the emulator.
+def execute(kernel, *arrays, target="trn1", count_only=False, **kernel_kwargs):
+    """Execute `kernel` in a fresh emulator context.
 
-    arrays: numpy float32 / bfloat16 arrays (or `sim.spec` placeholders when
-    count_only); kernel_kwargs are passed to the kernel unchanged.
+    arrays: numpy float32 / bfloat16 arrays (or `spec` placeholders when count_only);
+    kernel_kwargs are passed to the kernel unchanged.
     Returns (outputs, stats): outputs as numpy arrays (a tuple when the kernel returns
-    several; None in count-only mode), stats a `Stats`.
+    several; None in count-only mode), stats a `Stats`. `sim.run` (nki_api.run) is this
+    with the real SDK's module names pointed at the emulator for the duration.
     """
     t = get_target(target)
     ctx = core.Context(t, bool(count_only), t.sync_latency_s)
     prev = core.push(ctx)
     try:
-        with _EmulatedGlobals():
-            args = [_to_hbm(ctx, a, i) for i, a in enumerate(arrays)]
-            out = python_function(kernel)(*args, **kernel_kwargs)
-            outputs = _from_hbm(ctx, out)
-            del args, out
+        args = [_to_hbm(ctx, a, i) for i, a in enumerate(arrays)]
+        out = python_function(kernel)(*args, **kernel_kwargs)
+        outputs = _from_hbm(ctx, out)
+        del args, out
         ctx.check_capacity()
     finally:
         core.pop(prev)
     return outputs, model_stats(ctx)
-
-
-class SimKernel:
-    """What the emulator's `nki.jit` returns: calling it runs the kernel (values mode,
-    target trn1 unless a run is already active) and returns its outputs."""
-
-    def __init__(self, fn, target="trn1"):
-        self.__nki_python_fn__ = fn
-        self.target = target
-        self.__name__ = getattr(fn, "__name__", "kernel")
-        self.__doc__ = getattr(fn, "__doc__", None)
-
-    def __call__(self, *args, **kwargs):
-        if getattr(core._state, "ctx", None) is not None:
-            return self.__nki_python_fn__(*args, **kwargs)
-        outputs, _ = run(self.__nki_python_fn__, *args, target=self.target, **kwargs)
-        return outputs
-
-
-def jit(fn=None, **options):
-    if fn is None:
-        return lambda f: SimKernel(f)
-    return SimKernel(fn)
-
-
-def simulate(kernel):
-    """Like `nki.simulate(kernel)`: a callable running it on numpy arrays."""
-    fn = python_function(kernel)
-    return lambda *args, **kwargs: run(fn, *args, **kwargs)[0]
