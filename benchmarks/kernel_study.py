@@ -27,7 +27,7 @@ import platform
 import sys
 import time
 
-from vllm_neuronmlp.kernels import baselines, blocking, sim
+from vllm_neuronmlp.kernels import baselines, blocking, sim, strip_plan
 
 K, R, N = 7168, 4096, 18432
 SEQS = [1024, 2048, 4096, 8192, 16384, 32768]
@@ -66,10 +66,10 @@ def run(name, S, target, block_m=None, shape=(K, R, N)):
         return sim.run(baselines.sequential_xuv, x, u, v, target=target, count_only=True)[1]
     if name == "naive_fused_xuv":
         return sim.run(baselines.naive_fused_xuv, x, u, v, target=target, count_only=True)[1]
-    ks = blocking.xuv_shape(S, k, r, n)
+    ks = strip_plan.xuv_shape(S, k, r, n)
     if block_m is None:
         block_m = blocking.select_block_m(ks, target)
-    if blocking.sbuf_peak_bytes(ks, block_m, target) > sim.get_target(target).sbuf_bytes_per_partition:
+    if strip_plan.sbuf_peak_bytes(ks, block_m, target) > sim.get_target(target).sbuf_bytes_per_partition:
         raise sim.SbufCapacityError(f"BM={block_m}: the plan needs more SBUF than {target} has")
     return blocking.modeled_stats(ks, block_m, target)     # the selector's own (cached) run
 
@@ -95,7 +95,7 @@ def study(target, seqs, log):
     for S in seqs:
         for name in KERNELS:
             t0 = time.time()
-            bm = blocking.select_block_m(blocking.xuv_shape(S, K, R, N), target) \
+            bm = blocking.select_block_m(strip_plan.xuv_shape(S, K, R, N), target) \
                 if name == "fused_xuv" else None
             st = run(name, S, target, bm)
             rows[name][S] = row(st, target, **({"block_m": bm} if bm else {}))
@@ -107,7 +107,7 @@ def study(target, seqs, log):
 
 
 def sweep(target, log):
-    ks = blocking.xuv_shape(SWEEP_S, K, R, N)
+    ks = strip_plan.xuv_shape(SWEEP_S, K, R, N)
     pick = blocking.select_block_m(ks, target)
     out = {}
     for bm in sorted(set(SWEEP_BM) | {pick}):
@@ -143,7 +143,7 @@ def evaluate(target, points, avg_rows=None):
     for pid, table, name, S, bm, ms in points:
         shape = (2048, 2048, 8192) if table == "table1" else (K, R, N)
         if name == "fused_xuv" and bm is None:
-            bm = blocking.select_block_m(blocking.xuv_shape(S, K, R, N), target)
+            bm = blocking.select_block_m(strip_plan.xuv_shape(S, K, R, N), target)
         try:
             st = run(name, S, target, bm, shape)
             out[pid] = {"table": table, "paper_ms": ms, "model_ms": st.modeled_latency_s * 1e3,
@@ -167,7 +167,7 @@ def table2_rows(target, log):
     rows = {name: {} for name in KERNELS}
     for S in SEQS:
         for name in KERNELS:
-            bm = blocking.select_block_m(blocking.xuv_shape(S, K, R, N), target) \
+            bm = blocking.select_block_m(strip_plan.xuv_shape(S, K, R, N), target) \
                 if name == "fused_xuv" else None
             rows[name][S] = row(run(name, S, target, bm), "trn1", **({"block_m": bm} if bm else {}))
     log(f"  table-2 rows on {target.name if hasattr(target, 'name') else target} done")

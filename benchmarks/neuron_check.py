@@ -44,7 +44,7 @@ import traceback
 
 import numpy as np
 
-from vllm_neuronmlp.kernels import baselines, launch, mlp, nki_compat, sim, xuv
+from vllm_neuronmlp.kernels import baselines, blocking, launch, nki_compat, sim, xuv
 from vllm_neuronmlp.neuron import stack as neuron_stack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -104,20 +104,21 @@ def environment():
 # ---------------------------------------------------------------- kernel cases
 def kernel_cases(paper: bool):
     """(label, kernel, shapes, kwargs) from a decode step up; with `paper`, S=1024 at the
-    paper's shapes (device only: the emulator's value mode is too slow for them)."""
+    paper's shapes (device only: the emulator's value mode is too slow for them). The
+    fused kernels run at the block-size selector's block (`blocking.*`)."""
     cases = [
-        ("fused_xuv S=1", xuv.fused_xuv, [(1, 256), (256, 128), (128, 384)], {}),
-        ("fused_xuv S=130 ragged", xuv.fused_xuv, [(130, 200), (200, 96), (96, 300)], {}),
-        ("fused_xuv S=130 transposed", xuv.fused_xuv, [(130, 200), (200, 96), (96, 300)], {"transpose_out": True}),
-        ("up_gate S=1", mlp.up_gate, [(1, 256), (256, 64), (64, 512), (256, 128), (128, 512)], {}),
-        ("up_gate S=70", mlp.up_gate, [(70, 256), (256, 64), (64, 512), (256, 128), (128, 512)], {}),
-        ("down S=70", mlp.down, [(512, 70), (512, 128), (128, 256)], {}),
+        ("fused_xuv S=1", blocking.fused_xuv, [(1, 256), (256, 128), (128, 384)], {}),
+        ("fused_xuv S=130 ragged", blocking.fused_xuv, [(130, 200), (200, 96), (96, 300)], {}),
+        ("fused_xuv S=130 transposed", blocking.fused_xuv, [(130, 200), (200, 96), (96, 300)], {"transpose_out": True}),
+        ("up_gate S=1", blocking.up_gate, [(1, 256), (256, 64), (64, 512), (256, 128), (128, 512)], {}),
+        ("up_gate S=70", blocking.up_gate, [(70, 256), (256, 64), (64, 512), (256, 128), (128, 512)], {}),
+        ("down S=70", blocking.down, [(512, 70), (512, 128), (128, 256)], {}),
         ("dense_xw S=130", baselines.dense_xw, [(130, 200), (200, 300)], {}),
         ("sequential_xuv S=130", baselines.sequential_xuv, [(130, 200), (200, 96), (96, 300)], {}),
     ]
     if paper:
         cases += [
-            ("fused_xuv paper S=1024", xuv.fused_xuv, [(1024, K), (K, R), (R, N)], {}),
+            ("fused_xuv paper S=1024", blocking.fused_xuv, [(1024, K), (K, R), (R, N)], {}),
             ("sequential_xuv paper S=1024", baselines.sequential_xuv, [(1024, K), (K, R), (R, N)], {}),
             ("dense_xw paper S=1024", baselines.dense_xw, [(1024, K), (K, N)], {}),
         ]
@@ -131,10 +132,10 @@ def _arrays(shapes, dtype, seed=0):
 
 def numpy_reference(kernel, arrays, kwargs):
     a = [np.asarray(t, dtype=np.float64) for t in arrays]
-    if kernel is mlp.up_gate:
+    if kernel is blocking.up_gate:
         g = a[0] @ a[1] @ a[2]
         return ((g / (1 + np.exp(-g))) * (a[0] @ a[3] @ a[4])).T
-    if kernel is mlp.down:
+    if kernel is blocking.down:
         return a[0].T @ a[1] @ a[2]
     if kernel is baselines.dense_xw:
         return a[0] @ a[1]
@@ -281,7 +282,7 @@ def step_device_timing(report, quick):
         x, u, v, w = _arrays([(S, K), (K, R), (R, N), (K, N)], bf)
         measured["dense_xw"][str(S)] = _time_device(baselines.dense_xw, [x, w], {})
         measured["sequential_xuv"][str(S)] = _time_device(baselines.sequential_xuv, [x, u, v], {})
-        measured["fused_xuv"][str(S)] = _time_device(xuv.fused_xuv, [x, u, v], {})
+        measured["fused_xuv"][str(S)] = _time_device(blocking.fused_xuv, [x, u, v], {})
     x, u, v = _arrays([(sweep_s, K), (K, R), (R, N)], bf)
     for bm in (QUICK_SWEEP if quick else FULL_SWEEP):
         measured["sweep"]["by_block"][str(bm)] = _time_device(xuv.fused_xuv, [x, u, v], {"block_m": bm})

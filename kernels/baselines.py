@@ -20,7 +20,7 @@
 
 Traffic: x (as x^T) is re-read once per column block of w, w once per M block.
 """
-from . import blocking
+from . import strip_plan
 from .nki_compat import jit, nisa, nl, target_name
 from .xuv import (MM_N, P, Buffers, TransposeScratch, _cdiv, _stage1, _stage2_rows, check_dims,
                   load_transposed, n_buffers, over_strips, xuv_kernel_shape)
@@ -131,7 +131,7 @@ def naive_fused_xuv(x, u, v, block_m=128, block_n=512):
     """y = (x @ u) @ v recomputing x @ u for every output block (see the module doc)."""
     shape = xuv_kernel_shape("naive_fused_xuv", x, u, v, "rows")
     S, N = shape.S, shape.N
-    plan = blocking.plan(shape, block_m, target_name())
+    plan = strip_plan.plan(shape, block_m, target_name())
     y = nl.ndarray((S, N), dtype=x.dtype, buffer=nl.shared_hbm)
 
     def strip_body(strip):

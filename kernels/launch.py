@@ -2,6 +2,10 @@
 
 Factor orientation is the checkpoint's: y = (x @ U) @ V with U [in, r], V [r, out].
 
+Every launch takes the block-size selector's block (`blocking.fused_xuv`, `blocking.up_gate`,
+`blocking.down`: the kernels with `block_m` chosen while they are traced, for the target they
+are traced for) unless a block is given.
+
 Emulator (any machine; numpy in, numpy out):
     fused_xuv_sim(x, u, v)                      one low-rank linear through `xuv.fused_xuv`
     svd_mlp_sim(x, u_gate, v_gate, u_up, v_up, u_down, v_down)
@@ -33,7 +37,7 @@ import os
 
 import numpy as np
 
-from . import mlp, nki_compat, xuv
+from . import blocking, nki_compat, xuv
 from .sim import run
 from .sim.core import BF16, FP32
 
@@ -66,15 +70,17 @@ def fused_xuv_sim(x, u, v, target="trn1", transpose_out=False, block_m=None):
 
     x [..., K] (float32 or bfloat16), u [K, r], v [r, N]; the kernel computes in x's
     dtype (u, v are cast on load). Returns [..., N] (or [N, S] if transpose_out with
-    2-D x).
+    2-D x). block_m: tokens per row strip; None -> the block-size selector's choice.
     """
     for name, a in (("x", x), ("u", u), ("v", v)):
         _check_array(name, a)
     x2, lead = _flatten_tokens(x)
     if x2.shape[0] == 0:
         return np.zeros((*lead, v.shape[1]), dtype=np.float32)
-    y, _ = run(xuv.fused_xuv, x2, u, v, target=target, transpose_out=transpose_out,
-               block_m=block_m)
+    if block_m is None:
+        y, _ = run(blocking.fused_xuv, x2, u, v, target=target, transpose_out=transpose_out)
+    else:
+        y, _ = run(xuv.fused_xuv, x2, u, v, block_m, target=target, transpose_out=transpose_out)
     y = np.asarray(y, dtype=np.float32)
     return y if transpose_out else y.reshape(*lead, v.shape[1])
 
@@ -100,8 +106,8 @@ def svd_mlp_sim(x, u_gate, v_gate, u_up, v_up, u_down, v_down, target="trn1",
     if x2.shape[0] == 0:
         y = np.zeros((*lead, H), dtype=np.float32)
         return (y, None) if return_stats else y
-    h_t, st_up = run(mlp.up_gate, x2, u_gate, v_gate, u_up, v_up, target=target)
-    y, st_down = run(mlp.down, h_t, u_down, v_down, target=target)
+    h_t, st_up = run(blocking.up_gate, x2, u_gate, v_gate, u_up, v_up, target=target)
+    y, st_down = run(blocking.down, h_t, u_down, v_down, target=target)
     y = np.asarray(y, dtype=np.float32).reshape(*lead, H)
     return (y, (st_up, st_down)) if return_stats else y
 
@@ -183,7 +189,7 @@ def _register_device_ops():
     _, nki_op, _ = _torch_neuron_api()
     import torch
 
-    up_gate_k, down_k = wrap_for_device(mlp.up_gate), wrap_for_device(mlp.down)
+    up_gate_k, down_k = wrap_for_device(blocking.up_gate), wrap_for_device(blocking.down)
 
     @nki_op("vllm_neuronmlp::nki_up_gate", mutates_args={})
     def nki_up_gate(x: torch.Tensor, u_gate: torch.Tensor, v_gate: torch.Tensor,

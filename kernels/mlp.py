@@ -18,44 +18,55 @@ transposition, fp32 PSUM accumulation, V streamed by blocks):
 * down: stage 1 reads h^T directly (no transposing DMA needed), stage 2 uses the
   normal-layout path.
 """
-from . import blocking
+from . import strip_plan
 from .nki_compat import jit, nl
-from .xuv import check_dims, elem_bytes, run_strips, strip_plan
+from .xuv import check_dims, elem_bytes, plan_on_target, run_strips
 
 
-@jit
-def up_gate(x, u_gate, v_gate, u_up, v_up, block_m=None):
-    """h^T [I, S] = (silu(x @ u_gate @ v_gate) * (x @ u_up @ v_up))^T.
-
-    x [S, H]; u_gate [H, rg], v_gate [rg, I]; u_up [H, ru], v_up [ru, I] (rg != ru
-    allowed). Output dtype = x's. block_m None -> the block-size model's choice.
-    """
+def up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up):
+    """The strip model's view of an `up_gate` launch, after checking the dims."""
     S, H = x.shape
     rg, ru = u_gate.shape[1], u_up.shape[1]
     I = v_gate.shape[1]
     check_dims("up_gate", H_gate=(u_gate.shape[0], H), H_up=(u_up.shape[0], H),
                r_gate=(v_gate.shape[0], rg), r_up=(v_up.shape[0], ru), I=(v_up.shape[1], I))
     e = elem_bytes(x.dtype)
-    shape = blocking.KernelShape(S, H, (rg, ru), I, e, elem_bytes(u_gate.dtype),
-                                 elem_bytes(v_gate.dtype), e, "silu_cols")
-    plan = strip_plan(shape, block_m)
-    h_t = nl.ndarray((I, S), dtype=x.dtype, buffer=nl.shared_hbm)
+    return strip_plan.KernelShape(S, H, (rg, ru), I, e, elem_bytes(u_gate.dtype),
+                                  elem_bytes(v_gate.dtype), e, "silu_cols")
+
+
+def down_kernel_shape(h_t, u_down, v_down):
+    """The strip model's view of a `down` launch, after checking the dims."""
+    I, S = h_t.shape
+    r = u_down.shape[1]
+    check_dims("down", I=(u_down.shape[0], I), r=(v_down.shape[0], r))
+    e = elem_bytes(h_t.dtype)
+    return strip_plan.KernelShape(S, I, (r,), v_down.shape[1], e, elem_bytes(u_down.dtype),
+                                  elem_bytes(v_down.dtype), e, "rows", True)
+
+
+@jit
+def up_gate(x, u_gate, v_gate, u_up, v_up, block_m):
+    """h^T [I, S] = (silu(x @ u_gate @ v_gate) * (x @ u_up @ v_up))^T.
+
+    x [S, H]; u_gate [H, rg], v_gate [rg, I]; u_up [H, ru], v_up [ru, I] (rg != ru
+    allowed). Output dtype = x's. block_m: tokens per row strip (`blocking.up_gate` is
+    this kernel with the block-size selector's choice).
+    """
+    shape = up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up)
+    plan = plan_on_target(shape, block_m)
+    h_t = nl.ndarray((shape.N, shape.S), dtype=x.dtype, buffer=nl.shared_hbm)
     run_strips(x, (u_gate, u_up), (v_gate, v_up), h_t, plan, False, "silu_cols")
     return h_t
 
 
 @jit
-def down(h_t, u_down, v_down, block_m=None):
+def down(h_t, u_down, v_down, block_m):
     """y [S, H] = h @ u_down @ v_down, reading h transposed (h_t [I, S]) as written by
-    `up_gate`. u_down [I, r], v_down [r, H]. Output dtype = h_t's."""
-    I, S = h_t.shape
-    r = u_down.shape[1]
-    H = v_down.shape[1]
-    check_dims("down", I=(u_down.shape[0], I), r=(v_down.shape[0], r))
-    e = elem_bytes(h_t.dtype)
-    shape = blocking.KernelShape(S, I, (r,), H, e, elem_bytes(u_down.dtype),
-                                 elem_bytes(v_down.dtype), e, "rows", True)
-    plan = strip_plan(shape, block_m)
-    y = nl.ndarray((S, H), dtype=h_t.dtype, buffer=nl.shared_hbm)
+    `up_gate`. u_down [I, r], v_down [r, H]. Output dtype = h_t's. block_m: tokens per
+    row strip (`blocking.down` is this kernel with the selector's choice)."""
+    shape = down_kernel_shape(h_t, u_down, v_down)
+    plan = plan_on_target(shape, block_m)
+    y = nl.ndarray((shape.S, shape.N), dtype=h_t.dtype, buffer=nl.shared_hbm)
     run_strips(h_t, (u_down,), (v_down,), y, plan, True, "rows")
     return y

@@ -59,6 +59,11 @@ class Kernel:
             return self.__nki_python_fn__(*args, **kwargs)
         return nki_api.run(self.__nki_python_fn__, *args, **kwargs)[0]
 
+    def inline(self, *args, **kwargs):
+        """The kernel's body called from inside another kernel being traced or emulated:
+        its instructions join the caller's (no launch of its own)."""
+        return self.__nki_python_fn__(*args, **kwargs)
+
     def __repr__(self):
         return f"<NKI kernel {self.__module__}.{self.__name__}>"
 

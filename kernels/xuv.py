@@ -18,23 +18,24 @@ The paper's ideas, and where they live:
   No transpose instruction anywhere between the stages;
 * transposing DMA load of x: x^T tiles come straight from HBM through `dma_transpose`
   (2-byte dtypes; fp32 inputs fall back to tensor-engine transposes);
-* blocking: BM from the block-size model (`blocking.select_block_m`, by modelled time);
-  every DMA moves long contiguous runs per partition -- U as row slabs of a whole
-  group of r tiles (as many as the 8 PSUM banks accumulate at once), V in column
-  blocks of up to 2048 columns (`block_n`), y in block_n-wide (or strip-wide, for
-  y^T) rows;
+* blocking: BM is an argument and the strip plan (`strip_plan.plan`: sub-strips, V
+  block width) follows from it; `blocking.select_block_m` picks BM by modelled time,
+  and `blocking.fused_xuv` is this kernel with the selector's BM. Every DMA moves long
+  contiguous runs per partition -- U as row slabs of a whole group of r tiles (as
+  many as the 8 PSUM banks accumulate at once), V in column blocks of up to 2048
+  columns (`block_n`), y in block_n-wide (or strip-wide, for y^T) rows;
 * fp32 accumulation: every partial sum accumulates in fp32 PSUM (the authors' code
   summed partials in bf16; this one never does). Only the finished (x u)^T strip is
   rounded to the compute dtype, because the tensor engine reads it as an operand.
 """
-from . import blocking
+from . import strip_plan
 from .nki_compat import jit, nisa, nl, target_name
 
 # Tile sizes from NKI's own constants (nl.tile_size, nki/api/nki.language.tile_size.rst);
-# `blocking` plans with the same numbers.
+# `strip_plan` plans with the same numbers.
 P = nl.tile_size.pmax                       # partitions, PE rows
 MM_N = nl.tile_size.gemm_moving_fmax        # max moving free size = one fp32 PSUM bank
-assert P == blocking.P and MM_N == blocking.MM_N == nl.tile_size.psum_bank_fmax
+assert P == strip_plan.P and MM_N == strip_plan.MM_N == nl.tile_size.psum_bank_fmax
 assert nl.tile_size.gemm_stationary_fmax == P
 PSUM_BANK_BYTES = 4 * MM_N
 
@@ -186,17 +187,17 @@ def _project(xT, u, xuT, tb):
 
     Implicit transposition: u[k, r] tiles are the stationary operand and x^T[k, t] the
     moving one, so the result lands as (x u)^T[r, t] in PSUM. The r tiles go in groups
-    as large as the 8 PSUM banks can accumulate for tb tokens (`blocking.u_group_tiles`:
+    as large as the 8 PSUM banks can accumulate for tb tokens (`strip_plan.u_group_tiles`:
     8 r tiles x 512 tokens, 16 x 256, 4 x 1024, ...); for each K tile one DMA brings the
     group's whole U row slab ([128 k, 128 * tiles] -- long contiguous runs per
     partition), which meets every token chunk of the sub-strip once. Partial sums over
     k accumulate in fp32 PSUM. U slabs are double-buffered (`n_slabs`)."""
     K, r = u.shape
     nrt = _cdiv(r, P)
-    gt = blocking.u_group_tiles(tb)
+    gt = strip_plan.u_group_tiles(tb)
     nk = _cdiv(K, P)
-    slabs = Buffers("u_slab", (P, blocking.u_group_cols(r, tb)), xT.dtype,
-                    blocking.n_slab_buffers(nk))
+    slabs = Buffers("u_slab", (P, strip_plan.u_group_cols(r, tb)), xT.dtype,
+                    strip_plan.n_slab_buffers(nk))
     for g0 in nl.static_range(0, nrt, gt):
         _project_group(xT, u, xuT, tb, g0, min(gt, nrt - g0), slabs)
 
@@ -204,8 +205,8 @@ def _project(xT, u, xuT, tb):
 def _project_group(xT, u, xuT, tb, g0, tiles, slabs):
     """One group of r tiles (g0 .. g0+tiles): its accumulators fill PSUM from bank 0."""
     K, r = u.shape
-    slot = blocking.token_slot(tb)
-    nch = blocking.token_chunks(tb)
+    slot = strip_plan.token_slot(tb)
+    nch = strip_plan.token_chunks(tb)
     c0 = g0 * P
     cols = min(tiles * P, r - c0)
     acc = nl.ndarray((P, tiles, nch * slot), dtype=nl.float32, buffer=nl.psum,
@@ -378,12 +379,9 @@ def check_dims(name, **dims):
             raise ValueError(f"{name}: {k} mismatch ({a} != {b})")
 
 
-def strip_plan(shape, block_m):
-    """Plan for the active target; block_m None -> the block-size model's choice."""
-    target = target_name()
-    if block_m == None:  # noqa: E711  (NKI kernels compare with ==, not `is`)
-        block_m = blocking.select_block_m(shape, target)
-    return blocking.plan(shape, int(block_m), target)
+def plan_on_target(shape, block_m):
+    """The strip plan for `block_m` on the target being traced for."""
+    return strip_plan.plan(shape, int(block_m), target_name())
 
 
 def xuv_kernel_shape(name, x, u, v, out):
@@ -392,7 +390,7 @@ def xuv_kernel_shape(name, x, u, v, out):
     r = u.shape[1]
     check_dims(name, K=(u.shape[0], K), r=(v.shape[0], r))
     e = elem_bytes(x.dtype)
-    return blocking.KernelShape(S, K, (r,), v.shape[1], e, elem_bytes(u.dtype),
+    return strip_plan.KernelShape(S, K, (r,), v.shape[1], e, elem_bytes(u.dtype),
                                 elem_bytes(v.dtype), e, out, False)
 
 
@@ -401,17 +399,18 @@ def elem_bytes(dtype):
 
 
 @jit
-def fused_xuv(x, u, v, transpose_out=False, block_m=None):
+def fused_xuv(x, u, v, block_m, transpose_out=False):
     """y = (x @ u) @ v as one kernel, (x u) never leaving the chip.
 
     x [S, K], u [K, r], v [r, N] in HBM (bf16 or fp32; u and v are cast to x's dtype
     on load). Returns y [S, N] in nl.shared_hbm, or y^T [N, S] if transpose_out.
-    block_m: tokens per row strip; None -> `blocking.select_block_m` for the target.
+    block_m: tokens per row strip (`blocking.select_block_m` chooses one;
+    `blocking.fused_xuv` is this kernel with that choice).
     Any S >= 1, any K, r, N (partial tiles are masked by slicing, never dropped).
     """
     shape = xuv_kernel_shape("fused_xuv", x, u, v, "cols" if transpose_out else "rows")
     S, N = shape.S, shape.N
-    plan = strip_plan(shape, block_m)
+    plan = plan_on_target(shape, block_m)
     if transpose_out:
         y = nl.ndarray((N, S), dtype=x.dtype, buffer=nl.shared_hbm)
     else:

@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from vllm_neuronmlp.kernels import baselines, blocking, sim, xuv
+from vllm_neuronmlp.kernels import baselines, blocking, sim, strip_plan, xuv
 
 BF16 = ml_dtypes.bfloat16
 TOL = {np.float32: (2e-6, 2e-6), BF16: (1e-2, 3e-2)}
@@ -68,7 +68,7 @@ def test_hbm_traffic_order_at_paper_shapes(S):
                        count_only=True)
     _, seq = sim.run(baselines.sequential_xuv, sim.spec((S, K), bf), sim.spec((K, r), bf),
                      sim.spec((r, N), bf), count_only=True)
-    bm = blocking.select_block_m(blocking.xuv_shape(S, K, r, N), "trn1", objective="traffic")
+    bm = blocking.select_block_m(strip_plan.xuv_shape(S, K, r, N), "trn1", objective="traffic")
     _, fused = sim.run(xuv.fused_xuv, sim.spec((S, K), bf), sim.spec((K, r), bf),
                        sim.spec((r, N), bf), block_m=bm, count_only=True)
     assert fused.hbm_bytes < seq.hbm_bytes < dense.hbm_bytes

@@ -119,7 +119,7 @@ def test_device_launch_wiring_with_a_torchneuron_standin(monkeypatch):
 
     import torch
 
-    from vllm_neuronmlp.kernels import mlp, sim
+    from vllm_neuronmlp.kernels import blocking, sim
 
     launches, ops_registered = [], []
 
@@ -150,8 +150,8 @@ def test_device_launch_wiring_with_a_torchneuron_standin(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_neuronx.nki_hop", hop)
     monkeypatch.setitem(sys.modules, "torch_neuronx.utils", utils)
     monkeypatch.setattr(nki_compat, "REAL_NKI", True)
-    monkeypatch.setattr(mlp.up_gate, "nki_kernel", mlp.up_gate, raising=False)
-    monkeypatch.setattr(mlp.down, "nki_kernel", mlp.down, raising=False)
+    monkeypatch.setattr(blocking.up_gate, "nki_kernel", blocking.up_gate, raising=False)
+    monkeypatch.setattr(blocking.down, "nki_kernel", blocking.down, raising=False)
     monkeypatch.setattr(launch, "_device_ops", None)
 
     fs = mlp_factors(64, 32, 32, 128, 32, np.float32, seed=5)

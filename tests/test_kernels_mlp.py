@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from vllm_neuronmlp.kernels import blocking, mlp, sim
+from vllm_neuronmlp.kernels import blocking, sim, strip_plan
 
 BF16 = ml_dtypes.bfloat16
 
@@ -50,12 +50,12 @@ TOL = {np.float32: (2e-6, 2e-6), BF16: (1e-2, 3e-2)}
 def test_up_gate_and_down(S, H, rg, ru, I, rd, dtype):
     x, ug, vg, uu, vu, ud, vd = factors(S, H, rg, ru, I, rd, dtype)
     h_ref = silu(d(x) @ d(ug) @ d(vg)) * (d(x) @ d(uu) @ d(vu))
-    h_t, st_up = sim.run(mlp.up_gate, x, ug, vg, uu, vu)
+    h_t, st_up = sim.run(blocking.up_gate, x, ug, vg, uu, vu)
     assert h_t.shape == (I, S) and h_t.dtype == np.dtype(dtype)
     rel, worst = rel_err(h_t, h_ref.T)
     assert rel <= TOL[dtype][0] and worst <= TOL[dtype][1], (rel, worst)
     # down on the kernel's own h^T, referenced in float64 from that same h^T
-    y, st_down = sim.run(mlp.down, h_t, ud, vd)
+    y, st_down = sim.run(blocking.down, h_t, ud, vd)
     assert y.shape == (S, H) and y.dtype == np.dtype(dtype)
     rel, worst = rel_err(y, d(h_t).T @ d(ud) @ d(vd))
     assert rel <= TOL[dtype][0] and worst <= TOL[dtype][1], (rel, worst)
@@ -66,8 +66,8 @@ def test_up_gate_and_down(S, H, rg, ru, I, rd, dtype):
 def test_whole_mlp_chained_in_bf16():
     x, ug, vg, uu, vu, ud, vd = factors(200, 256, 128, 96, 512, 64, BF16, seed=1)
     ref = (silu(d(x) @ d(ug) @ d(vg)) * (d(x) @ d(uu) @ d(vu))) @ d(ud) @ d(vd)
-    h_t, _ = sim.run(mlp.up_gate, x, ug, vg, uu, vu)
-    y, _ = sim.run(mlp.down, h_t, ud, vd)
+    h_t, _ = sim.run(blocking.up_gate, x, ug, vg, uu, vu)
+    y, _ = sim.run(blocking.down, h_t, ud, vd)
     rel, worst = rel_err(y, ref)
     assert rel <= 2e-2 and worst <= 5e-2, (rel, worst)
 
@@ -78,8 +78,8 @@ def test_no_transpose_between_the_kernels():
     to HBM but its output."""
     S, H, rg, ru, I, rd = 256, 256, 128, 128, 384, 128
     x, ug, vg, uu, vu, ud, vd = factors(S, H, rg, ru, I, rd, BF16, seed=2)
-    h_t, st_up = sim.run(mlp.up_gate, x, ug, vg, uu, vu)
-    _, st_down = sim.run(mlp.down, h_t, ud, vd)
+    h_t, st_up = sim.run(blocking.up_gate, x, ug, vg, uu, vu)
+    _, st_down = sim.run(blocking.down, h_t, ud, vd)
     assert st_up.dma_transpose_count == H // 128 and st_up.pe_transpose_count == 0
     assert st_down.dma_transpose_count == 0 and st_down.pe_transpose_count == 0
     assert st_up.hbm_write_bytes == 2 * I * S
@@ -90,7 +90,7 @@ def test_silu_and_product_run_on_chip():
     """One scalar-engine SiLU and one vector-engine product per output tile, read from
     PSUM: [I=384 rows in 3 tiles of 128] x [S=600 tokens in chunks of 512 + 88]."""
     x, ug, vg, uu, vu, _, _ = factors(600, 128, 64, 64, 384, 32, BF16, seed=3)
-    _, st = sim.run(mlp.up_gate, x, ug, vg, uu, vu)
+    _, st = sim.run(blocking.up_gate, x, ug, vg, uu, vu)
     tiles = 3 * 2
     assert st.instructions["scalar"] == tiles
     # vector: the products, plus PSUM evacuations of stage 1 (2 ranks x 2 chunks)
@@ -100,15 +100,15 @@ def test_silu_and_product_run_on_chip():
 def test_up_gate_reads_x_once_for_both_projections():
     S, H, rg, ru, I = 384, 512, 128, 256, 256
     x, ug, vg, uu, vu, _, _ = factors(S, H, rg, ru, I, 32, BF16, seed=4)
-    _, st = sim.run(mlp.up_gate, x, ug, vg, uu, vu)
+    _, st = sim.run(blocking.up_gate, x, ug, vg, uu, vu)
     assert st.hbm_read_bytes == 2 * (S * H + H * (rg + ru) + (rg + ru) * I)
-    ks = blocking.up_gate_shape(S, H, rg, ru, I)
-    assert st.sbuf_peak_bytes == blocking.sbuf_peak_bytes(ks, blocking.select_block_m(ks))
+    ks = strip_plan.up_gate_shape(S, H, rg, ru, I)
+    assert st.sbuf_peak_bytes == strip_plan.sbuf_peak_bytes(ks, blocking.select_block_m(ks))
 
 
 def test_shape_errors():
     x, ug, vg, uu, vu, ud, vd = factors(4, 64, 32, 32, 96, 32, np.float32)
     with pytest.raises(ValueError, match="up_gate: I mismatch"):
-        sim.run(mlp.up_gate, x, ug, vg, uu, vu[:, :95])
+        sim.run(blocking.up_gate, x, ug, vg, uu, vu[:, :95])
     with pytest.raises(ValueError, match="down: I mismatch"):
-        sim.run(mlp.down, np.zeros((95, 4), np.float32), ud, vd)
+        sim.run(blocking.down, np.zeros((95, 4), np.float32), ud, vd)

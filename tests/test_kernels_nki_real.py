@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from vllm_neuronmlp.kernels import baselines, mlp, nki_compat, sim, xuv
+from vllm_neuronmlp.kernels import baselines, blocking, nki_compat, sim
 
 needs_sdk = pytest.mark.skipif(
     not nki_compat.REAL_NKI,
@@ -23,10 +23,10 @@ def _arrays(shapes, dtype, seed=0):
 
 
 CASES = [
-    (xuv.fused_xuv, [(130, 200), (200, 96), (96, 300)], {}),
-    (xuv.fused_xuv, [(130, 200), (200, 96), (96, 300)], {"transpose_out": True}),
-    (mlp.up_gate, [(70, 128), (128, 64), (64, 256), (128, 32), (32, 256)], {}),
-    (mlp.down, [(256, 70), (256, 64), (64, 128)], {}),
+    (blocking.fused_xuv, [(130, 200), (200, 96), (96, 300)], {}),
+    (blocking.fused_xuv, [(130, 200), (200, 96), (96, 300)], {"transpose_out": True}),
+    (blocking.up_gate, [(70, 128), (128, 64), (64, 256), (128, 32), (32, 256)], {}),
+    (blocking.down, [(256, 70), (256, 64), (64, 128)], {}),
     (baselines.dense_xw, [(130, 200), (200, 300)], {}),
     (baselines.sequential_xuv, [(130, 200), (200, 96), (96, 300)], {}),
 ]
@@ -82,12 +82,12 @@ def test_emulator_runs_the_kernels_while_an_sdk_is_importable(tmp_path):
     code = f"""
 import sys; sys.path.insert(0, {str(tmp_path)!r})
 import numpy as np
-from vllm_neuronmlp.kernels import nki_compat, sim, xuv, mlp
+from vllm_neuronmlp.kernels import blocking, nki_compat, sim, xuv
 import nki.language
 assert nki_compat.REAL_NKI and xuv.nl is nki.language
 rng = np.random.default_rng(0)
 x, u, v = (rng.standard_normal(s).astype(np.float32) for s in [(9, 40), (40, 24), (24, 50)])
-y, st = sim.run(xuv.fused_xuv, x, u, v)
+y, st = sim.run(blocking.fused_xuv, x, u, v)
 assert np.allclose(y, x.astype(np.float64) @ u @ v, rtol=1e-4, atol=1e-4)
 assert xuv.nl is nki.language and nki_compat.nisa.__name__ == 'nki.isa'
 assert type(xuv.fused_xuv.nki_kernel).__name__ == '_Jit'

@@ -5,7 +5,7 @@ zero rows of the down projection."""
 import numpy as np
 import pytest
 
-from vllm_neuronmlp.kernels import mlp, sim
+from vllm_neuronmlp.kernels import blocking, sim
 
 
 def silu(z):
@@ -26,9 +26,9 @@ def test_narrowed_mlp_equals_its_full_width_twin(S, H, I, k, r):
     xd = x.astype(np.float64)
     h_full = silu(xd @ ug @ vg) * (xd @ uu @ vu)
     y_full = h_full @ ud.astype(np.float64) @ vd
-    h_t, _ = sim.run(mlp.up_gate, x, ug, np.ascontiguousarray(vg[:, :k]), uu, np.ascontiguousarray(vu[:, :k]))
+    h_t, _ = sim.run(blocking.up_gate, x, ug, np.ascontiguousarray(vg[:, :k]), uu, np.ascontiguousarray(vu[:, :k]))
     assert h_t.shape == (k, S)
     np.testing.assert_allclose(h_t.T, h_full[:, :k], rtol=2e-5, atol=2e-5 * np.abs(h_full).max())
-    y, _ = sim.run(mlp.down, h_t, np.ascontiguousarray(ud[:k]), vd)
+    y, _ = sim.run(blocking.down, h_t, np.ascontiguousarray(ud[:k]), vd)
     assert y.shape == (S, H)
     assert np.linalg.norm(y - y_full) <= 2e-5 * np.linalg.norm(y_full)

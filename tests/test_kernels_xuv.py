@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from vllm_neuronmlp.kernels import blocking, sim, xuv
+from vllm_neuronmlp.kernels import blocking, sim, strip_plan, xuv
 
 BF16 = ml_dtypes.bfloat16
 TOL = {np.float32: (2e-6, 2e-6), BF16: (1e-2, 3e-2)}
@@ -53,7 +53,7 @@ SHAPES = [
 @pytest.mark.parametrize("transpose_out", [False, True], ids=["rows", "cols"])
 def test_fused_xuv_matches_float64(S, K, r, N, dtype, transpose_out):
     x, u, v = make(S, K, r, N, dtype)
-    y, st = sim.run(xuv.fused_xuv, x, u, v, transpose_out=transpose_out)
+    y, st = sim.run(blocking.fused_xuv, x, u, v, transpose_out=transpose_out)
     ref = reference(x, u, v)
     assert y.dtype == np.dtype(dtype)
     assert_close(y, ref.T if transpose_out else ref, dtype)
@@ -81,11 +81,11 @@ def test_wide_u_slabs_and_v_blocks(dtype, transpose_out):
     y, st = sim.run(xuv.fused_xuv, x, u, v, block_m=640, transpose_out=transpose_out)
     ref = reference(x, u, v)
     assert_close(y, ref.T if transpose_out else ref, dtype)
-    ks = blocking.xuv_shape(S, K, r, N, 4 if dtype == np.float32 else 2, transpose_out)
-    assert blocking.u_group_tiles(640) == 4
-    assert blocking.plan(ks, 640).block_n == 2048
-    assert st.sbuf_peak_bytes == blocking.sbuf_peak_bytes(ks, 640)
-    assert (st.hbm_read_bytes, st.hbm_write_bytes) == blocking.hbm_bytes(ks, 640)
+    ks = strip_plan.xuv_shape(S, K, r, N, 4 if dtype == np.float32 else 2, transpose_out)
+    assert strip_plan.u_group_tiles(640) == 4
+    assert strip_plan.plan(ks, 640).block_n == 2048
+    assert st.sbuf_peak_bytes == strip_plan.sbuf_peak_bytes(ks, 640)
+    assert (st.hbm_read_bytes, st.hbm_write_bytes) == strip_plan.hbm_bytes(ks, 640)
     assert st.modeled_latency_s == pytest.approx(blocking.modeled_time(ks, 640), rel=1e-9)
 
 
@@ -94,20 +94,20 @@ def test_multiple_stage1_substrips():
     """K so large that x^T of a whole strip does not fit next to (x u)^T: the strip is
     computed in two stage-1 sub-strips, u read twice, v once."""
     S, K, r, N = 1024, 12288, 128, 128
-    ks = blocking.xuv_shape(S, K, r, N)
-    plan = blocking.plan(ks, 1024)
+    ks = strip_plan.xuv_shape(S, K, r, N)
+    plan = strip_plan.plan(ks, 1024)
     assert plan.sub_heights(1024) == (896, 128)
     x, u, v = make(S, K, r, N, BF16, seed=2)
     y, st = sim.run(xuv.fused_xuv, x, u, v, block_m=1024)
     assert_close(y, reference(x, u, v), BF16)
     assert st.hbm_read_bytes == 2 * (S * K + 2 * K * r + r * N)
-    assert st.sbuf_peak_bytes == blocking.sbuf_peak_bytes(ks, 1024)
+    assert st.sbuf_peak_bytes == strip_plan.sbuf_peak_bytes(ks, 1024)
 
 
 def test_transposed_output_is_the_transpose():
     x, u, v = make(300, 256, 128, 384, np.float32, seed=3)
-    y, _ = sim.run(xuv.fused_xuv, x, u, v)
-    y_t, _ = sim.run(xuv.fused_xuv, x, u, v, transpose_out=True)
+    y, _ = sim.run(blocking.fused_xuv, x, u, v)
+    y_t, _ = sim.run(blocking.fused_xuv, x, u, v, transpose_out=True)
     np.testing.assert_allclose(y_t, y.T, rtol=1e-5, atol=1e-5)
 
 
@@ -117,7 +117,7 @@ def test_hand_computed_counts():
     DMAs: 2 x^T transposes + 2 u tiles + 1 v block + 2 output tiles = 7;
     matmuls: stage 1 (1 r tile x 2 k tiles x 1 chunk) + stage 2 (2 token tiles x 1 r tile)."""
     x, u, v = make(256, 256, 128, 512, BF16, seed=4)
-    y, st = sim.run(xuv.fused_xuv, x, u, v)
+    y, st = sim.run(blocking.fused_xuv, x, u, v)
     assert_close(y, reference(x, u, v), BF16)
     assert st.hbm_read_bytes == 131072 + 65536 + 131072
     assert st.hbm_write_bytes == 262144
@@ -138,7 +138,7 @@ def test_fp32_accumulation_beats_bf16_accumulation():
     x = rng.uniform(0.5, 1.0, (S, K)).astype(BF16)
     u = rng.uniform(0.5, 1.0, (K, r)).astype(BF16)
     v = np.eye(r, N).astype(BF16)                   # stage 2 passes (x u) through
-    y, _ = sim.run(xuv.fused_xuv, x, u, v)
+    y, _ = sim.run(blocking.fused_xuv, x, u, v)
     ref = reference(x, u, v)
     err_kernel = np.abs(y.astype(np.float64) - ref).max() / ref.max()
     acc = np.zeros((S, r), dtype=np.float32)        # bf16 running sum over k tiles
@@ -152,9 +152,9 @@ def test_fp32_accumulation_beats_bf16_accumulation():
 
 def test_default_block_is_the_selector_choice():
     x, u, v = make(700, 128, 64, 128, BF16, seed=6)
-    ks = blocking.xuv_shape(700, 128, 64, 128)
+    ks = strip_plan.xuv_shape(700, 128, 64, 128)
     bm = blocking.select_block_m(ks, "trn1")
-    _, st_default = sim.run(xuv.fused_xuv, x, u, v)
+    _, st_default = sim.run(blocking.fused_xuv, x, u, v)
     _, st_explicit = sim.run(xuv.fused_xuv, x, u, v, block_m=bm)
     assert st_default.as_dict() == st_explicit.as_dict()
 
@@ -162,9 +162,9 @@ def test_default_block_is_the_selector_choice():
 def test_shape_errors():
     x, u, v = make(8, 64, 32, 16, np.float32)
     with pytest.raises(ValueError, match="fused_xuv: K mismatch"):
-        sim.run(xuv.fused_xuv, x, u[:60], v)
+        sim.run(blocking.fused_xuv, x, u[:60], v)
     with pytest.raises(ValueError, match="fused_xuv: r mismatch"):
-        sim.run(xuv.fused_xuv, x, u, v[:31])
+        sim.run(blocking.fused_xuv, x, u, v[:31])
 
 
 def test_block_too_large_for_sbuf_is_rejected():
