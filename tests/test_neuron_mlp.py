@@ -177,7 +177,7 @@ def test_forward_equals_ops_svd_mlp_torch_and_emulator(tmp_path, monkeypatch):
     torch.testing.assert_close(ours_torch, ops.svd_mlp(x, *args, backend="torch"), rtol=0, atol=0)
     monkeypatch.setenv(ops.BACKEND_ENV, "nki-sim")   # the same NKI kernels, run by the CPU emulator
     mlp.finalize()                                   # the path is decided after loading
-    assert mlp._path == "nki-sim"
+    assert mlp.compute_path == "nki-sim"
     ours_sim = mlp(x, is_prefill=False)
     torch.testing.assert_close(ours_sim, ops.svd_mlp(x, *args, backend="nki-sim"), rtol=0, atol=0)
     assert _rel(ours_sim, _dense_reference(tensors, x)) < TOL
@@ -217,7 +217,7 @@ def test_kernel_path_is_chosen_once_and_takes_the_four_factors(tmp_path, monkeyp
     monkeypatch.setattr(launch, "device_support", lambda *t: (True, ""))
     monkeypatch.setattr(launch, "svd_mlp_nki", device_standin)
     mlp, _ = _rank_mlp(ckpt, 2, 1)
-    assert mlp._path == "kernels" and mlp._gate_up is None
+    assert mlp.compute_path == "kernels" and mlp.gate_up_u.numel() == mlp.gate_up_v.numel() == 0   # no side-by-side copy
     x = torch.randn(S, H, generator=torch.Generator().manual_seed(9))
     partial = mlp(x, is_prefill=False)
     assert calls == [[(H, 32), (32, I // 2), (H, 48), (48, I // 2), (I // 2, 32), (32, H)]]
@@ -231,4 +231,4 @@ def test_kernel_path_is_chosen_once_and_takes_the_four_factors(tmp_path, monkeyp
         m.setattr(launch.logger, "warning", lambda *a: records.append(a[0] % a[1:]))
         mlp.finalize()
         mlp.finalize()
-    assert mlp._path == "torch" and len(records) == 1 and "not a Neuron device" in records[0]
+    assert mlp.compute_path == "torch" and len(records) == 1 and "not a Neuron device" in records[0]

@@ -2,11 +2,12 @@
 hooks; 0.2.x (NxD Inference) or an unknown layout refuses svd_neuron checkpoints with a
 message naming the stack, the version found and what is supported.
 
-The vllm-neuron packages here are stand-ins written into a temporary directory: just the
-files our detection looks at (tag 0.2.0 of vllm-project/vllm-neuron for 0.2.x; tag
-v0.21.0.1.0.0 layout for the native line) and a platform class with the attributes we
-touch (`supported_quantization`, `check_and_update_config`). Unit tests, not integration
-tests."""
+The vllm-neuron packages here are stand-ins written into a temporary directory: the files
+our detection looks at (tag 0.2.0 of vllm-project/vllm-neuron for 0.2.x; the native line's
+layout), a platform class with the attributes we touch (`supported_quantization`,
+`check_and_update_config`), and for the native line the model registry and model packages
+as vllm_neuron/model/registry.py imports them, with the classes of tests/neuron_standins.py.
+Unit tests, not integration tests."""
 import importlib
 import sys
 import textwrap
@@ -60,8 +61,8 @@ def on_path(tmp_path, monkeypatch):
 
 
 def _vllm_config(architectures=("LlamaForCausalLM",), quant=True, tp=1, intermediate=200, quantization=None,
-                 widths=None):
-    qc = fmt.QuantizationConfig(block_size=4, ranks={}, widths=dict(widths or {})).to_dict()
+                 widths=None, ranks=None):
+    qc = fmt.QuantizationConfig(block_size=4, ranks=dict(ranks or {}), widths=dict(widths or {})).to_dict()
     hf = SimpleNamespace(architectures=list(architectures),
                          to_dict=lambda: {"hidden_size": 64, "intermediate_size": intermediate, "num_hidden_layers": 2,
                                           **({fmt.QUANTIZATION_CONFIG_KEY: qc} if quant else {})})
@@ -117,34 +118,64 @@ def test_unknown_layout_refuses(on_path):
         NeuronPlatform.check_and_update_config(_vllm_config(quantization="svd_neuron"))
 
 
-NATIVE_MODEL = textwrap.dedent('''
-    from neuron_standins import StandinLlamaForCausalLM
+# The native line's model packages as the registry imports them (vllm_neuron/model/registry.py:
+# `from .llama3 import LlamaForCausalLM`, `from .qwen3 import Qwen3ForCausalLM`), each class a
+# stand-in of tests/neuron_standins.py. Qwen3 as jinhuang12/vllm-neuron ed3580d lays it out:
+# the package exports qwen3/factory.py's class, which builds qwen3/model.py's.
+REGISTRY = textwrap.dedent('''
+    from .llama3 import LlamaForCausalLM
+    from .qwen3 import Qwen3ForCausalLM
 
-    class LlamaForCausalLM(StandinLlamaForCausalLM):
-        pass
+    def get_models():
+        return [("LlamaForCausalLM", LlamaForCausalLM), ("Qwen3ForCausalLM", Qwen3ForCausalLM)]
 ''')
+LLAMA_ONLY_REGISTRY = textwrap.dedent('''
+    from .llama3 import LlamaForCausalLM
+
+    def get_models():
+        return [("LlamaForCausalLM", LlamaForCausalLM)]
+''')
+NATIVE_FILES = {
+    "functional/__init__.py": "",
+    "model/registry.py": REGISTRY,
+    "model/llama3/__init__.py": "from .model import LlamaForCausalLM\n",
+    "model/llama3/model.py": "from neuron_standins import StandinLlamaForCausalLM\n\n"
+                             "class LlamaForCausalLM(StandinLlamaForCausalLM):\n    pass\n",
+    "model/qwen3/__init__.py": "from .factory import Qwen3ForCausalLM\n",
+    "model/qwen3/factory.py": "from neuron_standins import StandinQwen3Factory\nfrom .model import Qwen3ForCausalLM as _Impl\n\n"
+                              "class Qwen3ForCausalLM(StandinQwen3Factory):\n    implementation = _Impl\n",
+    "model/qwen3/model.py": "from neuron_standins import StandinQwen3ForCausalLM\n\n"
+                            "class Qwen3ForCausalLM(StandinQwen3ForCausalLM):\n    pass\n",
+    "model/qwen3/model_bf16.py": "from neuron_standins import StandinQwen3Bf16ForCausalLM\n\n"
+                                 "class Qwen3ForCausalLM(StandinQwen3Bf16ForCausalLM):\n    pass\n",
+}
+NATIVE_QUANT = ("neuron_quant", "compressed-tensors", "modelopt")
 
 
-def test_native_line_gets_the_variant(on_path):
-    _fake_vllm_neuron(on_path, "0.21.0.1.0.0", {"functional/__init__.py": "", "model/registry.py": "",
-                                                "model/llama3/model.py": NATIVE_MODEL},
-                      quant=("neuron_quant", "compressed-tensors", "modelopt", "fp8"))
+def _native(on_path, **replace):
+    _fake_vllm_neuron(on_path, "0.21.0.1.0.0", {**NATIVE_FILES, **replace}, quant=NATIVE_QUANT)
     assert stack.detect_stack().line == stack.NATIVE
     from vllm_neuron.platform import NeuronPlatform
 
     assert integrate.install(platform_cls=NeuronPlatform) == integrate.NATIVE
-    assert NeuronPlatform.supported_quantization[-1] == "svd_neuron"
-    from vllm_neuron.model.llama3.model import LlamaForCausalLM   # patched as it is imported
+    return NeuronPlatform
 
-    assert LlamaForCausalLM.__dict__.get("_vllm_neuronmlp_patched") is True
+
+def test_native_line_gets_the_variant(on_path):
+    NeuronPlatform = _native(on_path)
+    assert NeuronPlatform.supported_quantization[-1] == "svd_neuron"
+    from vllm_neuron.model.registry import get_models   # the classes are patched as their packages load
+
+    resolved = dict(get_models())
+    for arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        assert resolved[arch].__dict__.get("_vllm_neuronmlp_patched") is True, arch
     ok = _vllm_config(tp=2)
     NeuronPlatform.check_and_update_config(ok)
     assert NeuronPlatform.checked == [ok]
+    NeuronPlatform.check_and_update_config(_vllm_config(architectures=["Qwen3ForCausalLM"]))
     with pytest.raises(stack.NeuronStackError, match=r"architecture \['GptOssForCausalLM'\] has no svd_neuron variant; "
                                                      r"supported: \['LlamaForCausalLM', 'Qwen3ForCausalLM'\]"):
         NeuronPlatform.check_and_update_config(_vllm_config(architectures=["GptOssForCausalLM"]))
-    with pytest.raises(stack.NeuronStackError, match=r"vllm_neuron\.model\.qwen3\.model .* does not exist"):
-        NeuronPlatform.check_and_update_config(_vllm_config(architectures=["Qwen3ForCausalLM"]))
     with pytest.raises(SVDShardingError, match=r"intermediate_size 200 does not divide by the MLP's tensor-parallel degree 16"):
         NeuronPlatform.check_and_update_config(_vllm_config(tp=16))
     # format v2: each narrowed layer is split by its own width, the CPU path's TensorParallelError
@@ -158,6 +189,54 @@ def test_native_line_gets_the_variant(on_path):
         NeuronPlatform.check_and_update_config(_vllm_config(tp=8, widths={"model.layers.0.mlp": 100}))
     with pytest.raises(fmt.CheckpointFormatError, match=r"--quantization svd_neuron was given, but .* dense checkpoint"):
         NeuronPlatform.check_and_update_config(_vllm_config(quant=False, quantization="svd_neuron"))
+
+
+def test_the_class_the_registry_resolves_is_the_one_patched(on_path):
+    """qwen3/ has two implementations (model.py, and model_bf16.py "for vLLM-Neuron
+    0.21.0"); whichever the package exports, and so the registry resolves, gets the hooks."""
+    NeuronPlatform = _native(on_path, **{"model/qwen3/__init__.py": "from .model_bf16 import Qwen3ForCausalLM\n"})
+    from vllm_neuron.model import registry
+    from vllm_neuron.model.qwen3 import model_bf16
+
+    resolved = dict(registry.get_models())["Qwen3ForCausalLM"]
+    assert resolved is model_bf16.Qwen3ForCausalLM and resolved.__dict__.get("_vllm_neuronmlp_patched") is True
+    NeuronPlatform.check_and_update_config(_vllm_config(architectures=["Qwen3ForCausalLM"]))
+    assert integrate.resolved_classes()["Qwen3ForCausalLM"] == "vllm_neuron.model.qwen3.model_bf16.Qwen3ForCausalLM"
+
+
+def test_a_renamed_upstream_method_is_refused_with_class_path_and_version(on_path):
+    renamed = ("from neuron_standins import StandinQwen3ForCausalLM\n\n"
+               "class Qwen3ForCausalLM(StandinQwen3ForCausalLM):\n    load_weights = None\n\n"
+               "    def load_checkpoint(self, checkpoint_path, device, cache_dir):\n        pass\n")
+    NeuronPlatform = _native(on_path, **{"model/qwen3/__init__.py": "from .model import Qwen3ForCausalLM\n",
+                                         "model/qwen3/model.py": renamed})
+    with pytest.raises(stack.NeuronStackError) as err:
+        NeuronPlatform.check_and_update_config(_vllm_config(architectures=["Qwen3ForCausalLM"]))
+    message = str(err.value)
+    assert "vllm_neuron.model.qwen3.model.Qwen3ForCausalLM has no callable `load_weights`" in message
+    assert "vllm-neuron 0.21.0.1.0.0" in message
+    NeuronPlatform.check_and_update_config(_vllm_config(architectures=["Qwen3ForCausalLM"], quant=False))  # dense: stock
+    NeuronPlatform.check_and_update_config(_vllm_config())                                                # Llama: fine
+
+
+def test_a_registry_without_the_architecture_is_refused(on_path):
+    """Some native-line registries list no Qwen3ForCausalLM at all."""
+    NeuronPlatform = _native(on_path, **{"model/registry.py": LLAMA_ONLY_REGISTRY})
+    with pytest.raises(stack.NeuronStackError, match=r"vllm_neuron\.model\.registry\.get_models\(\) resolves no "
+                                                     r"Qwen3ForCausalLM .*vllm-neuron 0\.21\.0\.1\.0\.0.*registered: "
+                                                     r"\['LlamaForCausalLM'\]"):
+        NeuronPlatform.check_and_update_config(_vllm_config(architectures=["Qwen3ForCausalLM"]))
+    NeuronPlatform.check_and_update_config(_vllm_config())
+
+
+def test_factored_attention_is_refused_by_the_platform_check(on_path):
+    NeuronPlatform = _native(on_path)
+    v3 = _vllm_config(ranks={"model.layers.0.mlp.down_proj": 4, **{f"model.layers.1.self_attn.{p}_proj": 4 for p in "vkq"}})
+    with pytest.raises(stack.NeuronStackError, match=r"ckpt: config\.json quantization_config\.ranks factors attention "
+                                                     r"projection\(s\), the first 'model\.layers\.1\.self_attn\.q_proj' "
+                                                     r"\(format version 3\).*CPU/GPU vLLM plugin"):
+        NeuronPlatform.check_and_update_config(v3)
+    assert NeuronPlatform.checked == []
 
 
 def test_version_tuple():

@@ -4,17 +4,21 @@
 every vLLM process. With no vllm-neuron installed it returns at once and touches nothing.
 When vllm-neuron is the active platform it:
 
-native line (0.21+; written against tag v0.21.0.1.0.0, vLLM 0.24)
+native line (0.21+; the sources read are listed in docs/trainium.md)
   1. adds `svd_neuron` to the platform's `supported_quantization` (vllm_neuron/vllm/platform.py,
      `NeuronPlatform.supported_quantization`), so vLLM's own check (ModelConfig
      `_verify_quantization` -> `Platform.verify_quantization`) accepts the checkpoint with or
      without `--quantization svd_neuron`;
   2. wraps the platform's `check_and_update_config` to refuse, before anything compiles, an
-     architecture we cannot serve or an intermediate size (or a format-v2 layer width) the
-     TP degree does not divide;
-  3. patches the stock model classes when their modules are imported (whichever plugin
-     loads first): `LlamaForCausalLM` (vllm_neuron/model/llama3/model.py) and
-     `Qwen3ForCausalLM` (vllm_neuron/model/qwen3/model.py):
+     architecture we cannot serve, a class the registry resolves that lacks what we hook
+     (named with its path and the vllm-neuron version), factored attention (format v3), or
+     an intermediate size (or a format-v2 layer width) the MLP's TP degree does not divide;
+  3. patches the classes vllm_neuron/model/registry.py resolves, whichever module defines
+     them (registry.py imports them from the packages `llama3` and `qwen3`; qwen3 has two
+     implementations, model.py and model_bf16.py, and a factory): each package's exported
+     class is patched as the package loads, `get_models()` is checked on every call, and a
+     class whose `from_configs` returns another class's instance (qwen3/factory.py) gets
+     that class's load entry points patched too:
        * `from_configs(hf_config, neuron_config)`: build the stock model from a copy of the
          config without our `quantization_config` (the stock Llama config code,
          vllm_neuron/model/llama3/quantization.py `QuantizationSpec.from_hf_quantization_config`,
@@ -23,8 +27,11 @@ native line (0.21+; written against tag v0.21.0.1.0.0, vLLM 0.24)
          width (layers neither factored nor narrowed stay stock);
        * `load_weights(checkpoint_path, device, cache_dir)`: check the checkpoint's MLP
          tensor names against our parameters (names.py), run the stock loader (which fills
-         our parameters through their `ShardLoader`), then refuse a half-loaded model and
-         prepare each MLP's compute path.
+         our parameters through their `ShardLoader`), then refuse a half-loaded model,
+         prepare each MLP's compute path and log this rank's shard checksum;
+       * `load_weights_lite(...)` (the CPU-compile load: KV-cache scales only): run it, then
+         decide each MLP's path without data, so the traced graph reads our parameters and
+         buffers; any other `load_weights*` entry point refuses an svd_neuron model by name.
 0.2.x (NxD Inference) or a layout we do not recognise
   wraps `check_and_update_config` to refuse svd_neuron checkpoints with a message naming
   the stack, the version found and what is supported (stack.py). Its platform turned vLLM's
@@ -33,9 +40,13 @@ native line (0.21+; written against tag v0.21.0.1.0.0, vLLM 0.24)
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
+import inspect
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -44,24 +55,41 @@ from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.import_hooks import call_after_import
 from vllm_neuronmlp.neuron import stack as stack_mod
 from vllm_neuronmlp.neuron.sharding import intermediate_shard
+from vllm_neuronmlp.neuron.stack import class_path
 
 logger = logging.getLogger(__name__)
+# Lines meant for the server log go through a child of vLLM's `vllm` logger: vLLM's logging
+# config (vllm/logger.py) gives a handler to that hierarchy only, so INFO from our own
+# `vllm_neuronmlp.*` loggers never reaches a `vllm serve` log.
+SERVING_LOG = logging.getLogger("vllm.vllm_neuronmlp")
 
 
 @dataclass(frozen=True)
 class ModelHook:
-    architecture: str   # HF config `architectures` entry vllm-neuron registers
-    module: str         # where the native line defines the model class
+    architecture: str   # HF config `architectures` entry the registry maps
+    package: str        # the package vllm_neuron/model/registry.py imports the class from
     cls: str
 
 
-# vllm_neuron/model/registry.py (0.21) maps these architectures to the classes below.
+# vllm_neuron/model/registry.py: `from .llama3 import LlamaForCausalLM`, `from .qwen3 import Qwen3ForCausalLM`.
 MODEL_HOOKS: Tuple[ModelHook, ...] = (
-    ModelHook("LlamaForCausalLM", "vllm_neuron.model.llama3.model", "LlamaForCausalLM"),
-    ModelHook("Qwen3ForCausalLM", "vllm_neuron.model.qwen3.model", "Qwen3ForCausalLM"),
+    ModelHook("LlamaForCausalLM", "vllm_neuron.model.llama3", "LlamaForCausalLM"),
+    ModelHook("Qwen3ForCausalLM", "vllm_neuron.model.qwen3", "Qwen3ForCausalLM"),
 )
 SUPPORTED_ARCHITECTURES = tuple(h.architecture for h in MODEL_HOOKS)
+REGISTRY_MODULE = "vllm_neuron.model.registry"
+LOAD_ENTRY_POINTS = ("load_weights", "load_weights_lite")   # what llama3/model.py and qwen3/model.py define
 _PATCHED = "_vllm_neuronmlp_patched"
+_LOAD_PATCHED = "_vllm_neuronmlp_load_patched"
+_WRAPPER = "_vllm_neuronmlp_wrapper"
+
+_STACK: Optional[stack_mod.NeuronStack] = None   # what install() found, named in every refusal
+_RESOLVED: Dict[str, str] = {}                   # architecture -> path of the class the registry resolves
+_PROBLEMS: Dict[str, str] = {}                   # architecture -> why its hooks could not be installed
+
+
+def _stack_text() -> str:
+    return _STACK.describe() if _STACK is not None and _STACK.installed else "vllm-neuron not detected"
 
 
 # ---------------------------------------------------------------- config helpers
@@ -75,7 +103,7 @@ def _config_dict(hf_config: Any) -> Dict[str, Any]:
 
 
 def svd_quant_config(hf_config: Any) -> Optional[fmt.QuantizationConfig]:
-    """Our parsed quantization config (format v1 or v2) when the model config carries one,
+    """Our parsed quantization config (format v1, v2 or v3) when the model config carries one,
     else None; an unknown format version or a malformed key is refused by the format module."""
     cfg = _config_dict(hf_config)
     if not fmt.has_svd_config(cfg):
@@ -135,42 +163,97 @@ def widths_by_layer(quant: fmt.QuantizationConfig, family: mlp_families.MLPFamil
 
 
 # ---------------------------------------------------------------- the model variant
+def first_attention_module(quant: fmt.QuantizationConfig) -> Optional[str]:
+    """The first factored attention projection (by layer, then q, k, v, o), None if none."""
+    def key(module):
+        layer = re.search(r"\.(\d+)\.", module)
+        role = mlp_families.attention_role_of(module)
+        return (int(layer.group(1)) if layer else -1, mlp_families.ATTENTION_ROLES.index(role), module)
+    modules = sorted(quant.attention_ranks(), key=key)
+    return modules[0] if modules else None
+
+
+def refuse_factored_attention(quant: fmt.QuantizationConfig, source: str = "") -> None:
+    """Format v3 may factor q/k/v/o; the variant replaces MLPs only, so such a checkpoint
+    is refused before anything is built or read."""
+    first = first_attention_module(quant)
+    if first is not None:
+        raise stack_mod.AttentionNotServedError(
+            f"{source + ': ' if source else ''}{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS} factors "
+            f"attention projection(s), the first {first!r} (format version {quant.format_version}); the Trainium "
+            f"variant serves factored MLPs only. Serve this checkpoint with the CPU/GPU vLLM plugin (plain `vllm "
+            f"serve` on a CPU or GPU machine), or compress it without attention factors for Trainium")
+
+
 @dataclass
 class VariantInfo:
     quant: fmt.QuantizationConfig
     family: mlp_families.MLPFamily
     layers: Tuple[int, ...]
+    resolved: str = ""          # the class whose from_configs built the model (what the registry resolves)
+    implementation: str = ""    # the model's own class (the same, or a factory's product)
 
 
-def install_svd_mlps(model, quant: fmt.QuantizationConfig, hf_config: Any) -> VariantInfo:
+def _stock_slot(layer, i: int):
+    """(stock dense MLP, our class) for one decoder layer, by the upstream layout:
+    llama3/model.py and qwen3/model.py hold the dense MLP as `layer.mlp` (`gate_proj_weight`
+    ...); qwen3/model_bf16.py holds a wrapper with `is_moe` and `dense_mlp`."""
+    from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP, SVDNeuronWrapperMLP
+
+    mlp = getattr(layer, "mlp", None)
+    where = f"model.layers.{i}.mlp"
+    if mlp is not None and hasattr(mlp, "is_moe"):
+        if mlp.is_moe:
+            raise fmt.CheckpointFormatError(
+                f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY} lists {where}, a mixture-of-experts layer of "
+                f"{class_path(mlp)} (is_moe); the svd_neuron variant factors dense MLPs only")
+        stock = getattr(mlp, "dense_mlp", None)
+        if stock is not None:
+            return stock, SVDNeuronWrapperMLP
+    elif mlp is not None and hasattr(mlp, "gate_proj_weight"):
+        return mlp, SVDNeuronMLP
+    raise stack_mod.HookTargetError(
+        f"{class_path(mlp)} at {where} is neither a dense MLP with `gate_proj_weight` (llama3/model.py LlamaMLP, "
+        f"qwen3/model.py Qwen3MLP) nor qwen3/model_bf16.py's wrapper (`is_moe`, `dense_mlp`); the svd_neuron "
+        f"variant does not know where its MLP goes ({_stack_text()})")
+
+
+def install_svd_mlps(model, quant: fmt.QuantizationConfig, hf_config: Any, resolved: str = "") -> VariantInfo:
     """Replace the MLP of every layer listed in `ranks` or narrowed by `widths`, each built
     at its own width (layers neither factored nor narrowed stay stock)."""
-    from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP
-
+    refuse_factored_attention(quant)
     cfg = _config_dict(hf_config)
     family = mlp_families.family_for_config(cfg)
     hidden, intermediate, _ = _text_dims(cfg)
-    layers = model.model.layers          # LlamaForCausalLM.model (LlamaModel).layers, vllm-neuron 0.21
+    layers = getattr(getattr(model, "model", None), "layers", None)   # *ForCausalLM.model.layers
+    if layers is None:
+        raise stack_mod.HookTargetError(f"{class_path(model)} has no `model.layers`, where the svd_neuron variant "
+                                        f"replaces MLPs ({_stack_text()})")
     plan = ranks_by_layer(quant, family, len(layers))
     widths = widths_by_layer(quant, family, len(layers))
     replaced = sorted(set(plan) | set(widths))
     for i in replaced:
-        layers[i].mlp = SVDNeuronMLP.from_stock(layers[i].mlp, layer=i, family=family, hidden_size=hidden,
-                                                intermediate_size=widths.get(i, intermediate),
-                                                ranks=plan.get(i, {}), narrowed=i in widths)
-    info = VariantInfo(quant, family, tuple(replaced))
+        stock, ours = _stock_slot(layers[i], i)
+        try:
+            layers[i].mlp = ours.from_stock(stock, layer=i, family=family, hidden_size=hidden,
+                                            intermediate_size=widths.get(i, intermediate), ranks=plan.get(i, {}),
+                                            narrowed=i in widths, stock_intermediate_size=intermediate)
+        except stack_mod.HookTargetError as e:
+            raise stack_mod.HookTargetError(f"{e} ({_stack_text()})") from None
+    info = VariantInfo(quant, family, tuple(replaced), resolved or class_path(model), class_path(model))
     model._svd_neuron = info
     # Per rank, factors beat the dense shard only while r < H (I/tp) / (H + I/tp) (docs/trainium.md);
     # each layer is compared with its dense shard at its own width.
     ours = sum(p.numel() for i in replaced for p in layers[i].mlp.parameters())
     dense = sum(3 * hidden * layers[i].mlp.intermediate_size_per_rank for i in replaced)
-    logger.info("vllm-neuronmlp: %d of %d %s MLPs replaced by the svd_neuron variant (%d factored, %d narrowed "
-                "by format-v2 widths); their parameters per rank: %.1f M (dense at the same widths: %.1f M)",
-                len(replaced), len(layers), family.name, len(plan), len(widths), ours / 1e6, dense / 1e6)
+    SERVING_LOG.info("vllm-neuronmlp: %d of %d %s MLPs replaced by the svd_neuron variant (%d factored, %d narrowed "
+                     "by format-v2 widths) in %s (registry class %s); their parameters per rank: %.1f M (dense at the "
+                     "same widths: %.1f M)", len(replaced), len(layers), family.name, len(plan), len(widths),
+                     info.implementation, info.resolved, ours / 1e6, dense / 1e6)
     if ours > dense:
-        logger.warning("vllm-neuronmlp: at this tensor-parallel degree the factored MLPs hold more parameters per "
-                       "rank than the dense ones would (%d > %d); a lower degree or lower ranks would save memory",
-                       ours, dense)
+        SERVING_LOG.warning("vllm-neuronmlp: at this tensor-parallel degree the factored MLPs hold more parameters "
+                            "per rank than the dense ones would (%d > %d); a lower degree or lower ranks would save "
+                            "memory", ours, dense)
     return info
 
 
@@ -187,53 +270,221 @@ def _checkpoint_tensor_shapes(checkpoint_path: str) -> Optional[Dict[str, Tuple[
     return shapes
 
 
-def patch_model_class(cls) -> None:
-    """Wrap `from_configs` and `load_weights` of one native model class (idempotent)."""
-    if cls.__dict__.get(_PATCHED, False):
-        return
+# ---------------------------------------------------------------- the patches
+SHARD_LINE = ("vllm-neuronmlp: svd_neuron shards loaded: rank {rank} of {tp}, {mlps} MLPs, class {implementation} "
+              "(registry: {resolved}), checksum split={split!r} replicated={replicated!r}")
+_SHARD_RE = re.compile(r"svd_neuron shards loaded: rank (?P<rank>\d+) of (?P<tp>\d+), (?P<mlps>\d+) MLPs, class "
+                       r"(?P<implementation>\S+) \(registry: (?P<resolved>\S+)\), checksum split=(?P<split>\S+) "
+                       r"replicated=(?P<replicated>\S+)")
+
+
+def parse_shard_line(line: str) -> Optional[Dict[str, Any]]:
+    """The fields of a SHARD_LINE in `line` (a server log line), None if it has none."""
+    m = _SHARD_RE.search(line)
+    if m is None:
+        return None
+    out: Dict[str, Any] = dict(m.groupdict())
+    for k in ("rank", "tp", "mlps"):
+        out[k] = int(out[k])
+    for k in ("split", "replicated"):
+        out[k] = float(out[k])
+    return out
+
+
+def _is_ours(fn) -> bool:
+    return getattr(getattr(fn, "__func__", fn), _WRAPPER, False)
+
+
+def _marked(fn):
+    setattr(fn, _WRAPPER, True)
+    return fn
+
+
+def _wrap_load_weights(cls, original):
     from vllm_neuronmlp.neuron import names
 
-    original_from_configs = cls.from_configs.__func__
-    original_load_weights = cls.load_weights
-
-    def from_configs(klass, hf_config, *args, **kwargs):
-        quant = svd_quant_config(hf_config)
-        if quant is None:
-            return original_from_configs(klass, hf_config, *args, **kwargs)
-        model = original_from_configs(klass, without_quantization(hf_config), *args, **kwargs)
-        install_svd_mlps(model, quant, hf_config)
-        return model
-
+    @functools.wraps(original)
     def load_weights(self, checkpoint_path, *args, **kwargs):
         info = getattr(self, "_svd_neuron", None)
-        if info is not None:
-            tensors = _checkpoint_tensor_shapes(checkpoint_path)
-            if tensors is not None:
-                names.check_mlp_tensors(tensors, self, source=str(checkpoint_path))
-        result = original_load_weights(self, checkpoint_path, *args, **kwargs)
-        if info is not None:
-            names.check_loaded(self)
-            for mlp in names.svd_mlps(self).values():
-                mlp.finalize()
+        if info is None:     # a dense model, or a factory delegating to the model that holds our MLPs
+            return original(self, checkpoint_path, *args, **kwargs)
+        tensors = _checkpoint_tensor_shapes(checkpoint_path)
+        if tensors is not None:
+            names.check_mlp_tensors(tensors, self, source=str(checkpoint_path))
+        result = original(self, checkpoint_path, *args, **kwargs)
+        names.check_loaded(self)
+        for mlp in names.svd_mlps(self).values():
+            mlp.finalize()
+        SERVING_LOG.info(SHARD_LINE.format(implementation=info.implementation, resolved=info.resolved,
+                                           **names.shard_checksums(self)))
         return result
+    return _marked(load_weights)
 
-    from_configs.__doc__ = f"{original_from_configs.__doc__ or ''}\n(vllm-neuronmlp: svd_neuron MLPs)"
-    cls.from_configs = classmethod(from_configs)
-    cls.load_weights = load_weights
+
+def _wrap_load_weights_lite(cls, original):
+    from vllm_neuronmlp.neuron import names
+
+    @functools.wraps(original)
+    def load_weights_lite(self, checkpoint_path, *args, **kwargs):
+        result = original(self, checkpoint_path, *args, **kwargs)
+        if getattr(self, "_svd_neuron", None) is not None:
+            device = args[0] if args else kwargs.get("device")
+            mlps = names.svd_mlps(self).values()
+            for mlp in mlps:
+                mlp.prepare_weightless(device)
+            paths = {mlp.compute_path for mlp in mlps}
+            SERVING_LOG.info("vllm-neuronmlp: %s compiled before its weights (load_weights_lite): the svd_neuron MLPs "
+                             "trace their %s path, reading factors as parameters and buffers", class_path(self),
+                             "/".join(sorted(paths)))
+        return result
+    return _marked(load_weights_lite)
+
+
+def _refusing_entry_point(cls, name, original):
+    @functools.wraps(original)
+    def entry(self, *args, **kwargs):
+        if getattr(self, "_svd_neuron", None) is not None:
+            raise stack_mod.HookTargetError(
+                f"{class_path(cls)}.{name} is a load entry point the svd_neuron variant does not know (it wraps "
+                f"{', '.join(LOAD_ENTRY_POINTS)}); refusing to load an svd_neuron checkpoint through it "
+                f"({_stack_text()}); vllm_neuronmlp/neuron/integrate.py must learn it first")
+        return original(self, *args, **kwargs)
+    return _marked(entry)
+
+
+def patch_load_entry_points(cls) -> None:
+    """Wrap every load entry point of a model class (idempotent): `load_weights`
+    (required), `load_weights_lite`, and a refusal for any other `load_weights*`."""
+    if cls.__dict__.get(_LOAD_PATCHED, False):
+        return
+    if not callable(getattr(cls, "load_weights", None)):
+        raise stack_mod.HookTargetError(
+            f"{class_path(cls)} has no callable `load_weights`, the load entry point the svd_neuron variant wraps "
+            f"({_stack_text()}); if upstream renamed it, vllm_neuronmlp/neuron/integrate.py must follow")
+    for name in sorted(n for n in dir(cls) if n.startswith("load_weights")):
+        original = getattr(cls, name)
+        if not callable(original) or _is_ours(original):
+            continue          # not a method, or inherited from a class we already patched
+        if name == "load_weights":
+            setattr(cls, name, _wrap_load_weights(cls, original))
+        elif name == "load_weights_lite":
+            setattr(cls, name, _wrap_load_weights_lite(cls, original))
+        else:
+            setattr(cls, name, _refusing_entry_point(cls, name, original))
+    setattr(cls, _LOAD_PATCHED, True)
+
+
+def _is_model_class(cls) -> bool:
+    """A class implementing vllm-neuron's model interface (load_weights, get_kv_spec,
+    bind_kv_cache, ...) rather than a factory whose `from_configs` returns another class's
+    instance (qwen3/factory.py)."""
+    return any(hasattr(cls, n) for n in ("load_weights", "get_kv_spec", "bind_kv_cache"))
+
+
+def patch_model_class(cls) -> None:
+    """Wrap `from_configs` and, for a model class, its load entry points (idempotent); a
+    factory's product gets its load entry points when `from_configs` returns it. A class
+    without them is refused with its path and the vllm-neuron version."""
+    if cls.__dict__.get(_PATCHED, False):
+        return
+    if not isinstance(inspect.getattr_static(cls, "from_configs", None), classmethod):
+        raise stack_mod.HookTargetError(
+            f"{class_path(cls)} has no classmethod `from_configs`, the build entry point the svd_neuron variant wraps "
+            f"({_stack_text()}); if upstream renamed it, vllm_neuronmlp/neuron/integrate.py must follow")
+    if _is_model_class(cls):
+        patch_load_entry_points(cls)
+    if not _is_ours(cls.from_configs):
+        original_from_configs = cls.from_configs.__func__
+
+        def from_configs(klass, hf_config, *args, **kwargs):
+            quant = svd_quant_config(hf_config)
+            if quant is None:
+                return original_from_configs(klass, hf_config, *args, **kwargs)
+            refuse_factored_attention(quant)
+            model = original_from_configs(klass, without_quantization(hf_config), *args, **kwargs)
+            patch_load_entry_points(type(model))
+            install_svd_mlps(model, quant, hf_config, resolved=class_path(klass))
+            return model
+
+        from_configs.__doc__ = f"{original_from_configs.__doc__ or ''}\n(vllm-neuronmlp: svd_neuron MLPs)"
+        cls.from_configs = classmethod(_marked(from_configs))
     setattr(cls, _PATCHED, True)
 
 
-# ---------------------------------------------------------------- import hooks
-def _patch_hook_target(hook: ModelHook) -> Callable:
+# ---------------------------------------------------------------- import hooks and the registry
+def _patch_resolved(hook: ModelHook, cls, where: str) -> None:
+    """Patch the class `where` resolves for `hook.architecture`; record why not."""
+    try:
+        patch_model_class(cls)
+    except stack_mod.HookTargetError as e:
+        _PROBLEMS[hook.architecture] = str(e)
+        logger.error("vllm-neuronmlp: %s; svd_neuron checkpoints of %s will be refused", e, hook.architecture)
+        return
+    _PROBLEMS.pop(hook.architecture, None)
+    _RESOLVED[hook.architecture] = class_path(cls)
+    logger.info("vllm-neuronmlp: %s resolves %s to %s (patched)", where, hook.architecture, class_path(cls))
+
+
+def _package_hook(hook: ModelHook) -> Callable:
     def patch(module):
         cls = getattr(module, hook.cls, None)
-        if cls is None or not hasattr(getattr(cls, "from_configs", None), "__func__") \
-                or not hasattr(cls, "load_weights"):
-            logger.error("vllm-neuronmlp: %s.%s has no from_configs/load_weights; svd_neuron checkpoints "
-                         "of %s will be refused", hook.module, hook.cls, hook.architecture)
+        if cls is None:
+            _PROBLEMS[hook.architecture] = f"{hook.package} exports no {hook.cls} ({_stack_text()})"
+            logger.error("vllm-neuronmlp: %s", _PROBLEMS[hook.architecture])
             return
-        patch_model_class(cls)
+        _patch_resolved(hook, cls, hook.package)
     return patch
+
+
+def _check_models(models) -> None:
+    for arch, cls in list(models or ()):
+        hook = next((h for h in MODEL_HOOKS if h.architecture == arch), None)
+        if hook is not None and isinstance(cls, type) and not cls.__dict__.get(_PATCHED, False):
+            _patch_resolved(hook, cls, f"{REGISTRY_MODULE}.get_models()")
+
+
+def _registry_hook(module) -> None:
+    """vllm_neuron/model/registry.py: every `get_models()` call patches what it returns."""
+    original = getattr(module, "get_models", None)
+    if not callable(original) or _is_ours(original):
+        return
+
+    @functools.wraps(original)
+    def get_models(*args, **kwargs):
+        models = original(*args, **kwargs)
+        _check_models(models)
+        return models
+
+    module.get_models = _marked(get_models)
+    try:
+        module.get_models()
+    except Exception as e:   # reported again, as a refusal, when an svd_neuron checkpoint asks for it
+        logger.error("vllm-neuronmlp: %s.get_models() failed (%s: %s)", REGISTRY_MODULE, type(e).__name__, e)
+
+
+def resolve(architecture: str):
+    """The class vllm_neuron/model/registry.py resolves for `architecture`, patched; a
+    HookTargetError naming the registry, the class and the vllm-neuron otherwise."""
+    try:
+        registry = importlib.import_module(REGISTRY_MODULE)
+        models = dict(registry.get_models())
+    except Exception as e:
+        raise stack_mod.HookTargetError(
+            f"could not read {REGISTRY_MODULE}.get_models() to find the class for {architecture} "
+            f"({type(e).__name__}: {e}; {_stack_text()})") from e
+    cls = models.get(architecture)
+    if cls is None:
+        raise stack_mod.HookTargetError(
+            f"{REGISTRY_MODULE}.get_models() resolves no {architecture} (on {_stack_text()}), so the svd_neuron "
+            f"variant has no class to install into; registered: {sorted(models)}")
+    patch_model_class(cls)
+    _RESOLVED[architecture] = class_path(cls)
+    return cls
+
+
+def resolved_classes() -> Dict[str, str]:
+    """architecture -> path of the class the registry resolved and we patched, this process."""
+    return dict(_RESOLVED)
 
 
 # ---------------------------------------------------------------- platform checks
@@ -255,8 +506,9 @@ def refuse_check(stack: stack_mod.NeuronStack) -> Callable:
 
 
 def native_check(stack: stack_mod.NeuronStack) -> Callable:
-    """check_and_update_config guard on the native line: our architecture, our hook
-    target present in this vllm-neuron, an intermediate size the MLP TP degree divides."""
+    """check_and_update_config guard on the native line: our architecture, the class the
+    registry resolves for it patched (or refused by name), no factored attention, an
+    intermediate size the MLP TP degree divides."""
     def check(vllm_config) -> None:
         model_config = getattr(vllm_config, "model_config", None)
         if model_config is None or not _svd_requested(model_config):
@@ -268,21 +520,20 @@ def native_check(stack: stack_mod.NeuronStack) -> Callable:
             raise stack_mod.NeuronStackError(stack_mod.refusal_message(
                 stack, f"architecture {architectures} has no svd_neuron variant; supported: "
                        f"{list(SUPPORTED_ARCHITECTURES)}"))
-        module_file = os.path.join(*hooks[0].module.split(".")[1:]) + ".py"
-        if not stack.has_file(module_file):
-            raise stack_mod.NeuronStackError(stack_mod.refusal_message(
-                stack, f"{hooks[0].module} ({module_file}), which the variant patches, does not exist"))
         if fmt.QUANTIZATION_CONFIG_KEY not in _config_dict(hf_config):
             raise fmt.CheckpointFormatError(
                 f"--quantization {fmt.QUANT_METHOD} was given, but the model's {fmt.CONFIG_FILE} has no "
                 f"'{fmt.QUANTIZATION_CONFIG_KEY}' with quant_method '{fmt.QUANT_METHOD}': it is a dense checkpoint")
+        quant = svd_quant_config(hf_config)
+        refuse_factored_attention(quant, source=str(model_config.model))
+        resolve(hooks[0].architecture)
         tp = int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1) or 1)
         additional = getattr(vllm_config, "additional_config", None) or {}
         mlp_dp = int((additional.get("neuron_config") or {}).get("mlp_dp_size", 1) or 1)
         _, intermediate, _ = _text_dims(_config_dict(hf_config))
         intermediate_shard(intermediate, tp * mlp_dp, f"{model_config.model}: the MLP")
         # format v2: every narrowed layer is split by its own width (the CPU path's check and error)
-        fmt.check_tensor_parallel(svd_quant_config(hf_config), tp * mlp_dp,
+        fmt.check_tensor_parallel(quant, tp * mlp_dp,
                                   source=f"{model_config.model}: {fmt.CONFIG_FILE} (the MLP's tensor-parallel degree "
                                          f"is tensor_parallel_size {tp} x mlp_dp_size {mlp_dp})")
     return check
@@ -324,6 +575,7 @@ ABSENT, INACTIVE, NATIVE, REFUSING = "absent", "inactive", "native", "refusing"
 def install(platform_cls=None, stack: Optional[stack_mod.NeuronStack] = None) -> str:
     """Called by `vllm_neuronmlp.register()`; returns what it did (ABSENT: no vllm-neuron,
     nothing touched; INACTIVE: installed but not vLLM's platform; NATIVE; REFUSING)."""
+    global _STACK
     stack = stack or stack_mod.detect_stack()
     if not stack.installed:
         return ABSENT
@@ -336,12 +588,16 @@ def install(platform_cls=None, stack: Optional[stack_mod.NeuronStack] = None) ->
             return INACTIVE
     if platform_cls is None:
         return INACTIVE
+    _STACK = stack
     allow_quantization(platform_cls)
     if stack.line != stack_mod.NATIVE:
         wrap_check_and_update_config(platform_cls, refuse_check(stack))
         logger.info("vllm-neuronmlp: %s; svd_neuron checkpoints will be refused", stack.describe())
         return REFUSING
+    _RESOLVED.clear()
+    _PROBLEMS.clear()
     wrap_check_and_update_config(platform_cls, native_check(stack))
     for hook in MODEL_HOOKS:
-        call_after_import(hook.module, _patch_hook_target(hook))
+        call_after_import(hook.package, _package_hook(hook))
+    call_after_import(REGISTRY_MODULE, _registry_hook)
     return NATIVE

@@ -17,9 +17,21 @@ Compute, for a fully factored SiLU MLP: the two NKI kernels (`mlp.up_gate` then
 `mlp.down`) through the one launcher (kernels/launch.py) on a Neuron device, with the
 torch fallback `ops.svd_mlp` where they cannot run; `VLLM_NEURONMLP_BACKEND` picks
 `torch` / `nki-sim` on CPU like everywhere else (vllm_neuronmlp/ops.py). The path is
-decided once, after loading (`finalize`), outside the compiled graph. A layer with a
-dense projection (the compressor keeps a module dense when factoring saves nothing) runs
-each projection on its own: `ops.factored_linear` or `x @ W`.
+decided once, by a load entry point, outside the compiled graph: `finalize` after
+`load_weights`, `prepare_weightless` after `load_weights_lite` (vllm-neuron's CPU compile,
+which traces the model before any weight exists). Every tensor the forward reads is a
+parameter or a registered buffer (the side-by-side gate/up factors of the torch path are
+non-persistent buffers, filled by `finalize`), so a traced graph takes them as inputs,
+never as constants; the forward builds nothing and refuses to run before a load entry
+point prepared it. A layer with a dense projection (the compressor keeps a module dense
+when factoring saves nothing) runs each projection on its own: `ops.factored_linear` or
+`x @ W`.
+
+Which tensor-parallel rank a layer holds comes from the stock MLP it replaces
+(`stock_parallelism`): llama3/model.py's `LlamaMLP` sets `mlp_tp_group` / `mlp_tp_rank`
+/ `mlp_tp_size`; qwen3/model.py's `Qwen3MLP` sets only `tp_group` and `world_size`, its
+loaders shard by the rank the reader passes, the group's `rank_in_group`. A stock MLP
+with neither is refused by name, never given rank 0.
 
 A layer narrowed by format v2 (`quantization_config.widths`, docs/checkpoint_format.md) is
 this module built at its width k instead of the config's intermediate_size: every
@@ -27,7 +39,7 @@ projection, dense or factored, has k on its intermediate side, sharded k/tp per 
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +47,49 @@ import torch.nn.functional as F
 from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp import mlp_families, ops
 from vllm_neuronmlp.neuron.sharding import ShardLoader, full_shape, intermediate_shard, shard_index
+from vllm_neuronmlp.neuron.stack import HookTargetError, class_path
+
+
+class SVDNeuronStateError(RuntimeError):
+    """The MLP was used before a load entry point prepared it."""
+
+
+def stock_parallelism(stock: torch.nn.Module, where: str, intermediate_size: Optional[int] = None) -> Tuple:
+    """(tp_group, mlp_tp_group, mlp_tp_rank, mlp_tp_size) the stock MLP really shards by.
+
+    llama3/model.py `LlamaMLP` (ae6c10e): `mlp_tp_group` / `mlp_tp_rank` / `mlp_tp_size`
+    (TP x mlp_dp_size; its loaders use `with_rank_override(rank=mlp_tp_rank)`).
+    qwen3/model.py `Qwen3MLP` (and model_bf16.py `Qwen3DenseMLP`): only `tp_group` and
+    `world_size`; its loaders take the rank the checkpoint reader passes, which is the
+    model's `tp_group.rank_in_group` (vLLM's GroupCoordinator; its `rank` is the GLOBAL
+    rank). `intermediate_size` (the config's) cross-checks the degree against the
+    stock MLP's own `intermediate_size_per_rank`."""
+    name = f"{class_path(stock)} (the stock MLP of {where})"
+    tp_group = getattr(stock, "tp_group", None)
+    if tp_group is None:
+        raise HookTargetError(f"{name} has no `tp_group`; the svd_neuron variant reads its collectives from it")
+    if hasattr(stock, "mlp_tp_rank"):
+        group, rank, size = getattr(stock, "mlp_tp_group", None), stock.mlp_tp_rank, getattr(stock, "mlp_tp_size", None)
+        if group is None or size is None:
+            raise HookTargetError(f"{name} has `mlp_tp_rank` but no `mlp_tp_group` / `mlp_tp_size` "
+                                  f"(llama3/model.py LlamaMLP sets all three)")
+    else:
+        group, rank, size = tp_group, getattr(tp_group, "rank_in_group", None), getattr(tp_group, "world_size", None)
+        if rank is None or size is None:
+            raise HookTargetError(
+                f"{name} holds no tensor-parallel rank the svd_neuron variant can read: neither `mlp_tp_rank` "
+                f"(llama3/model.py LlamaMLP) nor `tp_group.rank_in_group` with `tp_group.world_size` (qwen3/model.py "
+                f"Qwen3MLP, {type(tp_group).__name__} here); refusing rather than loading one rank's shard on every rank")
+    rank, size = int(rank), int(size)
+    if not 0 <= rank < size:
+        raise HookTargetError(f"{name}: tensor-parallel rank {rank} is outside its group of {size}")
+    per_rank = getattr(stock, "intermediate_size_per_rank", None)
+    if intermediate_size is not None and per_rank is not None and intermediate_size % size == 0 \
+            and int(per_rank) * size != intermediate_size:   # (an indivisible size is named by intermediate_shard)
+        raise HookTargetError(f"{name} holds intermediate_size_per_rank {per_rank}, which is not intermediate_size "
+                              f"{intermediate_size} / its MLP tensor-parallel degree {size}: the variant would shard "
+                              f"differently from the stock MLP")
+    return tp_group, group, rank, size
 
 
 class FactoredProjection(torch.nn.Module):
@@ -97,19 +152,23 @@ class SVDNeuronMLP(torch.nn.Module):
             module = mlp_families.module_name(family, layer, proj)
             self.add_module(proj, FactoredProjection(module, role, hidden_size, intermediate_size,
                                                      ranks.get(role), mlp_tp_rank, mlp_tp_size, dtype))
-        self._gate_up = None   # [U_g | U_u], [V_g ; V_u] for ops.svd_mlp, built by finalize()
-        self._path = None      # decided once by finalize(): "kernels", "torch", "nki-sim" or "per-projection"
+        self.where = f"{family.layer_prefix}.{layer}.mlp"
+        if self.fused:   # [U_g | U_u], [V_g ; V_u] for ops.svd_mlp: buffers (graph inputs), filled by finalize()
+            gate, up = self.projections()[mlp_families.GATE], self.projections()[mlp_families.UP]
+            r = gate.rank + up.rank
+            self.register_buffer("gate_up_u", torch.empty(hidden_size, r, dtype=dtype), persistent=False)
+            self.register_buffer("gate_up_v", torch.empty(r, self.intermediate_size_per_rank, dtype=dtype),
+                                 persistent=False)
+        self._path = None      # decided once by a load entry point: "kernels", "torch", "nki-sim" or "per-projection"
 
     @classmethod
     def from_stock(cls, stock: torch.nn.Module, *, layer: int, family: mlp_families.MLPFamily, hidden_size: int,
-                   intermediate_size: int, ranks: Mapping[str, Optional[int]], narrowed: bool = False) -> "SVDNeuronMLP":
-        """Take the stock MLP's process groups, MLP-TP rank/size and dtype (attribute names
-        of `LlamaMLP.__init__`, vllm_neuron/model/llama3/model.py, vllm-neuron 0.21; an MLP
-        without the MLP-DP group falls back to its TP group, as before MLP DP existed)."""
-        tp_group = stock.tp_group
-        mlp_tp_group = getattr(stock, "mlp_tp_group", tp_group)
-        mlp_tp_size = getattr(stock, "mlp_tp_size", getattr(stock, "world_size", 1))
-        mlp_tp_rank = getattr(stock, "mlp_tp_rank", getattr(stock, "rank", 0))
+                   intermediate_size: int, ranks: Mapping[str, Optional[int]], narrowed: bool = False,
+                   stock_intermediate_size: Optional[int] = None) -> "SVDNeuronMLP":
+        """Take the stock MLP's process groups, MLP-TP rank/size (`stock_parallelism`) and
+        dtype; `stock_intermediate_size` (the config's) cross-checks the degree."""
+        where = f"{family.layer_prefix}.{layer}.mlp"
+        tp_group, mlp_tp_group, mlp_tp_rank, mlp_tp_size = stock_parallelism(stock, where, stock_intermediate_size)
         dtype = next((p.dtype for p in stock.parameters()), torch.bfloat16)
         return cls(layer=layer, family=family, hidden_size=hidden_size, intermediate_size=intermediate_size,
                    ranks=ranks, tp_group=tp_group, mlp_tp_group=mlp_tp_group, mlp_tp_rank=mlp_tp_rank,
@@ -128,46 +187,68 @@ class SVDNeuronMLP(torch.nn.Module):
         """Runs as one fused MLP (kernels or ops.svd_mlp): all factored, SiLU."""
         return self.fully_factored and self.family.activation == mlp_families.SILU
 
-    def finalize(self) -> None:
-        """After loading, outside any compiled graph: decide how this MLP computes, once.
+    @property
+    def compute_path(self) -> Optional[str]:
+        """How the forward computes, once a load entry point decided it (else None)."""
+        return self._path
 
-        A fully factored SiLU MLP on a Neuron device whose kernels can run takes the NKI
-        kernels (the four factors separately, nothing copied); otherwise the torch
-        fallback is logged once with the reason, and the side-by-side gate/up factors that
-        `ops.svd_mlp` takes are built here rather than on every forward. Deciding here
-        keeps logging and backend checks out of `torch.compile(fullgraph=True)`."""
-        if not self.fused:
-            self._path = "per-projection"
-            return
+    def _choose_path(self, device: torch.device, probe: Optional[torch.Tensor]) -> str:
         from vllm_neuronmlp.kernels import launch
 
-        p = self.projections()
-        gate, up = p[mlp_families.GATE], p[mlp_families.UP]
-        path = ops.select_backend(gate.svd_u.device)
+        path = ops.select_backend(device)
         if path == "nki":
-            ok, reason = launch.device_support(gate.svd_u)
+            ok, reason = launch.device_support(probe) if probe is not None else (
+                False, "compiled before its weights (load_weights_lite): no factor is on a device yet")
             path = "kernels" if ok else "torch"
             if not ok:
                 launch.log_fallback_once("the svd_neuron MLP", reason)
-        self._path = path
-        self._gate_up = None if path == "kernels" else (torch.cat([gate.svd_u, up.svd_u], dim=1),
-                                                        torch.cat([gate.svd_v, up.svd_v], dim=0))
+        return path
+
+    def finalize(self) -> None:
+        """After `load_weights`, outside any compiled graph: decide how this MLP computes.
+
+        A fully factored SiLU MLP on a Neuron device whose kernels can run takes the NKI
+        kernels (the four factors separately; the gate/up buffers are emptied); otherwise
+        the torch fallback is logged once with the reason, and the side-by-side gate/up
+        factors that `ops.svd_mlp` takes are copied into their buffers here rather than on
+        every forward. Deciding here keeps logging and backend checks out of
+        `torch.compile(fullgraph=True)`."""
+        if not self.fused:
+            self._path = "per-projection"
+            return
+        p = self.projections()
+        gate, up = p[mlp_families.GATE], p[mlp_families.UP]
+        self._path = self._choose_path(gate.svd_u.device, gate.svd_u)
+        if self._path == "kernels":
+            self.gate_up_u = gate.svd_u.new_empty(0)
+            self.gate_up_v = gate.svd_v.new_empty(0)
+        else:
+            self.gate_up_u = torch.cat([gate.svd_u, up.svd_u], dim=1)
+            self.gate_up_v = torch.cat([gate.svd_v, up.svd_v], dim=0)
+
+    def prepare_weightless(self, device) -> None:
+        """After `load_weights_lite` (vllm-neuron's CPU compile: the model is traced before
+        any weight exists): decide the path for `device`, the one the stock lite load was
+        given; the buffers stay the placeholders built with the model, read by the traced
+        graph as buffers. No tensor is read or built."""
+        self._path = "per-projection" if not self.fused else self._choose_path(torch.device(device or "cpu"), None)
 
     # ------------------------------------------------------------ compute
     def local_mlp(self, h: torch.Tensor) -> torch.Tensor:
         """This rank's partial MLP output (before any reduction)."""
         p = self.projections()
         gate, up, down = p[mlp_families.GATE], p[mlp_families.UP], p[mlp_families.DOWN]
+        if self._path is None:
+            raise SVDNeuronStateError(
+                f"{self.where}: the svd_neuron MLP ran before a load entry point (load_weights, or load_weights_lite "
+                f"when compiling before the weights) prepared it; vllm_neuronmlp/neuron/integrate.py wraps both")
         if not self.fused:
             return down(self.act(gate(h)) * up(h))
-        if self._path is None:   # used before finalize() (eager use): decide on first use
-            self.finalize()
         if self._path == "kernels":
             from vllm_neuronmlp.kernels import launch
 
             return launch.svd_mlp_nki(h, gate.svd_u, gate.svd_v, up.svd_u, up.svd_v, down.svd_u, down.svd_v)
-        gate_up_u, gate_up_v = self._gate_up
-        return ops.svd_mlp(h, gate_up_u, gate_up_v, down.svd_u, down.svd_v, gate.rank, self._path)
+        return ops.svd_mlp(h, self.gate_up_u, self.gate_up_v, down.svd_u, down.svd_v, gate.rank, self._path)
 
     def forward(self, hidden_states: torch.Tensor, is_prefill: bool) -> torch.Tensor:
         if is_prefill and self.world_size > 1:
@@ -185,3 +266,16 @@ class SVDNeuronMLP(torch.nn.Module):
         width = f"width={self.intermediate_size}, " if self.narrowed else ""
         return (f"layer={self.layer}, {width}ranks={ranks}, mlp_tp={self.mlp_tp_rank}/{self.mlp_tp_size}, "
                 f"intermediate_per_rank={self.intermediate_size_per_rank}")
+
+
+class SVDNeuronWrapperMLP(SVDNeuronMLP):
+    """Takes the place of qwen3/model_bf16.py's `Qwen3MLP`, a wrapper that its decoder
+    layer calls as `mlp(hidden_states, positions, is_decode, rank)` and asks `is_moe`
+    (its `dense_mlp` is the stock MLP whose groups we take). Replacing the wrapper, not
+    `dense_mlp`, keeps our parameters named like the checkpoint tensors."""
+
+    is_moe = False
+
+    def forward(self, hidden_states: torch.Tensor, positions=None, is_decode: bool = False,
+                rank=None) -> torch.Tensor:
+        return super().forward(hidden_states, is_prefill=not is_decode)

@@ -23,6 +23,7 @@ import torch
 
 from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP
+from vllm_neuronmlp.neuron.sharding import is_split
 
 
 class CheckpointMappingError(fmt.CheckpointFormatError):
@@ -99,3 +100,32 @@ def check_loaded(model: torch.nn.Module) -> None:
         raise CheckpointMappingError(
             f"after loading, parameter(s) {empty[:6]} of the svd_neuron model variant were never filled "
             f"from the checkpoint; refusing to serve a half-loaded model")
+
+
+_SAMPLE = 4096   # elements of each tensor the checksum reads (strided over the whole tensor)
+
+
+def _fingerprint(t: torch.Tensor) -> float:
+    flat = t.detach().reshape(-1)
+    sample = flat[::max(1, flat.numel() // _SAMPLE)][:_SAMPLE].to("cpu", torch.float64)
+    return float((sample * torch.arange(1, sample.numel() + 1, dtype=torch.float64)).sum())
+
+
+def shard_checksums(model: torch.nn.Module) -> Dict[str, Union[int, float]]:
+    """This rank's fingerprint of its loaded svd_neuron tensors, to compare across ranks:
+    `split` over the tensors ranks hold different parts of (V of gate/up, U of down, dense
+    weights; it differs between ranks), `replicated` over those every rank holds whole
+    (the same on every rank). Position-weighted sums of a strided sample of each tensor,
+    so reading them costs little even for a large model."""
+    mlps = svd_mlps(model)
+    split = replicated = 0.0
+    rank, tp = 0, 1
+    for mlp in mlps.values():
+        rank, tp = mlp.mlp_tp_rank, mlp.mlp_tp_size
+        for role, proj in mlp.projections().items():
+            for leaf, param in proj.named_parameters(recurse=False):
+                if is_split(role, leaf):
+                    split += _fingerprint(param)
+                else:
+                    replicated += _fingerprint(param)
+    return {"rank": rank, "tp": tp, "mlps": len(mlps), "split": split, "replicated": replicated}

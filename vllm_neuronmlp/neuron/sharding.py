@@ -58,6 +58,13 @@ def full_shape(role: str, leaf: str, hidden: int, intermediate: int, rank: Optio
     return (n_out, n_in)   # nn.Linear weight
 
 
+def is_split(role: str, leaf: str) -> bool:
+    """Whether ranks hold different parts of this leaf (else every rank holds it whole)."""
+    if leaf == fmt.WEIGHT_SUFFIX:
+        return True
+    return role in (ROW_ROLES if leaf == fmt.U_SUFFIX else COLUMN_ROLES)
+
+
 def shard_index(role: str, leaf: str, shape: Sequence[int], tp_rank: int, tp_size: int):
     """(index tuple into the checkpoint tensor, transpose?) for this rank's shard.
 

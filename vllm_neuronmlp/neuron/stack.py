@@ -47,6 +47,17 @@ class NeuronStackError(RuntimeError):
     message names the stack, the version found and what is supported."""
 
 
+class HookTargetError(NeuronStackError):
+    """An upstream class the variant hooks lacks what the hook relies on (a method, an
+    attribute, a registry entry); the message names the class path, what is missing and
+    the vllm-neuron found, so a renamed upstream method fails loudly, never silently."""
+
+
+class AttentionNotServedError(NeuronStackError):
+    """A format-v3 checkpoint factors attention projections; the Trainium variant
+    replaces MLPs only (the CPU/GPU vLLM plugin serves such checkpoints)."""
+
+
 @dataclass(frozen=True)
 class NeuronStack:
     line: str                       # ABSENT, NXDI, NATIVE or UNKNOWN
@@ -63,6 +74,12 @@ class NeuronStack:
 
     def has_file(self, relative: str) -> bool:
         return self.location is not None and os.path.exists(os.path.join(self.location, relative))
+
+
+def class_path(obj) -> str:
+    """`module.QualName` of a class (or of an object's class), as refusals name them."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def version_tuple(version: Optional[str]) -> Tuple[int, ...]:
