@@ -15,6 +15,10 @@ Steps (each reported as ran / skipped, with the reason / failed, with the error)
   serve-accuracy     `vllm serve` on vllm-neuron (native line) of the default model compressed;
                      greedy completions and prompt logprobs against the CPU torch path
                      (transformers + our SVDLinear, float32)                        [Trainium]
+  serve-variant      `vllm serve` of the compressed model at --tensor-parallel-size 2: prints
+                     the classes the variant's hooks took (registry class, model class) and
+                     each rank's shard checksum from the server log; fails unless both ranks
+                     loaded, with different split shards and equal replicated factors [Trainium]
   serve-bench        `vllm bench serve` on the dense and the compressed model (input 256,
                      output 128, concurrency 16, alternating rounds)                 [Trainium]
 
@@ -377,6 +381,62 @@ def step_serve_accuracy(report, args, work):
             f"{c['greedy_full_agreement']:.2f}")
 
 
+VARIANT_TP = 2
+
+
+def variant_report(log_text: str, tp: int) -> dict:
+    """What the server log says about the svd_neuron variant: the classes its hooks took
+    and each rank's shard checksum (vllm_neuronmlp/neuron/integrate.py SHARD_LINE), and
+    whether that shows a working variant: `tp` ranks, split shards that differ between
+    ranks, replicated factors equal on all, one model class."""
+    from vllm_neuronmlp.neuron import integrate
+
+    ranks = {}
+    for line in log_text.splitlines():
+        parsed = integrate.parse_shard_line(line)
+        if parsed is not None:
+            ranks[parsed["rank"]] = parsed
+    rows = [ranks[r] for r in sorted(ranks)]
+    problems = []
+    if sorted(ranks) != list(range(tp)):
+        problems.append(f"shard lines from ranks {sorted(ranks)}, expected ranks 0..{tp - 1} (no line: the variant's "
+                        f"load_weights hook did not run there)")
+    if len({r["split"] for r in rows}) != len(rows):
+        problems.append("two ranks report the same split-shard checksum: they loaded the same shard")
+    if len({r["replicated"] for r in rows}) > 1:
+        problems.append("the replicated factors differ between ranks")
+    if len({(r["implementation"], r["resolved"]) for r in rows}) > 1:
+        problems.append("ranks report different model classes")
+    return {"tp": tp, "ranks": rows, "classes": sorted({(r["resolved"], r["implementation"]) for r in rows}),
+            "problems": problems, "ok": not problems}
+
+
+def step_serve_variant(report, args, work):
+    import urllib.request
+
+    from vllm_neuronmlp.tools.evaluation.serving import VllmServer
+
+    _, compressed = _checkpoints(args, work)
+    log = os.path.join(work, f"serve_variant_tp{VARIANT_TP}.log")
+    with VllmServer(compressed, log, served_name="compressed",
+                    extra_args=["--max-model-len", "512", "--tensor-parallel-size", str(VARIANT_TP)]) as server:
+        body = json.dumps({"model": "compressed", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}).encode()
+        req = urllib.request.Request(f"{server.url}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            json.load(r)
+        result = variant_report(server.log_text(), VARIANT_TP)
+    report["serving"]["variant"] = result
+    for resolved, implementation in result["classes"]:
+        print(f"    registry class {resolved} -> model class {implementation}")
+    for row in result["ranks"]:
+        print(f"    rank {row['rank']}/{row['tp']}: {row['mlps']} MLPs, checksum split={row['split']!r} "
+              f"replicated={row['replicated']!r}")
+    if not result["ok"]:
+        raise AssertionError(f"the svd_neuron variant at TP {VARIANT_TP}: {'; '.join(result['problems'])} (log {log})")
+    return f"{VARIANT_TP} ranks loaded their own shards into {', '.join(c[1] for c in result['classes'])}"
+
+
 def step_serve_bench(report, args, work, quick):
     import serving
 
@@ -451,6 +511,7 @@ def main(argv=None) -> int:
         ("device-kernels", env["device_ok"], env["device_reason"], lambda: step_device_kernels(report)),
         ("device-timing", env["device_ok"], env["device_reason"], lambda: step_device_timing(report, args.quick)),
         ("serve-accuracy", env["serve_ok"], env["serve_reason"], lambda: step_serve_accuracy(report, args, args.work)),
+        ("serve-variant", env["serve_ok"], env["serve_reason"], lambda: step_serve_variant(report, args, args.work)),
         ("serve-bench", env["serve_ok"], env["serve_reason"], lambda: step_serve_bench(report, args, args.work, args.quick)),
     ]
     print(f"neuron-check ({report['mode']} mode"

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import neuron_check  # noqa: E402
 
-HARDWARE_STEPS = ("device-kernels", "device-timing", "serve-accuracy", "serve-bench")
+HARDWARE_STEPS = ("device-kernels", "device-timing", "serve-accuracy", "serve-variant", "serve-bench")
 
 
 @pytest.mark.slow
@@ -61,3 +61,29 @@ def test_serving_accuracy_rule():
     assert not neuron_check._compare(ref, drift)["ok"]              # median 0.2 > 0.05 nats
     diverged = [dict(s, greedy_ids=[99] + s["greedy_ids"][1:]) for s in same]
     assert not neuron_check._compare(ref, diverged)["ok"]           # first greedy token must agree
+
+
+def _shard_line(rank, split, replicated=7.5, cls="vllm_neuron.model.qwen3.model.Qwen3ForCausalLM"):
+    from vllm_neuronmlp.neuron import integrate
+
+    return integrate.SHARD_LINE.format(rank=rank, tp=2, mlps=30, implementation=cls,
+                                       resolved="vllm_neuron.model.qwen3.factory.Qwen3ForCausalLM",
+                                       split=split, replicated=replicated)
+
+
+def test_serve_variant_reads_the_shard_lines_of_the_server_log():
+    """The check the Trainium host runs on its TP-2 server log (the line is the one the
+    variant's load_weights hook logs, tests/test_neuron_variant.py), checked here."""
+    prefix = "(EngineCore_DP0 pid=1) INFO 01-01 00:00:00 [integrate.py:1] "
+    good = "\n".join(["startup", prefix + _shard_line(1, -3.25), prefix + _shard_line(0, 12.5)])
+    res = neuron_check.variant_report(good, 2)
+    assert res["ok"] and [r["rank"] for r in res["ranks"]] == [0, 1]
+    assert res["classes"] == [("vllm_neuron.model.qwen3.factory.Qwen3ForCausalLM",
+                               "vllm_neuron.model.qwen3.model.Qwen3ForCausalLM")]
+    same = "\n".join([_shard_line(0, 12.5), _shard_line(1, 12.5)])           # issue 18: both ranks loaded shard 0
+    assert neuron_check.variant_report(same, 2)["problems"] == [
+        "two ranks report the same split-shard checksum: they loaded the same shard"]
+    one = neuron_check.variant_report(_shard_line(0, 12.5), 2)
+    assert not one["ok"] and "shard lines from ranks [0], expected ranks 0..1" in one["problems"][0]
+    drift = "\n".join([_shard_line(0, 12.5), _shard_line(1, -3.25, replicated=7.0)])
+    assert neuron_check.variant_report(drift, 2)["problems"] == ["the replicated factors differ between ranks"]
