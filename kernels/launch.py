@@ -80,7 +80,7 @@ def fused_xuv_sim(x, u, v, target="trn1", transpose_out=False, block_m=None):
     if block_m is None:
         y, _ = run(blocking.fused_xuv, x2, u, v, target=target, transpose_out=transpose_out)
     else:
-        y, _ = run(xuv.fused_xuv, x2, u, v, block_m, target=target, transpose_out=transpose_out)
+        y, _ = run(xuv.fused_xuv, x2, u, v, target=target, block_m=block_m, transpose_out=transpose_out)
     y = np.asarray(y, dtype=np.float32)
     return y if transpose_out else y.reshape(*lead, v.shape[1])
 

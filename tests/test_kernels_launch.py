@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from vllm_neuronmlp.kernels import launch, nki_compat
+from vllm_neuronmlp.kernels import blocking, launch, nki_compat, sim, strip_plan, xuv
 
 BF16 = ml_dtypes.bfloat16
 
@@ -69,6 +69,31 @@ def test_fused_xuv_sim():
     np.testing.assert_allclose(y_t, (d(x.reshape(12, 80)) @ d(u) @ d(v)).T, rtol=1e-5, atol=1e-4)
 
 
+def test_fused_xuv_sim_with_a_given_block(monkeypatch):
+    """block_m given: xuv.fused_xuv runs with it (three strips of 128 for 300 tokens, so
+    U and V are read three times) and the values are right; without it, the kernel at the
+    selector's block."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 80)).astype(np.float32)
+    u = rng.standard_normal((80, 48)).astype(np.float32)
+    v = rng.standard_normal((48, 200)).astype(np.float32)
+    runs = []
+
+    def recording_run(kernel, *arrays, **kwargs):
+        out, st = sim.run(kernel, *arrays, **kwargs)
+        runs.append((kernel, kwargs.get("block_m"), st.hbm_read_bytes))
+        return out, st
+
+    monkeypatch.setattr(launch, "run", recording_run)
+    np.testing.assert_allclose(launch.fused_xuv_sim(x, u, v, block_m=128), d(x) @ d(u) @ d(v),
+                               rtol=1e-5, atol=1e-4)
+    launch.fused_xuv_sim(x, u, v)
+    weights = 80 * 48 + 48 * 200
+    picked = blocking.select_block_m(strip_plan.xuv_shape(300, 80, 48, 200, e=4), "trn1")
+    assert runs == [(xuv.fused_xuv, 128, 4 * (300 * 80 + 3 * weights)),
+                    (blocking.fused_xuv, None, 4 * (300 * 80 + -(-300 // picked) * weights))]
+
+
 def test_input_validation():
     fs = mlp_factors(64, 32, 32, 128, 32, np.float32)
     with pytest.raises(TypeError, match="x: expected float32 or bfloat16, got int64"):
@@ -118,8 +143,6 @@ def test_device_launch_wiring_with_a_torchneuron_standin(monkeypatch):
     import types
 
     import torch
-
-    from vllm_neuronmlp.kernels import blocking, sim
 
     launches, ops_registered = [], []
 
