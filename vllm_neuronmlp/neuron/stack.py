@@ -11,8 +11,9 @@ vllm-neuron has two lines (docs/trainium.md):
   variant hooks into it (`vllm_neuronmlp/neuron/integrate.py`).
 
 Written against vllm-neuron tag v0.21.0.1.0.0 (commit ae6c10e, vLLM 0.24, Neuron SDK with
-NKI 0.3+); the files were read in a public copy of that line (jinhuang12/vllm-neuron,
-commit ed3580d), because the upstream snapshot reachable here stops at 0.2.0.
+NKI 0.3+); the upstream snapshot reachable here stops at 0.2.0, so the native-line files
+were read in public copies and forks of that line (docs/trainium.md lists them with their
+commits).
 """
 from __future__ import annotations
 
