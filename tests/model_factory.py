@@ -3,6 +3,8 @@
 `make_dense_and_factored` writes a factored `svd_neuron` checkpoint and its dense
 twin whose MLP weights are exactly `W = U V` (the product computed in float64,
 stored in the model dtype), so both must give the same outputs.
+`make_dense_and_compressed` does the same for any mix of factored MLP and (format
+v3) attention projections and narrowed MLPs (format v2 widths).
 """
 from __future__ import annotations
 
@@ -44,11 +46,15 @@ def make_tokenizer(path: str, vocab_size: int) -> None:
     fast.save_pretrained(path)
 
 
-def make_config(arch: str, hidden: int, intermediate: int, layers: int, vocab: int, dtype: torch.dtype):
+def make_config(arch: str, hidden: int, intermediate: int, layers: int, vocab: int, dtype: torch.dtype,
+                heads: Optional[int] = None, kv_heads: int = 2):
+    """`heads` defaults to hidden / HEAD_DIM; with another count, only the families with an
+    explicit head_dim (Qwen3, Gemma) keep heads * HEAD_DIM != hidden."""
     from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                  num_attention_heads=hidden // HEAD_DIM, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
+                  num_attention_heads=heads or hidden // HEAD_DIM, num_key_value_heads=kv_heads, vocab_size=vocab,
+                  max_position_embeddings=512,
                   bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, dtype=str(dtype).split(".")[-1])
     if arch == "llama":
         return LlamaConfig(**common)
@@ -69,16 +75,27 @@ def mlp_module(arch: str, layer: int, role: str) -> str:
     return mlp_families.module_name(family, layer, family.projection(role))
 
 
+def attention_module(arch: str, layer: int, role: str) -> str:
+    """HF name of one attention projection of a tiny `arch` model, by role (mlp_families.Q, K, V, O)."""
+    family = mlp_families.family_for_model_type(arch)
+    return mlp_families.attention_module_name(family, layer, family.attention_projection(role))
+
+
 def write_random_model(path: str, arch: str = "llama", hidden: int = 192, intermediate: int = 200,
                        layers: int = 2, vocab: int = 384, dtype: torch.dtype = torch.float32,
-                       seed: int = 0, tokenizer: bool = True) -> Dict[str, torch.Tensor]:
+                       seed: int = 0, tokenizer: bool = True, heads: Optional[int] = None,
+                       kv_heads: int = 2) -> Dict[str, torch.Tensor]:
     """A dense random model saved like HF does; returns its state dict."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = make_config(arch, hidden, intermediate, layers, vocab, dtype)
+    config = make_config(arch, hidden, intermediate, layers, vocab, dtype, heads=heads, kv_heads=kv_heads)
     config.initializer_range = 0.08  # peaky enough that greedy tokens are not near ties
     model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # HF initializes biases (Qwen2's q/k/v) to zero, which would test nothing
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, config.initializer_range)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer:
@@ -141,9 +158,25 @@ def make_dense_and_narrowed(root: str, widths: Dict[int, int], arch: str = "llam
     its first k intermediate channels; the dense twin has the same weights with
     the other channels' down-projection columns zero, so both compute the same.
     Modules in `ranks` are factored at their layer's width (U V exactly in the twin)."""
-    dense_dir, out_dir = os.path.join(root, "dense"), os.path.join(root, "narrowed")
-    write_random_model(dense_dir, arch, hidden, intermediate, layers, dtype=dtype, seed=seed)
+    return make_dense_and_compressed(root, ranks or {}, widths, arch, hidden, intermediate, layers, dtype=dtype,
+                                     block_size=block_size, seed=seed, out="narrowed")
+
+
+def make_dense_and_compressed(root: str, ranks: Dict[str, int], widths: Optional[Dict[int, int]] = None,
+                              arch: str = "llama", hidden: int = 192, intermediate: int = 256, layers: int = 2,
+                              dtype: torch.dtype = torch.float32, block_size: int = 32, seed: int = 0,
+                              heads: Optional[int] = None, kv_heads: int = 2, out: str = "compressed"):
+    """Write `root/dense` and `root/<out>`: every module of `ranks` (MLP or attention
+    projections, any mix; attention makes it format v3) is stored as random factors
+    U [in, r], V [r, out] and its twin's weight is (U V)^T (float64 product); layer i
+    of `widths` keeps its first k intermediate channels, the twin's other channels
+    feeding zero down-projection columns. Biases (Qwen2's q/k/v) stay as they are."""
+    widths = widths or {}
+    dense_dir, out_dir = os.path.join(root, "dense"), os.path.join(root, out)
+    write_random_model(dense_dir, arch, hidden, intermediate, layers, dtype=dtype, seed=seed, heads=heads,
+                       kv_heads=kv_heads)
     state = load_file(os.path.join(dense_dir, fmt.SAFETENSORS_SINGLE_FILE))
+    model_config = fmt.read_config(dense_dir)
     gen = torch.Generator().manual_seed(seed + 1)
     out_state = dict(state)
     fmt_widths = {}
@@ -155,24 +188,34 @@ def make_dense_and_narrowed(root: str, widths: Dict[int, int], arch: str = "llam
         for role in mlp_families.ROLES:
             name = fmt.weight_name(mlp_module(arch, i, role))
             out_state[name] = (state[name][:, :k] if role == mlp_families.DOWN else state[name][:k]).contiguous()
-    for module, r in (ranks or {}).items():
-        i = int(module.split(".")[2])
-        k = widths.get(i, intermediate)
-        down = mlp_families.role_of(module) == mlp_families.DOWN
-        u, v = _factor_pair(k if down else hidden, hidden if down else k, r, dtype, gen)
+    for module, r in ranks.items():
+        k = None if fmt.is_attention_module(module) else widths.get(int(module.split(".")[2]))
+        n_in, n_out = fmt.expected_shape(model_config, module, k)
+        u, v = _factor_pair(n_in, n_out, r, dtype, gen)
         w = (u.double() @ v.double()).T.contiguous().to(dtype)
         name = fmt.weight_name(module)
         state[name] = state[name].clone()
-        if down:
-            state[name][:, :k] = w
-        else:
-            state[name][:k] = w
+        state[name][:n_out, :n_in] = w  # the twin's weight is full width; a narrowed layer's is its first k
         del out_state[name]
         out_state[fmt.u_name(module)] = u.contiguous()
         out_state[fmt.v_name(module)] = v.contiguous()
     _write_twins(dense_dir, state, out_dir, out_state,
-                 fmt.QuantizationConfig(block_size=block_size, ranks=dict(ranks or {}), widths=fmt_widths))
+                 fmt.QuantizationConfig(block_size=block_size, ranks=dict(ranks), widths=fmt_widths))
     return dense_dir, out_dir
+
+
+def v3_ranks(arch: str) -> Dict[str, int]:
+    """A format-v3 mix for a 3-layer model: layer 0 q/k/v (each its own rank) and the MLP
+    factored; layer 1 o factored (its MLP narrowed by V3_WIDTHS); layer 2 q/k/v and o
+    factored, MLP dense. Ranks are multiples of 32 (the factory's block size)."""
+    ranks = {attention_module(arch, 0, mlp_families.Q): 64, attention_module(arch, 0, mlp_families.K): 32,
+             attention_module(arch, 0, mlp_families.V): 32, attention_module(arch, 1, mlp_families.O): 64}
+    ranks.update({attention_module(arch, 2, role): 32 for role in mlp_families.ATTENTION_ROLES})
+    ranks.update({mlp_module(arch, 0, role): 32 for role in mlp_families.ROLES})
+    return ranks
+
+
+V3_WIDTHS = {1: 128}  # with intermediate 256: layer 1's MLP keeps half its channels (v2 widths beside v3)
 
 
 def edit_checkpoint(path: str, drop: Sequence[str] = (), replace: Optional[Dict[str, torch.Tensor]] = None,

@@ -1,4 +1,4 @@
-"""Format v1: validate() accepts a good checkpoint and names each problem."""
+"""Formats v1 to v3: validate() accepts a good checkpoint and names each problem."""
 import json
 import os
 import shutil
@@ -203,3 +203,138 @@ def test_v2_widths_must_split_over_tensor_parallel_ranks():
     with pytest.raises(fmt.TensorParallelError, match=r"widths\['model.layers.0.mlp'\] is 96, which does not "
                                                       r"split over tensor parallel size 64"):
         fmt.check_tensor_parallel(q, 64)
+
+
+# ---------------------------------------------------------------- format v3: factored attention projections
+L0_Q, L0_K, L0_V = (f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+L1_O = "model.layers.1.self_attn.o_proj"
+
+
+@pytest.fixture(scope="module")
+def good_v3(tmp_path_factory):
+    from model_factory import V3_WIDTHS, make_dense_and_compressed, v3_ranks
+
+    # Qwen3 with 4 heads of its explicit head_dim 32 (q 128 wide, hidden 192) and one kv head
+    _, v3 = make_dense_and_compressed(str(tmp_path_factory.mktemp("fmt3")), v3_ranks("qwen3"), V3_WIDTHS, "qwen3",
+                                      hidden=192, intermediate=256, layers=3, heads=4, kv_heads=1)
+    return v3
+
+
+@pytest.fixture
+def ckpt_v3(good_v3, tmp_path):
+    path = str(tmp_path / "ckpt3")
+    shutil.copytree(good_v3, path)
+    return path
+
+
+def test_v3_attention_validates_and_counts(good_v3):
+    report = fmt.validate(good_v3)
+    q = report.quant
+    assert q.format_version == 3 and q.widths == {"model.layers.1.mlp": 128}
+    # (in, out, rank) from heads x head_dim: q 4 x 32, k/v 1 x 32, o back to hidden 192
+    assert report.attention_factored == {
+        L0_Q: (192, 128, 64), L0_K: (192, 32, 32), L0_V: (192, 32, 32), L1_O: (128, 192, 64),
+        "model.layers.2.self_attn.q_proj": (192, 128, 32), "model.layers.2.self_attn.k_proj": (192, 32, 32),
+        "model.layers.2.self_attn.v_proj": (192, 32, 32), "model.layers.2.self_attn.o_proj": (128, 192, 32)}
+    assert set(report.mlp_factored) == {mlp_module("qwen3", 0, r) for r in (GATE, UP, DOWN)}
+    assert set(report.factored) == set(report.attention_factored) | set(report.mlp_factored)
+    assert report.attention_dense_params == 2 * (192 * 128 + 2 * 192 * 32) + 2 * 128 * 192
+    assert report.attention_factored_params == (64 * 320 + 2 * 32 * 224 + 64 * 320
+                                                + 32 * 320 + 2 * 32 * 224 + 32 * 320)
+    # the MLP figures and the MLP ratio ignore the attention factors
+    assert report.mlp_dense_params == 3 * 192 * 256 and report.mlp_factored_params == 3 * 32 * (192 + 256)
+    dense = 3 * 3 * 192 * 256
+    kept = 3 * 32 * (192 + 256) + 3 * 192 * 128 + 3 * 192 * 256
+    assert fmt.mlp_ratio(report.model_config, q.ranks, widths=q.widths) == pytest.approx(1 - kept / dense)
+
+
+def test_expected_shape_of_attention_projections():
+    explicit = {"hidden_size": 192, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 48}
+    assert fmt.expected_shape(explicit, L0_Q) == (192, 192) and fmt.expected_shape(explicit, L0_V) == (192, 48)
+    assert fmt.expected_shape(explicit, L1_O) == (192, 192)
+    derived = {"hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": None}
+    assert fmt.expected_shape(derived, L0_K) == (192, 64)  # head_dim = 192 / 6
+    mha = {"hidden_size": 128, "num_attention_heads": 4}    # no num_key_value_heads: k/v as wide as q
+    assert fmt.expected_shape(mha, L0_K) == (128, 128)
+    nested = {"text_config": explicit}
+    assert fmt.expected_shape(nested, L1_O) == (192, 192)
+
+
+def test_v3_written_exactly_when_attention_is_factored():
+    mlp = fmt.QuantizationConfig(block_size=32, ranks={L0_GATE: 32, L0_UP: 32}, widths={"model.layers.1.mlp": 64})
+    assert mlp.to_dict()["format_version"] == 2 and mlp.attention_ranks() == {}
+    att = fmt.QuantizationConfig(block_size=32, ranks={L0_GATE: 32, L0_UP: 32, L1_O: 64},
+                                 widths={"model.layers.1.mlp": 64})
+    d = att.to_dict()
+    assert d["format_version"] == 3 and att.attention_ranks() == {L1_O: 64}
+    back = fmt.QuantizationConfig.from_dict(d)
+    assert back.format_version == 3 and back.ranks == att.ranks and back.widths == att.widths
+    assert back.width_of(L1_O) is None  # widths never narrow attention
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_attention_needs_format_version_3(version):
+    qc = {"quant_method": "svd_neuron", "format_version": version, "block_size": 32, "ranks": {L1_O: 32}}
+    with pytest.raises(fmt.CheckpointFormatError,
+                       match=rf"config\.json: quantization_config\.ranks lists the attention projection "
+                             rf"model\.layers\.1\.self_attn\.o_proj, which needs format_version 3; the config says "
+                             rf"{version}"):
+        fmt.QuantizationConfig.from_dict(qc)
+
+
+@pytest.mark.parametrize("listed,missing", [((L0_Q,), r"k_proj and model\.layers\.0\.self_attn\.v_proj"),
+                                            ((L0_Q, L0_K), r"v_proj"),
+                                            ((L0_V,), r"q_proj and model\.layers\.0\.self_attn\.k_proj")])
+def test_q_k_v_factored_together(listed, missing):
+    qc = fmt.QuantizationConfig(block_size=32, ranks={m: 32 for m in listed}).to_dict()
+    with pytest.raises(fmt.CheckpointFormatError,
+                       match=rf"factors model\.layers\.0\.self_attn\.\w_proj but not model\.layers\.0\.self_attn\."
+                             rf"{missing}; the q, k and v projections of one layer must be factored together"):
+        fmt.QuantizationConfig.from_dict(qc)
+
+
+def test_v3_q_without_k_and_v_in_a_checkpoint(ckpt_v3):
+    unlist(ckpt_v3, [L0_K, L0_V])
+    with pytest.raises(fmt.CheckpointFormatError, match=r"config\.json: .*factors model\.layers\.0\.self_attn\.q_proj "
+                                                         r"but not model\.layers\.0\.self_attn\.k_proj"):
+        fmt.validate(ckpt_v3)
+
+
+def test_v3_missing_attention_factor(ckpt_v3):
+    edit_checkpoint(ckpt_v3, drop=[fmt.v_name(L1_O)])
+    with pytest.raises(fmt.CheckpointFormatError, match=r"tensor model\.layers\.1\.self_attn\.o_proj\.svd_v is missing; "
+                                                         r".*rank 64, so it needs .*svd_v of shape \[64, 192\]"):
+        fmt.validate(ckpt_v3)
+
+
+def test_v3_wrong_attention_factor_shape(ckpt_v3):
+    # q's V given hidden_size columns: the config's 4 heads x head_dim 32 make it 128
+    edit_checkpoint(ckpt_v3, replace={fmt.v_name(L0_Q): torch.zeros(64, 192)})
+    with pytest.raises(fmt.CheckpointFormatError,
+                       match=r"ckpt3/model\.safetensors: tensor model\.layers\.0\.self_attn\.q_proj\.svd_v has shape "
+                             r"\[64, 192\], expected \[64, 128\] \(in_features=192, rank=64, out_features=128 from "
+                             r".*config\.json, num_attention_heads 4 x head_dim 32\)"):
+        fmt.validate(ckpt_v3)
+
+
+def test_v3_attention_weight_left_beside_factors(ckpt_v3):
+    edit_checkpoint(ckpt_v3, replace={fmt.weight_name(L0_K): torch.zeros(32, 192)})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"k_proj\.weight is present although .*k_proj is factored"):
+        fmt.validate(ckpt_v3)
+
+
+def test_v3_bias_beside_factors_has_the_output_shape(ckpt_v3):
+    fmt.validate(ckpt_v3)
+    edit_checkpoint(ckpt_v3, replace={fmt.bias_name(L0_K): torch.zeros(32)})  # a dense bias beside factors is fine
+    fmt.validate(ckpt_v3)
+    edit_checkpoint(ckpt_v3, replace={fmt.bias_name(L0_K): torch.zeros(128)})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"tensor model\.layers\.0\.self_attn\.k_proj\.bias has shape "
+                                                         r"\[128\], expected \[32\]"):
+        fmt.validate(ckpt_v3)
+
+
+def test_v3_stray_attention_factor(ckpt_v3):
+    unlist(ckpt_v3, [L1_O])
+    with pytest.raises(fmt.CheckpointFormatError, match=r"o_proj\.svd_[uv] is a factor of model\.layers\.1\.self_attn"
+                                                         r"\.o_proj, which is not listed"):
+        fmt.validate(ckpt_v3)

@@ -21,10 +21,13 @@ Modules not in `ranks` stay dense. Version 2 adds
 intermediate channels, so its gate/up outputs and down inputs are k wide (dense
 `.weight` or factors alike); version 1 is version 2 without widths. Version 3
 lets `ranks` list attention projections as well (`<layer prefix>.0.self_attn.q_proj`
-..., stored as factors like the MLP's; q, k and v of one layer factored together,
-each at its own rank, o alone); it is written exactly when one is factored.
+..., stored as factors like the MLP's, shapes from the config's heads and head_dim;
+q, k and v of one layer factored together, each at its own rank, o alone; a
+projection's `.bias` stays dense beside its factors); it is written exactly when
+one is factored, and may carry `widths` too.
 The gate and up projections of one layer are
-factored together or not at all (vLLM runs them as one merged linear). Module
+factored together or not at all (vLLM runs them as one merged linear), and so
+are q, k and v (vLLM's qkv_proj). Module
 names are the model's Hugging Face names; `mlp_families` spells them per model
 family. docs/checkpoint_format.md describes the format for readers.
 
@@ -63,6 +66,7 @@ KEY_PROVENANCE = "provenance"
 U_SUFFIX = "svd_u"
 V_SUFFIX = "svd_v"
 WEIGHT_SUFFIX = "weight"
+BIAS_SUFFIX = "bias"
 
 # How the shape of each MLP projection (by its role, see mlp_families) follows
 # from the model config: (in_features key, out_features key).
@@ -71,6 +75,10 @@ _ROLE_SHAPE_KEYS = {
     families.UP: ("hidden_size", "intermediate_size"),
     families.DOWN: ("intermediate_size", "hidden_size"),
 }
+
+# Attention projection shapes (format v3) follow from these config keys; head_dim
+# is `head_dim` when the config has one (Qwen3, Gemma), else hidden / heads.
+KEY_HIDDEN, KEY_HEADS, KEY_KV_HEADS, KEY_HEAD_DIM = "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"
 
 SAFETENSORS_SINGLE_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
@@ -97,6 +105,10 @@ def v_name(module: str) -> str:
 
 def weight_name(module: str) -> str:
     return f"{module}.{WEIGHT_SUFFIX}"
+
+
+def bias_name(module: str) -> str:
+    return f"{module}.{BIAS_SUFFIX}"
 
 
 def mlp_module(module: str) -> str:
@@ -140,8 +152,9 @@ class QuantizationConfig:
         return {m: r for m, r in self.ranks.items() if is_attention_module(m)}
 
     def width_of(self, module: str) -> Optional[int]:
-        """The intermediate width of the projection's layer, None when full."""
-        return self.widths.get(mlp_module(module))
+        """The intermediate width of an MLP projection's layer, None when full (and
+        for attention projections, which widths never narrow)."""
+        return None if is_attention_module(module) else self.widths.get(mlp_module(module))
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {
@@ -186,6 +199,7 @@ class QuantizationConfig:
                 raise CheckpointFormatError(
                     f"{source}: {module} is factored but {other} is not; the gate and up projections of one "
                     f"layer must be factored together (vLLM merges them into one linear)")
+        _check_attention_ranks(source, ranks, version)
         widths = qc.get(KEY_WIDTHS, {})
         if version < WIDTHS_FORMAT_VERSION and KEY_WIDTHS in qc:
             raise CheckpointFormatError(
@@ -211,6 +225,22 @@ def _check_block_multiples(source: str, key: str, values: Mapping[str, Any], blo
             raise CheckpointFormatError(
                 f"{source}: {QUANTIZATION_CONFIG_KEY}.{key}[{module!r}] is {value!r}, expected a "
                 f"positive multiple of block_size {block}")
+
+
+def _check_attention_ranks(source: str, ranks: Mapping[str, Any], version: Any) -> None:
+    """Attention projections in `ranks` need format v3, and q, k, v of one layer are listed together."""
+    attention = sorted(m for m in ranks if is_attention_module(m))
+    if attention and version < ATTENTION_FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_RANKS} lists the attention projection {attention[0]}, which "
+            f"needs {KEY_FORMAT_VERSION} {ATTENTION_FORMAT_VERSION}; the config says {version}")
+    for module in attention:
+        missing = [p for p in families.qkv_partners(module) if p not in ranks]
+        if missing:
+            raise CheckpointFormatError(
+                f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_RANKS} factors {module} but not {' and '.join(missing)}; "
+                f"the q, k and v projections of one layer must be factored together (vLLM merges them into "
+                f"one linear, qkv_proj)")
 
 
 def narrowed_dense_modules(quant: QuantizationConfig, model_config: Mapping[str, Any]) -> List[str]:
@@ -246,22 +276,60 @@ def read_quantization_config(checkpoint_dir: str) -> QuantizationConfig:
 
 
 def expected_shape(model_config: Mapping[str, Any], module: str, width: Optional[int] = None) -> Tuple[int, int]:
-    """(in_features, out_features) of an MLP projection, from the model's config;
-    `width` (format v2) replaces intermediate_size for the projection's layer."""
+    """(in_features, out_features) of an MLP or (format v3) attention projection, from
+    the model's config; `width` (format v2) replaces intermediate_size for an MLP
+    projection's layer."""
+    text = model_config.get("text_config", model_config)
+    if is_attention_module(module):
+        return _attention_shape(text, module)
     role = families.role_of(module)
     if role is None:
         raise CheckpointFormatError(
-            f"{module}: not an MLP projection ({', '.join(families.all_projection_names())}); "
-            f"format v1 factors only those")
-    text = model_config.get("text_config", model_config)
+            f"{module}: not an MLP projection ({', '.join(families.all_projection_names())}) or an attention "
+            f"projection (q/k/v/o under self_attn); the format factors only those")
     in_key, out_key = _ROLE_SHAPE_KEYS[role]
-    try:
-        shape = int(text[in_key]), int(text[out_key])
-    except KeyError as e:
-        raise CheckpointFormatError(f"config.json: missing {e.args[0]!r}, needed for the shape of {module}") from None
+    shape = _config_int(text, in_key, module), _config_int(text, out_key, module)
     if width is None:
         return shape
     return (width, shape[1]) if in_key == "intermediate_size" else (shape[0], width)
+
+
+def _config_int(text: Mapping[str, Any], key: str, module: str) -> int:
+    try:
+        return int(text[key])
+    except KeyError:
+        raise CheckpointFormatError(f"{CONFIG_FILE}: missing {key!r}, needed for the shape of {module}") from None
+
+
+def head_dim(model_config: Mapping[str, Any]) -> int:
+    """The attention head size: the config's `head_dim` when set, else hidden_size / num_attention_heads."""
+    text = model_config.get("text_config", model_config)
+    explicit = text.get(KEY_HEAD_DIM)
+    if explicit:
+        return int(explicit)
+    return _config_int(text, KEY_HIDDEN, "the attention") // _config_int(text, KEY_HEADS, "the attention")
+
+
+def _attention_shape(text: Mapping[str, Any], module: str) -> Tuple[int, int]:
+    hidden, heads = _config_int(text, KEY_HIDDEN, module), _config_int(text, KEY_HEADS, module)
+    kv_heads = int(text.get(KEY_KV_HEADS) or heads)  # absent: multi-head attention
+    q_out, kv_out = heads * head_dim(text), kv_heads * head_dim(text)
+    role = families.attention_role_of(module)
+    if role == families.Q:
+        return hidden, q_out
+    if role == families.O:
+        return q_out, hidden
+    return hidden, kv_out
+
+
+def _shape_origin(model_config: Mapping[str, Any], module: str) -> str:
+    """How expected_shape derived a projection's shape, for error messages."""
+    if not is_attention_module(module):
+        return ""
+    text = model_config.get("text_config", model_config)
+    role = families.attention_role_of(module)
+    heads_key = KEY_KV_HEADS if role in (families.K, families.V) and text.get(KEY_KV_HEADS) else KEY_HEADS
+    return f", {heads_key} {int(text[heads_key])} x head_dim {head_dim(text)}"
 
 
 def check_tensor_parallel(quant: QuantizationConfig, tp_size: int, source: str = CONFIG_FILE) -> None:
@@ -343,22 +411,44 @@ class ValidationReport:
     tensor_bytes: int
 
     @property
+    def mlp_factored(self) -> Dict[str, Tuple[int, int, int]]:
+        """The factored MLP projections of `factored`."""
+        return {m: s for m, s in self.factored.items() if not is_attention_module(m)}
+
+    @property
+    def attention_factored(self) -> Dict[str, Tuple[int, int, int]]:
+        """The factored attention projections of `factored` (format v3)."""
+        return {m: s for m, s in self.factored.items() if is_attention_module(m)}
+
+    @property
     def mlp_dense_params(self) -> int:
-        return sum(dense_params(i, o) for i, o, _ in self.factored.values())
+        """Parameters the factored MLP projections would have dense."""
+        return sum(dense_params(i, o) for i, o, _ in self.mlp_factored.values())
 
     @property
     def mlp_factored_params(self) -> int:
-        return sum(factored_params(i, o, r) for i, o, r in self.factored.values())
+        return sum(factored_params(i, o, r) for i, o, r in self.mlp_factored.values())
+
+    @property
+    def attention_dense_params(self) -> int:
+        """Parameters the factored attention projections would have dense."""
+        return sum(dense_params(i, o) for i, o, _ in self.attention_factored.values())
+
+    @property
+    def attention_factored_params(self) -> int:
+        return sum(factored_params(i, o, r) for i, o, r in self.attention_factored.values())
 
 
 def validate(checkpoint_dir: str, check_values: bool = True) -> ValidationReport:
-    """Check a checkpoint against format v1 and return what it holds.
+    """Check a checkpoint against the format (versions 1 to 3) and return what it holds.
 
-    Checks: a known `format_version`; every module in `ranks` has both factors,
-    with shapes `[in, r]` and `[r, out]` matching the model config; ranks are
-    positive multiples of `block_size`; no `.weight` remains for a factored
-    module; gate and up are factored together; (with `check_values`) every factor
-    is finite. Raises CheckpointFormatError naming the file and tensor.
+    Checks: a known `format_version`; every module in `ranks` (MLP projections, and
+    in version 3 attention projections) has both factors, with shapes `[in, r]` and
+    `[r, out]` matching the model config (and a `.bias`, if any, of `[out]`); ranks
+    are positive multiples of `block_size`; no `.weight` remains for a factored
+    module; gate and up, and q, k and v, are factored together; (version 2) narrowed
+    layers have the narrowed shapes; (with `check_values`) every factor is finite.
+    Raises CheckpointFormatError naming the file and tensor.
     """
     config_path = os.path.join(checkpoint_dir, CONFIG_FILE)
     model_config = read_config(checkpoint_dir)
@@ -406,7 +496,13 @@ def validate(checkpoint_dir: str, check_values: bool = True) -> ValidationReport
                 raise CheckpointFormatError(
                     f"{files[name]}: tensor {name} has shape {got}, expected {list(want)} "
                     f"(in_features={n_in}, rank={rank}, out_features={n_out} from {config_path}"
-                    f"{', width of ' + mlp_module(module) if quant.width_of(module) else ''})")
+                    f"{', width of ' + mlp_module(module) if quant.width_of(module) else ''}"
+                    f"{_shape_origin(model_config, module)})")
+        bias = bias_name(module)
+        if bias in files and list(header_of(bias)["shape"]) != [n_out]:
+            raise CheckpointFormatError(
+                f"{files[bias]}: tensor {bias} has shape {list(header_of(bias)['shape'])}, expected {[n_out]} "
+                f"(the dense bias beside the factors of {module}, out_features={n_out} from {config_path})")
         if weight_name(module) in files:
             raise CheckpointFormatError(
                 f"{files[weight_name(module)]}: tensor {weight_name(module)} is present although {module} is factored; "
@@ -450,7 +546,9 @@ def _check_finite(files: Mapping[str, str], names: Iterable[str]) -> None:
 def mlp_ratio(model_config: Mapping[str, Any], ranks: Mapping[str, int], num_layers: Optional[int] = None,
               widths: Optional[Mapping[str, int]] = None) -> float:
     """Fraction of all MLP projection parameters removed (paper eq. 4); modules
-    left dense count as kept whole, at their layer's width (format v2 `widths`)."""
+    left dense count as kept whole, at their layer's width (format v2 `widths`).
+    Factored attention projections in `ranks` (format v3) are not MLP parameters
+    and are left out."""
     text = model_config.get("text_config", model_config)
     layers = int(num_layers if num_layers is not None else text["num_hidden_layers"])
     h, i = int(text["hidden_size"]), int(text["intermediate_size"])
@@ -458,6 +556,8 @@ def mlp_ratio(model_config: Mapping[str, Any], ranks: Mapping[str, int], num_lay
     widths = widths or {}
     removed = sum(3 * h * (i - k) for k in widths.values())  # narrowing, as if the layer stayed dense
     for m, r in ranks.items():
+        if is_attention_module(m):
+            continue
         shape = expected_shape(model_config, m, widths.get(mlp_module(m)))
         removed += dense_params(*shape) - factored_params(*shape, r)
     return removed / dense
