@@ -7,11 +7,17 @@ Steps (each reported as ran / skipped, with the reason / failed, with the error)
   emulator-predict   the emulator's modelled latency of fused_xuv, sequential_xuv and dense_xw
                      at the paper's DeepSeek-V3 shapes (K=7168, r=4096, N=18432) and the
                      block-size sweep at S=4096                                    [any machine]
+  emulator-attention the modelled-time table of benchmarks/attention_kernels.py: fused_xuv at
+                     Llama-3.1-8B's qkv_proj (4096 -> 6144) and o_proj (4096 -> 4096) at the
+                     eq.-5 ranks of ratios 0.1-0.5 against dense_xw, and the break-even
+                     rank; S = 1, 32, 1024, 4096 on trn1 and trn2 (quick: S=32, trn2) [any machine]
   device-kernels     every kernel compiled with the real `nki` and run on the NeuronCore
                      through kernels/launch.py (TorchNeuron wrap_nki), compared with numpy
                      and with the emulator; tiny shapes to the paper's (S=1024)     [Trainium]
   device-timing      fused_xuv, sequential_xuv, dense_xw timed on the device at the paper's
                      shapes and the block-size sweep, beside the emulator's predictions [Trainium]
+  device-attention   fused_xuv at the same attention shapes and ranks, and dense_xw, timed on
+                     the device (the S of emulator-attention)                       [Trainium]
   serve-accuracy     `vllm serve` on vllm-neuron (native line) of the default model compressed;
                      greedy completions and prompt logprobs against the CPU torch path
                      (transformers + our SVDLinear, float32)                        [Trainium]
@@ -54,6 +60,7 @@ from vllm_neuronmlp.neuron import stack as neuron_stack
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import kernel_study  # noqa: E402  (the paper's shapes and the count-only runner, one definition)
+import attention_kernels  # noqa: E402  (Llama-3.1-8B attention shapes, their rank set, the table)
 
 OUT_DIR = os.path.join(HERE, "results", "neuron")
 K, R, N = kernel_study.K, kernel_study.R, kernel_study.N
@@ -119,6 +126,7 @@ def kernel_cases(paper: bool):
         ("down S=70", blocking.down, [(512, 70), (512, 128), (128, 256)], {}),
         ("dense_xw S=130", baselines.dense_xw, [(130, 200), (200, 300)], {}),
         ("sequential_xuv S=130", baselines.sequential_xuv, [(130, 200), (200, 96), (96, 300)], {}),
+        attention_case(),
     ]
     if paper:
         cases += [
@@ -127,6 +135,14 @@ def kernel_cases(paper: bool):
             ("dense_xw paper S=1024", baselines.dense_xw, [(1024, K), (K, N)], {}),
         ]
     return cases
+
+
+def attention_case(S=4, shape="qkv_proj", ratio="0.5"):
+    """Llama-3.1-8B's fused qkv projection at its eq.-5 rank, a few decode tokens: small
+    enough for the emulator's value mode, attention-shaped in every weight dimension."""
+    m, n = attention_kernels.SHAPES[shape]["in"], attention_kernels.SHAPES[shape]["out"]
+    r = attention_kernels.rank_set(m, n)[ratio]["rank"]
+    return (f"fused_xuv {shape} 8B S={S} r={r}", blocking.fused_xuv, [(S, m), (m, r), (r, n)], {})
 
 
 def _arrays(shapes, dtype, seed=0):
@@ -215,6 +231,22 @@ def step_emulator_predict(report, quick):
             f"{d['latency_ms']:.2f} ms, modelled")
 
 
+ATTENTION_QUICK = {"targets": ["trn2"], "seqs": [32]}
+ATTENTION_FULL = {"targets": list(attention_kernels.TARGETS),
+                  "seqs": attention_kernels.DECODE + attention_kernels.PREFILL}
+
+
+def step_emulator_attention(report, quick):
+    plan = ATTENTION_QUICK if quick else ATTENTION_FULL
+    res = attention_kernels.study(plan["targets"], plan["seqs"], log=lambda msg: None)
+    report["emulator"]["attention"] = res
+    t, S = plan["targets"][-1], plan["seqs"][-1]
+    p = res["targets"][t]["qkv_proj"][str(S)]
+    f = p["fused"]["0.3"]
+    return (f"{t} qkv_proj S={S}: fused r={f['rank']} (ratio 0.3) {f['latency_ms'] * 1e3:.0f} us vs dense_xw "
+            f"{p['dense']['latency_ms'] * 1e3:.0f} us, break-even rank {p['break_even']['rank']}, modelled")
+
+
 # ---------------------------------------------------------------- device steps (Trainium only)
 def _to_device(arrays):
     import torch
@@ -292,6 +324,27 @@ def step_device_timing(report, quick):
         measured["sweep"]["by_block"][str(bm)] = _time_device(xuv.fused_xuv, [x, u, v], {"block_m": bm})
     report["device"]["timing_ms"] = measured
     return f"timed {len(seqs)} sequence lengths and {len(measured['sweep']['by_block'])} block sizes at S={sweep_s}"
+
+
+def step_device_attention(report, quick):
+    import ml_dtypes
+
+    bf = ml_dtypes.bfloat16
+    seqs = (ATTENTION_QUICK if quick else ATTENTION_FULL)["seqs"]
+    measured = {}
+    for name, s in attention_kernels.SHAPES.items():
+        m, n = s["in"], s["out"]
+        measured[name] = {}
+        for S in seqs:
+            x, w = _arrays([(S, m), (m, n)], bf)
+            row = {"dense_xw": _time_device(baselines.dense_xw, [x, w], {}), "fused_xuv": {}}
+            for ratio, chosen in attention_kernels.rank_set(m, n).items():
+                r = chosen["rank"]
+                u, v = _arrays([(m, r), (r, n)], bf, seed=1)
+                row["fused_xuv"][ratio] = {"rank": r, "ms": _time_device(blocking.fused_xuv, [x, u, v], {})}
+            measured[name][str(S)] = row
+    report["device"]["attention_timing_ms"] = measured
+    return f"timed {len(attention_kernels.SHAPES)} attention shapes at S={seqs}, dense and {len(attention_kernels.RATIOS)} ranks each"
 
 
 def _cpu_reference(model_dir):
@@ -508,8 +561,10 @@ def main(argv=None) -> int:
     steps = [
         ("emulator-kernels", True, "", lambda: step_emulator_kernels(report)),
         ("emulator-predict", True, "", lambda: step_emulator_predict(report, args.quick)),
+        ("emulator-attention", True, "", lambda: step_emulator_attention(report, args.quick)),
         ("device-kernels", env["device_ok"], env["device_reason"], lambda: step_device_kernels(report)),
         ("device-timing", env["device_ok"], env["device_reason"], lambda: step_device_timing(report, args.quick)),
+        ("device-attention", env["device_ok"], env["device_reason"], lambda: step_device_attention(report, args.quick)),
         ("serve-accuracy", env["serve_ok"], env["serve_reason"], lambda: step_serve_accuracy(report, args, args.work)),
         ("serve-variant", env["serve_ok"], env["serve_reason"], lambda: step_serve_variant(report, args, args.work)),
         ("serve-bench", env["serve_ok"], env["serve_reason"], lambda: step_serve_bench(report, args, args.work, args.quick)),
@@ -529,7 +584,7 @@ def main(argv=None) -> int:
         entry["seconds"] = round(time.time() - t, 1)
         report["steps"].append(entry)
         detail = entry.get("summary") or entry.get("reason") or entry.get("error")
-        print(f"  {name:17s} {entry['status'].upper():8s} {detail}", flush=True)
+        print(f"  {name:18s} {entry['status'].upper():8s} {detail}", flush=True)
     json_path = os.path.join(args.out, "neuron_check.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)

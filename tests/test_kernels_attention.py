@@ -1,5 +1,5 @@
 """benchmarks/attention_kernels.py (fused XUV vs dense at Llama-3.1-8B's attention shapes,
-modelled on the emulator): the rank set is eq. 5 at block 128,
+modelled on the emulator) and its neuron_check steps: the rank set is eq. 5 at block 128,
 the numbers are the emulator's own count-only runs of the very launches with HBM bytes
 equal to hand counts, and the break-even rank is where the curve crosses dense. Decode
 shapes only (count-only runs of a few milliseconds); the prefill table is the benchmark's."""
@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import ml_dtypes
+import numpy as np
 import pytest
 
 from vllm_neuronmlp.kernels import baselines, blocking, sim, strip_plan, xuv
@@ -14,6 +16,7 @@ from vllm_neuronmlp.kernels import baselines, blocking, sim, strip_plan, xuv
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import attention_kernels  # noqa: E402
+import neuron_check  # noqa: E402
 
 BF = "bfloat16"
 
@@ -87,3 +90,27 @@ def test_benchmark_writes_modelled_json_png_and_table(tmp_path, capsys):
     attention_kernels.main(["--table", "--out", out])
     table = capsys.readouterr().out
     assert "| qkv_proj 4096→6144 | 1 |" in table and "r=1280" in table
+
+
+def test_neuron_check_attention_value_case_matches_numpy():
+    """The attention-shaped case of neuron-check's emulator-kernels step (every mode, CI
+    included): 8B qkv_proj weights at the ratio-0.5 rank, 4 tokens, bf16, against float64."""
+    label, kernel, shapes, kw = neuron_check.attention_case()
+    assert shapes == [(4, 4096), (4096, 1280), (1280, 6144)] and kernel is blocking.fused_xuv
+    assert label in [c[0] for c in neuron_check.kernel_cases(paper=False)]
+    arrays = neuron_check._arrays(shapes, ml_dtypes.bfloat16)
+    y, _ = sim.run(kernel, *arrays, target="trn2", **kw)
+    assert neuron_check.rel_err(y, neuron_check.numpy_reference(kernel, arrays, kw)) <= neuron_check.TOL["bfloat16"]
+    ref = np.asarray(arrays[0], np.float64) @ np.asarray(arrays[1], np.float64) @ np.asarray(arrays[2], np.float64)
+    assert np.allclose(neuron_check.numpy_reference(kernel, arrays, kw), ref)
+
+
+def test_neuron_check_attention_step(monkeypatch):
+    monkeypatch.setattr(neuron_check, "ATTENTION_QUICK", {"targets": ["trn2"], "seqs": [1]})
+    report = {"emulator": {}}
+    summary = neuron_check.step_emulator_attention(report, quick=True)
+    res = report["emulator"]["attention"]
+    assert res["modelled"] and list(res["targets"]) == ["trn2"]
+    p = res["targets"]["trn2"]["qkv_proj"]["1"]
+    assert f"fused r=1664 (ratio 0.3) {p['fused']['0.3']['latency_ms'] * 1e3:.0f} us" in summary
+    assert summary.endswith("modelled") and f"break-even rank {p['break_even']['rank']}" in summary
