@@ -63,7 +63,7 @@ def test_unknown_format_version(factored, tmp_path):
     edit_checkpoint(factored, quant_update={"format_version": 9})
     proc = run_engine(factored, str(tmp_path / "o.json"))
     fails_with(proc, r"config\.json: quantization_config\.format_version is 9; this version of vllm-neuronmlp reads format "
-                     r"versions \[1, 2\]")
+                     r"versions \[1, 2, 3\]")
 
 
 def test_quantization_flag_on_a_dense_checkpoint(models, tmp_path):

@@ -23,7 +23,7 @@ must not be traced).
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -133,19 +133,30 @@ def svd_mlp(x: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tensor, d
 
 
 # ---------------------------------------------------------------- one factored linear
-def factored_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank_offsets: Optional[Sequence[int]] = None,
-                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def factored_linear(x: torch.Tensor, u: torch.Tensor, v: Union[torch.Tensor, Sequence[torch.Tensor]],
+                    rank_offsets: Optional[Sequence[int]] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`(x @ U) @ V`: one linear stored as its two factors (U [in, r], V [r, out]).
 
     The one implementation of the factored product, used by vLLM's per-linear
     method, transformers' `SVDLinear` and the compression tools. Never forms the
-    dense `U V`. With `rank_offsets` ([0, r_0, r_0 + r_1, ...]) U holds several
-    packed modules side by side and V stacks their rows: each module's slice of
-    `x U` meets only its own rows of V, and the outputs are concatenated.
+    dense `U V`. U may hold several packed modules side by side: then V is either
+    their V's stacked by rows (one output size) with `rank_offsets` ([0, r_0,
+    r_0 + r_1, ...]), or a sequence of the modules' V's ([r_k, out_k] each, their
+    row counts giving the offsets; output sizes may differ, as q and k/v do). Each
+    module's slice of `x U` meets only its own V, and the outputs are concatenated.
     """
     t = x @ u
-    if rank_offsets is None or len(rank_offsets) <= 2:
-        y = t @ v
+    if isinstance(v, torch.Tensor):
+        if rank_offsets is None or len(rank_offsets) <= 2:
+            y = t @ v
+            return y if bias is None else y + bias
+        v = [v[a:b] for a, b in zip(rank_offsets[:-1], rank_offsets[1:])]
+    if len(v) == 1:
+        y = t @ v[0]
     else:
-        y = torch.cat([t[..., a:b] @ v[a:b] for a, b in zip(rank_offsets[:-1], rank_offsets[1:])], dim=-1)
+        parts, lo = [], 0
+        for vk in v:
+            parts.append(t[..., lo:lo + vk.shape[0]] @ vk)
+            lo += vk.shape[0]
+        y = torch.cat(parts, dim=-1)
     return y if bias is None else y + bias

@@ -2,12 +2,13 @@
 
 vLLM adopts it from a checkpoint's config.json (`quant_method: svd_neuron`) with
 no flag, and `--quantization svd_neuron` must agree with it. It answers
-`get_quant_method` for every linear layer: the factored linear method for MLP
-projections listed in `ranks`, vLLM's own unquantized method for every other
-linear (attention, a dense MLP), and None for non-linear layers. The model's
-MLP family (`mlp_families`, from config.json's model_type) says which HF
-modules vLLM's merged gate/up linear packs; an unknown model_type is refused
-with the supported ones named.
+`get_quant_method` for every linear layer: the factored linear method for the
+projections listed in `ranks` (MLP, and in format v3 attention: vLLM's merged
+qkv_proj and o_proj), vLLM's own unquantized method for every other linear (a
+dense attention or MLP), and None for non-linear layers. The model's family
+(`mlp_families`, from config.json's model_type) says which HF modules vLLM's
+merged gate/up and qkv linears pack; an unknown model_type is refused with the
+supported ones named.
 """
 from __future__ import annotations
 
@@ -98,9 +99,10 @@ class SVDNeuronConfig(_vllm_config_base()):
     def hf_modules(self, prefix: str, family: mlp_families.MLPFamily) -> List[str]:
         """HF module names behind one vLLM layer prefix (a packed layer has several).
         The model's own `packed_modules_mapping` comes first; the family's merged
-        gate/up covers a model that has not set one."""
+        gate/up and q/k/v cover a model that has not set one."""
         head, _, leaf = prefix.rpartition(".")
-        family_packed = {family.vllm_gate_up: [family.gate, family.up]}
+        family_packed = {family.vllm_gate_up: [family.gate, family.up],
+                         family.vllm_qkv: [family.q, family.k, family.v]}
         members = (self.packed_modules_mapping or {}).get(leaf) or family_packed.get(leaf)
         if not members:
             return [prefix]
