@@ -137,3 +137,83 @@ def test_v2_per_layer_widths_match_the_dense_twin_and_save_back(arch, tmp_path):
     narrow.save_pretrained(tmp_path / "resaved")
     report = fmt.validate(str(tmp_path / "resaved"))
     assert report.quant.widths == fmt.validate(narrow_dir).quant.widths and report.quant.format_version == 2
+
+
+# ---- format v3: factored attention projections
+V3_MODELS = {"llama": dict(heads=None, kv_heads=2),  # 6 heads x 32 = hidden, GQA
+             "qwen3": dict(heads=4, kv_heads=1),     # explicit head_dim: q 128 wide, hidden 192; q_norm/k_norm
+             "qwen2": dict(heads=None, kv_heads=2)}  # q/k/v biases stay dense beside the factors
+
+
+def v3_twins(root, arch):
+    from model_factory import V3_WIDTHS, make_dense_and_compressed, v3_ranks
+
+    return make_dense_and_compressed(str(root), v3_ranks(arch), V3_WIDTHS, arch, hidden=192, intermediate=256,
+                                     layers=3, **V3_MODELS[arch])
+
+
+@pytest.mark.parametrize("arch", sorted(V3_MODELS))
+def test_v3_factored_attention_matches_the_dense_twin_and_saves_back(arch, tmp_path):
+    dense_dir, v3_dir = v3_twins(tmp_path, arch)
+    dense, fact = load(dense_dir), load(v3_dir)
+    report = fmt.validate(v3_dir)
+    assert report.quant.format_version == 3 and len(report.attention_factored) == 8
+    for module, (n_in, n_out, rank) in report.attention_factored.items():
+        layer = fact.get_submodule(module)
+        assert isinstance(layer, SVDLinear) and (layer.in_features, layer.out_features, layer.rank) == (n_in, n_out, rank)
+        assert (layer.bias is not None) == (arch == "qwen2" and not module.endswith("o_proj"))
+        if layer.bias is not None:  # loaded from the checkpoint, not left at SVDLinear's zeros
+            torch.testing.assert_close(layer.bias, dense.get_submodule(module).bias, rtol=0, atol=0)
+            assert layer.bias.abs().max() > 0
+    assert isinstance(fact.model.layers[1].self_attn.q_proj, torch.nn.Linear)  # layer 1: q/k/v dense
+    with torch.no_grad():
+        torch.testing.assert_close(fact(IDS).logits, dense(IDS).logits, rtol=0, atol=1e-4)
+    fact.save_pretrained(tmp_path / "resaved")
+    back = fmt.validate(str(tmp_path / "resaved"))
+    assert back.quant.format_version == 3 and back.quant.ranks == report.quant.ranks
+    assert back.quant.widths == report.quant.widths
+
+
+@pytest.fixture(scope="module")
+def v3_llama(tmp_path_factory):
+    return v3_twins(tmp_path_factory.mktemp("hf_v3"), "llama")[1]
+
+
+@pytest.fixture
+def v3_copy(v3_llama, tmp_path):
+    import shutil
+
+    path = str(tmp_path / "v3")
+    shutil.copytree(v3_llama, path)
+    return path
+
+
+K0 = "model.layers.0.self_attn.k_proj"
+
+
+def test_v3_missing_attention_factor_is_refused(v3_copy):
+    # transformers alone would leave it uninitialized and load
+    edit_checkpoint(v3_copy, drop=[fmt.u_name(K0)])
+    with pytest.raises(fmt.CheckpointFormatError, match=r"tensor model\.layers\.0\.self_attn\.k_proj\.svd_u is "
+                                                         r"missing; .* needs .*svd_u of shape \[192, 32\]"):
+        load(v3_copy)
+
+
+def test_v3_wrong_attention_factor_shape_is_refused(v3_copy):
+    # transformers alone would load a factor of the wrong shape
+    edit_checkpoint(v3_copy, replace={fmt.v_name(K0): torch.zeros(32, 192)})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.k_proj"
+                                                         r"\.svd_v has shape \[32, 192\], expected \[32, 64\] .*"
+                                                         r"num_key_value_heads 2 x head_dim 32"):
+        load(v3_copy)
+
+
+def test_v3_q_without_k_and_v_is_refused(v3_copy):
+    config = fmt.read_config(v3_copy)
+    ranks = config[fmt.QUANTIZATION_CONFIG_KEY][fmt.KEY_RANKS]
+    del ranks[K0], ranks["model.layers.0.self_attn.v_proj"]
+    edit_checkpoint(v3_copy, quant_update={fmt.KEY_RANKS: ranks})
+    with pytest.raises(fmt.CheckpointFormatError, match=r"factors model\.layers\.0\.self_attn\.q_proj but not "
+                                                         r"model\.layers\.0\.self_attn\.k_proj and "
+                                                         r"model\.layers\.0\.self_attn\.v_proj"):
+        load(v3_copy)

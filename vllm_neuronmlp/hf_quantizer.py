@@ -3,14 +3,20 @@
 After `import vllm_neuronmlp`, `AutoModelForCausalLM.from_pretrained(ckpt)` reads
 the checkpoint's `quantization_config`, swaps every factored `nn.Linear` for an
 `SVDLinear` holding `svd_u` / `svd_v` (the same names as on disk, so the normal
-loader fills them) and computes `(x @ svd_u) @ svd_v`. In a format-v2 checkpoint
-the projections of a narrowed layer are built at its width (gate/up outputs and
-down inputs k wide), dense or factored. peft and other HF tools
-then see ordinary trainable parameters; `save_pretrained` writes format v1 back.
+loader fills them) and computes `(x @ svd_u) @ svd_v`: MLP projections and, in
+format v3, attention projections alike (a projection's bias, Qwen2's q/k/v, stays
+a dense `bias` beside the factors). In a format-v2 checkpoint the projections of
+a narrowed layer are built at its width (gate/up outputs and down inputs k wide),
+dense or factored. Before any weight loads, the checkpoint's tensors are checked
+against the format (`checkpoint_format.validate`, headers only): transformers
+itself would leave a missing factor uninitialized and accept a factor of the
+wrong shape. peft and other HF tools then see ordinary trainable parameters;
+`save_pretrained` writes the same format version back.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+import os
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -64,8 +70,11 @@ class SVDNeuronHFConfig(QuantizationConfigMixin):
 class SVDNeuronHfQuantizer(HfQuantizer):
     requires_calibration = True  # only pre-factored checkpoints load; the tool makes them
 
-    def _process_model_before_weight_loading(self, model, **kwargs) -> None:
+    def _process_model_before_weight_loading(self, model, checkpoint_files: Optional[Sequence[str]] = None,
+                                             **kwargs) -> None:
         family = mlp_families.family_for_config(model.config)  # refuses a model_type whose MLP the format does not know
+        if checkpoint_files:  # every factor present at its shape, no stray or leftover tensors (names them)
+            fmt.validate(os.path.dirname(checkpoint_files[0]), check_values=False)
         ranks = self.quantization_config.ranks
         widths = self.quantization_config.widths
         for mlp, width in widths.items():
