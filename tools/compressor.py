@@ -8,12 +8,17 @@ layer: the orchestration (docs/architecture.md).
 3. The method (methods/, one module each, registered in methods/__init__.py)
    computes its ratio-independent statistics, proposes allocations meeting the
    budget (allocation/) and chooses one.
-4. Factor pass: for each decoder layer, materialize it alone on CPU, let the
-   method factor it, write the layer's tensors, drop the layer. Peak memory is
-   one layer plus the calibration activations plus the Gram matrices.
+4. Factor pass: for each decoder layer, materialize it alone (on CPU or the
+   GPU, `--device`), let the method factor it, write the layer's tensors,
+   drop the layer. Peak memory is one layer plus the calibration activations
+   plus the Gram matrices (memory_estimate.py says how much, before any work).
 5. Optional LoRA recovery (loads the whole compressed model; lora.py).
-6. config.json with `quantization_config` (format v1 + provenance), tokenizer
-   and other files copied, and the temporary directory renamed to OUT.
+6. config.json with `quantization_config` (format v1-v3 + provenance),
+   tokenizer and other files copied, and the staging directory renamed to OUT.
+
+Everything expensive is kept in the run's resume state (OUT.resume,
+run_state.py) as it is computed, so an interrupted run (SIGINT, SIGTERM,
+interrupt.py) continues with `--resume`; a finished run removes it.
 """
 from __future__ import annotations
 
@@ -28,14 +33,17 @@ import torch
 
 from vllm_neuronmlp import __version__ as TOOL_VERSION
 from vllm_neuronmlp import checkpoint_format as cf
+from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import calibration
+from vllm_neuronmlp.tools import memory_estimate
 from vllm_neuronmlp.tools import methods
 from vllm_neuronmlp.tools import progress as pg
-from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import streaming as st
 from vllm_neuronmlp.tools.errors import UserError
+from vllm_neuronmlp.tools.interrupt import Interrupted, SignalGuard, Terminated
 from vllm_neuronmlp.tools.methods.base import Context
 from vllm_neuronmlp.tools.options import CompressOptions
+from vllm_neuronmlp.tools.run_state import RunState, source_fingerprint
 from vllm_neuronmlp.tools.source import SourceCheckpoint
 from vllm_neuronmlp.tools.whitening import FactorizationError
 from vllm_neuronmlp.tools.writer import ShardWriter, StagingDir, check_output_path, write_json
@@ -68,6 +76,10 @@ class CompressResult:
     selection: Dict = field(default_factory=dict)
     widths: Dict[int, int] = field(default_factory=dict)  # {layer: intermediate width} of narrowed layers
     intermediate_size: int = 0  # the model's full MLP width
+    device: str = "cpu"
+    stages: Dict[str, Dict] = field(default_factory=dict)  # wall seconds and peak memory per stage (progress.StageMeter)
+    resumed: List[str] = field(default_factory=list)  # what a --resume run took over from the earlier one
+    memory_estimate: Dict = field(default_factory=dict)  # memory_estimate.Estimate.to_dict()
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -77,15 +89,16 @@ def compress(src_path: str, out_path: str, ratio: float, **kwargs) -> CompressRe
     """Compress the MLPs of the dense HF checkpoint `src_path` into `out_path`.
 
     Keyword arguments are the fields of CompressOptions (options.py). Raises
-    UserError or CheckpointFormatError for bad input; never leaves a partial
-    `out_path`.
+    UserError or CheckpointFormatError for bad input, Interrupted on SIGINT or
+    SIGTERM (its resume state kept); never leaves a partial `out_path`. With
+    `dry_run` it returns a DryRun (the estimate and the plan) and writes nothing.
     """
     return compress_with_options(src_path, out_path, CompressOptions(ratio=ratio, **kwargs))
 
 
 def compress_with_options(src_path: str, out_path: str, opts: CompressOptions,
                           on_layer: Optional[Callable[[int], None]] = None,
-                          spectra_cache: Optional[Dict] = None) -> CompressResult:
+                          spectra_cache: Optional[Dict] = None):
     """`compress` with a CompressOptions. `on_layer(i)` is called after layer i
     is written (tests use it to interrupt); `spectra_cache`, a dict shared
     between calls on the same source and calibration, keeps the methods'
@@ -96,20 +109,100 @@ def compress_with_options(src_path: str, out_path: str, opts: CompressOptions,
         raise UserError(str(e)) from None
 
 
-def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cache) -> CompressResult:
+@dataclass
+class DryRun:
+    """What `compress --dry-run` reports: the memory estimate and the planned work."""
+
+    estimate: Dict
+    work: List[str]
+    available_bytes: int
+    available_from: str
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cache):
     t0 = time.time()
     opts.validate()
-    check_output_path(out_path, opts.overwrite, src_path)
+    device = opts.resolved_device()
+    if not opts.dry_run:
+        check_output_path(out_path, opts.overwrite, src_path)
     method = methods.get(opts.method)
     src = SourceCheckpoint(src_path)
-    sk = st.build_skeleton(src)
+    sk = st.build_skeleton(src, device)
+    try:  # an impossible ratio is refused before any pass
+        method.check_budget(Context(sk, src, opts, None))
+    except alloc.BudgetError as e:
+        raise UserError(f"--ratio: {e}") from None
+    estimate = memory_estimate.estimate(sk, src, opts, method)
+    if opts.dry_run:
+        return DryRun(estimate.to_dict(), memory_estimate.planned_work(sk, opts, method, out_path),
+                      *memory_estimate.available_memory(opts.memory_limit_gib))
+    memory_estimate.check(estimate, opts)
+    meter = pg.StageMeter()
+    with meter.measure("total"):
+        calib = None
+        if method.needs_calibration or opts.lora_steps > 0:
+            with meter.measure("calibration"), pg.stage("calibration: tokenize the text and draw the windows",
+                                                           opts.progress):
+                calib = calibration.load(src_path, opts.calib_text, opts.calib_samples, opts.calib_seq_len, opts.seed)
+        state = RunState.open(out_path, statistics_key(src, opts, method), layers_key(opts), opts.resume)
+        for line in state.reused:
+            pg.note(f"--resume: reusing {line} from {state.path}", opts.progress)
+        ctx = Context(sk, src, opts, calib, state=state, meter=meter)
 
-    calib = None
-    if method.needs_calibration or opts.lora_steps > 0:
-        with pg.stage("calibration: tokenize the text and draw the windows", opts.progress):
-            calib = calibration.load(src_path, opts.calib_text, opts.calib_samples, opts.calib_seq_len, opts.seed)
-    ctx = Context(sk, src, opts, calib)
+        def interrupted_message() -> str:
+            return (f"interrupted; nothing was written to {out_path}. The work done so far is kept in {state.path}: "
+                    f"run the same command with --resume to continue")
 
+        try:
+            with SignalGuard(interrupted_message) as guard:
+                result = _compress_planned(ctx, method, out_path, cache, on_layer, guard)
+        except KeyboardInterrupt as e:
+            if _nothing_computed(state):
+                state.discard()
+                raise Interrupted(f"interrupted before any work was kept; nothing was written to {out_path}",
+                                  143 if isinstance(e, Terminated) else 130) from None
+            raise Interrupted(interrupted_message(), 143 if isinstance(e, Terminated) else 130) from None
+        except BaseException:
+            if _nothing_computed(state):
+                state.discard()
+            else:
+                pg.note(f"the work done so far is kept in {state.path} (the same command with --resume continues "
+                        f"from it)", True)
+            raise
+    state.discard()
+    result.wall_time_s = time.time() - t0
+    result.stages = meter.as_dict()
+    result.resumed = list(state.reused)
+    result.memory_estimate = estimate.to_dict()
+    return result
+
+
+def _nothing_computed(state: RunState) -> bool:
+    return not (state.get("statistics_layers") or state.get("statistics_done") or state.get("layers_done"))
+
+
+def statistics_key(src: SourceCheckpoint, opts: CompressOptions, method) -> Dict:
+    """What a method's statistics depend on (a resumed run reuses them when equal)."""
+    key = method.statistics_key(opts)
+    return {"source": source_fingerprint(src), "method_statistics": list(key) if key is not None else None,
+            "calibration": [list(opts.calib_text), opts.calib_samples, opts.calib_seq_len, opts.seed],
+            "damping": opts.damping, "tool_version": TOOL_VERSION}
+
+
+RUN_ONLY_OPTIONS = ("progress", "overwrite", "resume", "dry_run", "device", "memory_check",
+                    "memory_limit_gib")
+
+
+def layers_key(opts: CompressOptions) -> Dict:
+    """What the written layers depend on: every option but the ones that only steer the run."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items() if k not in RUN_ONLY_OPTIONS}
+
+
+def _compress_planned(ctx: Context, method, out_path: str, cache, on_layer, guard: SignalGuard) -> CompressResult:
+    sk, src, opts, calib, state, meter = ctx.sk, ctx.src, ctx.opts, ctx.calib, ctx.state, ctx.meter
     stats, all_ranks, selection = plan(ctx, method, cache)
 
     mats = ctx.matrices()
@@ -127,15 +220,23 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
     cast_all = out_dtype != src.torch_dtype(cf.weight_name(sk.module_names(0)[st.GATE]))
     cast = out_dtype if cast_all else None
 
-    lora_info: Dict = {}
-    with StagingDir(out_path, opts.overwrite) as stage:
-        writer = ShardWriter(stage.path, opts.max_shard_bytes)
+    # the tensors of the checkpoint, layer by layer, into the resume state
+    writer = ShardWriter.restore(state.subdir("layers"), opts.max_shard_bytes, state.get("writer"))
+    if not state.get("outside_layers_done"):
         # everything outside the decoder layers is copied first (embeddings, final norm, lm_head)
         layer_prefix = sk.layer_prefix + "."
         for name in sorted(n for n in src.names() if not n.startswith(layer_prefix)):
             writer.add(name, _cast(src.get(name), cast))
+        writer.flush()
+        state.set(writer=writer.state(), outside_layers_done=True)
+    with meter.measure("factor_pass"):
         factor_pass(ctx, method, stats, all_ranks, writer, out_dtype, cast, on_layer)
-        writer.finish()
+
+    # assemble the checkpoint in a staging directory beside OUT, renamed into place when complete
+    lora_info: Dict = {}
+    with meter.measure("write"), StagingDir(out_path, opts.overwrite) as stage:
+        guard.temporary(stage.path)
+        writer.finish(stage.path)
         factored = {n: r for n, r in all_ranks.items() if r != alloc.DENSE}
         dense_modules = sorted(n for n, r in all_ranks.items() if r == alloc.DENSE)
 
@@ -151,7 +252,7 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
         provenance = {
             "tool": "vllm-neuronmlp compress",
             "tool_version": TOOL_VERSION,
-            "source_model": source_name(src_path),  # the name, not this machine's path
+            "source_model": source_name(src.path),  # the name, not this machine's path
             "ratio_requested": opts.ratio,
             "ratio_achieved_mlp": round(achieved, 6),
             "ratio_achieved_model": round(1 - params_after / params_before, 6),
@@ -179,13 +280,14 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
             from vllm_neuronmlp.tools import lora
 
             write_config()
-            lora_info = lora.recover(stage.path, calib.windows, calib.validation, steps=opts.lora_steps,
-                                     rank=opts.lora_rank, lr=opts.lora_lr, batch=opts.lora_batch, seed=opts.seed,
-                                     progress=opts.progress, max_shard_bytes=opts.max_shard_bytes)
+            with meter.measure("lora"):
+                lora_info = lora.recover(stage.path, calib.windows, calib.validation, steps=opts.lora_steps,
+                                         rank=opts.lora_rank, lr=opts.lora_lr, batch=opts.lora_batch,
+                                         seed=opts.seed, progress=opts.progress, max_shard_bytes=opts.max_shard_bytes)
             provenance["lora"] = lora_info
         write_config()
         for entry in src.other_files():
-            shutil.copy2(os.path.join(src_path, entry), os.path.join(stage.path, entry))
+            shutil.copy2(os.path.join(src.path, entry), os.path.join(stage.path, entry))
         with pg.stage("validate the written checkpoint", opts.progress):
             cf.validate(stage.path, check_values=False)  # never publish a checkpoint that breaks the format
         if opts.export == "dense":
@@ -195,21 +297,23 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
         bytes_after = sum(os.path.getsize(os.path.join(stage.path, f)) for f in os.listdir(stage.path)
                           if f.endswith(".safetensors"))
         stage.commit()
+        guard.forget(stage.path)
     src.close()
     return CompressResult(
         out=os.path.abspath(out_path), ranks=factored, dense_modules=dense_modules, ratio_requested=opts.ratio,
         ratio_mlp=achieved, ratio_model=1 - params_after / params_before, params_before=params_before,
         params_after=params_after, mlp_params_before=mlp_before, mlp_params_after=mlp_after,
-        bytes_before=src.total_bytes_on_disk(), bytes_after=bytes_after, wall_time_s=time.time() - t0,
+        bytes_before=src.total_bytes_on_disk(), bytes_after=bytes_after, wall_time_s=0.0,
         method=opts.method, allocation=opts.rank_allocation, num_layers=sk.num_layers,
         calibration=calib.info if calib else {}, jitter_modules=ctx.jitter_modules, lora=lora_info,
-        warnings=warnings, selection=selection, widths=dict(widths), intermediate_size=sk.intermediate)
+        warnings=warnings, selection=selection, widths=dict(widths), intermediate_size=sk.intermediate,
+        device=str(sk.device))
 
 
 def plan(ctx: Context, method, cache: Optional[Dict]) -> Tuple[object, Dict[str, int], Dict]:
     """(the method's statistics, the chosen ranks, how they were chosen). The
     statistics do not depend on the ratio; `cache` keeps them across calls."""
-    opts = ctx.opts
+    opts, state = ctx.opts, ctx.state
     stats = None
     stats_key = method.statistics_key(opts)
     if stats_key is not None:
@@ -217,22 +321,41 @@ def plan(ctx: Context, method, cache: Optional[Dict]) -> Tuple[object, Dict[str,
         key = stats_key + (os.path.abspath(ctx.src.path), tuple(opts.calib_text), opts.calib_samples,
                            opts.calib_seq_len, opts.seed, opts.damping)
         if key not in cache:
-            cache[key] = method.statistics(ctx)
+            if state is not None and state.get("statistics_done"):
+                cache[key] = state.load("statistics", "all.pt")
+            else:
+                with ctx.meter.measure("statistics"):
+                    cache[key] = method.statistics(ctx)
+                if state is not None:  # the whole result, then the per-layer pieces are no longer needed
+                    state.put(cache[key], "statistics", "all.pt")
+                    state.set(statistics_done=True, statistics_layers=[])
+                    for name in os.listdir(state.subdir("statistics")):
+                        if name != "all.pt":
+                            state.remove("statistics", name)
         stats = cache[key]
-    try:
-        candidates = method.candidates(ctx, stats)
-    except alloc.BudgetError as e:
-        raise UserError(f"--ratio: {e}") from None
-    ranks, selection = method.choose(ctx, stats, candidates)
+    with ctx.meter.measure("allocation"):
+        try:
+            candidates = method.candidates(ctx, stats)
+        except alloc.BudgetError as e:
+            raise UserError(f"--ratio: {e}") from None
+        ranks, selection = method.choose(ctx, stats, candidates)
     return stats, ranks, selection
 
 
 def factor_pass(ctx: Context, method, stats, ranks: Dict[str, int], writer: ShardWriter, out_dtype: torch.dtype,
                 cast: Optional[torch.dtype], on_layer: Optional[Callable[[int], None]] = None) -> None:
-    """Factor every layer with the chosen ranks and write its tensors."""
-    sk, src = ctx.sk, ctx.src
+    """Factor every layer with the chosen ranks and write its tensors; each
+    finished layer is recorded in the run state (with the factorizer's streamed
+    hidden states), so a resumed pass starts after the last one."""
+    sk, src, state = ctx.sk, ctx.src, ctx.state
     factorizer = method.factorizer(ctx, stats)
-    for i in pg.bar(range(sk.num_layers), ctx.opts.progress, desc=f"factor ({method.name})", unit="layer"):
+    done = list(state.get("layers_done", [])) if state is not None else []
+    if done:
+        if hasattr(factorizer, "restore_stream"):
+            factorizer.restore_stream(state.load("layers", f"stream-{done[-1]:05d}.pt"))
+        ctx.jitter_modules[:] = state.get("jitter_modules", [])
+    for i in pg.bar(range(len(done), sk.num_layers), ctx.opts.progress, desc=f"factor ({method.name})",
+                    unit="layer", total=sk.num_layers, initial=len(done)):
         layer = st.materialize_layer(sk, src, i)
         names = sk.module_names(i)
         todo = {role: ranks[n] for role, n in names.items() if ranks.get(n, alloc.DENSE) != alloc.DENSE}
@@ -243,6 +366,14 @@ def factor_pass(ctx: Context, method, stats, ranks: Dict[str, int], writer: Shar
         for name, t in add.items():
             writer.add(name, t.to(out_dtype))
         st.release_layer(sk, i)
+        writer.flush()
+        if state is not None:  # the layer's shard and stream first, then the state that lists them
+            if hasattr(factorizer, "stream_state"):
+                state.put(factorizer.stream_state(), "layers", f"stream-{i:05d}.pt")
+            state.set(layers_done=done + [i], writer=writer.state(), jitter_modules=list(ctx.jitter_modules))
+            if done:
+                state.remove("layers", f"stream-{done[-1]:05d}.pt")
+        done.append(i)
         if on_layer is not None:
             on_layer(i)
 

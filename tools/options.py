@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import allocation as alloc
@@ -12,6 +12,7 @@ from vllm_neuronmlp.tools.errors import UserError
 from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD, METHODS
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")  # where the passes compute; auto = a CUDA GPU when torch sees one
 EXPORTS = ("svd_neuron", "dense")  # dense: a plain smaller model of the same architecture (tools/export.py)
 DEFAULT_CALIB_TEXT = text_data.BUILTIN_PREFIX + "calibration"
 DEFAULT_FISHER_SAMPLES = 32  # windows of the Fisher pass (its stored activations grow with them)
@@ -41,6 +42,23 @@ class CompressOptions:
     overwrite: bool = False
     max_shard_bytes: int = 512 * 1024 ** 2  # also bounds the write buffer held in memory
     progress: bool = True
+    device: str = "auto"
+    resume: bool = False  # continue from OUT.resume (run_state.py)
+    dry_run: bool = False  # print the memory estimate and the planned work, write nothing
+    memory_check: bool = True  # refuse a run whose estimated peak exceeds the memory available
+    memory_limit_gib: Optional[float] = None  # the memory the check compares with (default: what is available)
+
+    def resolved_device(self) -> str:
+        """"cpu" or "cuda" (auto: a CUDA GPU when torch sees one); UserError for cuda without one."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise UserError(f"--device cuda: torch {torch.__version__} ({built}) sees no CUDA GPU; use --device cpu "
+                            f"or auto")
+        return self.device
 
     def validate(self) -> None:
         try:
@@ -73,6 +91,10 @@ class CompressOptions:
             raise UserError(f"--rank-allocation {self.rank_allocation}: the hybrid has one allocation (adaptive, one "
                             f"greedy over channels and ranks); for the same width in every layer use --method "
                             f"nystrom --rank-allocation uniform")
+        if self.memory_limit_gib is not None and not self.memory_limit_gib > 0:
+            raise UserError(f"--memory-limit must be positive (GiB), got {self.memory_limit_gib}")
+        if self.device not in DEVICES:
+            raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if not self.calib_text:

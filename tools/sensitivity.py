@@ -11,100 +11,175 @@ sensitive to cost more, and the adaptive allocation compares matrices in one
 unit, estimated loss.
 
 Gradients need a backward pass through the whole network, but the model is
-never loaded whole. Forward: layer by layer, keeping each layer's input
-hidden states (bfloat16, `layers x tokens x hidden`: about 0.5 GiB for
-SmolLM2 at 32 x 512 tokens, the default `--fisher-samples`). Head: the final norm and LM head give
-`dL/dh` for the last hidden states (summed token NLL). Backward: layer by
-layer from the top, each layer is materialized again, re-run on its stored
-input with autograd, and `dL/dh` is pulled back through it, while hooks on
-gate/up/down collect `F`. Peak memory: one layer with its autograd
-activations for one chunk of tokens, plus the stored hidden states.
+never loaded whole, and nothing held in memory grows with depth. Forward:
+layer by layer, each layer's input hidden states are written to disk
+(float32, `tokens x hidden` per layer: 38 MiB for SmolLM2, 256 MiB at the
+8B shape at 32 x 512 tokens, the default `--fisher-samples`), in the run's
+resume state when there is one (run_state.py), else in a temporary directory.
+Head: the final norm and LM head give `dL/dh` for the last hidden states
+(summed token NLL). Backward: layer by layer from the top, each layer is
+materialized again, its stored input read back and re-run with autograd, and
+`dL/dh` is pulled back through it, while hooks on gate/up/down collect `F`.
+Peak memory: one layer with its autograd activations for one chunk of tokens,
+the hidden states and their gradient, and (for the spectra) the layer's Gram
+matrices. With a run state every finished layer is kept on disk, so an
+interrupted pass resumes at the layer it reached.
 
 The re-run also sees every MLP input, so the same sweep accumulates the
 input Gram matrices and returns the whitened, Fisher-weighted spectra the
-adaptive allocation needs (no separate spectra pass). The factor pass later
+adaptive allocation needs (no separate spectra pass), and `on_layer` lets a
+method compute more per-layer statistics from them (the channel order of
+methods/nystrom.py) while the layer is in memory. The factor pass later
 recomputes the Grams from all calibration windows in float64.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import contextlib
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from vllm_neuronmlp.tools.evaluation import nll
 from vllm_neuronmlp.tools import progress as pg
 from vllm_neuronmlp.tools import streaming as st
+from vllm_neuronmlp.tools.evaluation import nll
+from vllm_neuronmlp.tools.run_state import ActivationStore, RunState
 from vllm_neuronmlp.tools.whitening import GramAccumulator, robust_cholesky, whitened_spectrum
 
 FISHER_FLOOR = 1e-3  # weight floor relative to the mean Fisher: every channel keeps some weight
 
+# (layer index, materialized layer, {"a": MLP input Gram, "z": down input Gram}, {module: F}) -> per-layer results
+LayerHook = Callable[[int, torch.nn.Module, Dict[str, GramAccumulator], Dict[str, torch.Tensor]], Any]
+
+
+@dataclass
+class Sensitivity:
+    fisher: Dict[str, torch.Tensor] = field(default_factory=dict)  # {module: F [out]}, float64
+    spectra: Dict[str, List[float]] = field(default_factory=dict)  # {module: singular values of L^T W D}
+    per_layer: Dict[int, Any] = field(default_factory=dict)  # {layer: what on_layer returned}
+
 
 def sensitivity_pass(sk: st.Skeleton, src, ids: torch.Tensor, progress: bool = True, with_spectra: bool = True,
-                     damping: float = 0.0) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[float]]]:
-    """({module name: F [out] (float64)} for every gate/up/down projection, from
-    the calibration windows `ids` [n, seq_len] (the caller's random subset,
-    `--fisher-samples` of them) through the dense model; and,
-    `with_spectra`, the singular values of `L^T W D` for every projection:
-    input-whitened, output-weighted by `output_weights(F)`)."""
+                     damping: float = 0.0, on_layer: Optional[LayerHook] = None, state: Optional[RunState] = None,
+                     meter: Optional[pg.StageMeter] = None) -> Sensitivity:
+    """Fisher diagonals {module name: F [out] (float64)} of every gate/up/down
+    projection, from the calibration windows `ids` [n, seq_len] (the caller's
+    random subset, `--fisher-samples` of them) through the dense model; with
+    `with_spectra`, the singular values of `L^T W D` for every projection
+    (input-whitened, output-weighted by `output_weights(F)`); with `on_layer`,
+    its result for every layer. `state` makes the pass resumable."""
+    meter = meter or pg.StageMeter()
+    with contextlib.ExitStack() as stack:
+        if state is not None:
+            store = ActivationStore(state.subdir("statistics", "fisher"))
+        else:
+            store = ActivationStore(stack.enter_context(tempfile.TemporaryDirectory(prefix="vllm-neuronmlp-fisher-")))
+        return _sensitivity(sk, src, ids, progress, with_spectra, damping, on_layer, state, store, meter)
+
+
+def _sensitivity(sk, src, ids, progress, with_spectra, damping, on_layer, state, store, meter) -> Sensitivity:
     runner = st.LayerRunner(sk, ids.shape[1])
     chunks = st.chunks(ids.shape[0], ids.shape[1])
+    n_layers = sk.num_layers
+    done_layers = set(state.get("statistics_layers", [])) if state is not None else set()
+    result = Sensitivity()
+    for i in sorted(done_layers):
+        _merge(result, state.load("statistics", f"layer-{i:05d}.pt"), i)
 
-    # forward, keeping every layer's input
-    x = st.embed(sk, src, ids)
-    stored = []
-    for i in pg.bar(range(sk.num_layers), progress, desc="sensitivity: forward", unit="layer"):
-        layer = st.materialize_layer(sk, src, i)
-        stored.append(x.to(torch.bfloat16))
-        with torch.no_grad():
-            for sl in chunks:
-                x[sl] = runner.forward(layer, x[sl])
-        st.release_layer(sk, i)
+    # forward, storing every layer's input (input of layer i under key "in-i"; "in-L" is the top)
+    if not store.has(f"grad-{n_layers}") and not done_layers:
+        with meter.measure("fisher_forward"):
+            start = max([i for i in range(n_layers + 1) if store.has(f"in-{i}")], default=-1)
+            if start < 0:
+                x = st.embed(sk, src, ids)
+                store.put("in-0", x)
+                start = 0
+            else:
+                x = store.get(f"in-{start}", sk.device)
+            for i in pg.bar(range(start, n_layers), progress, desc="sensitivity: forward", unit="layer",
+                            total=n_layers, initial=start):
+                layer = st.materialize_layer(sk, src, i)
+                with torch.no_grad():
+                    for sl in chunks:
+                        x[sl] = runner.forward(layer, x[sl])
+                st.release_layer(sk, i)
+                store.put(f"in-{i + 1}", x)
 
-    # dL/dh at the top: summed next-token NLL through the final norm and LM head
-    norm, head = st.materialize_head(sk, src)
-    grad = torch.empty_like(x)
-    for k in range(ids.shape[0]):
-        h = x[k].clone().requires_grad_(True)
-        with torch.enable_grad():
-            nll.next_token_nll(norm(h) @ head.T, ids[k]).backward()
-        grad[k] = h.grad
-    norm.to("meta")
-    del head, x
-
-    # backward, layer by layer from the top
-    fisher: Dict[str, torch.Tensor] = {}
-    spectra: Dict[str, List[float]] = {}
-    for i in pg.bar(reversed(range(sk.num_layers)), progress, desc="sensitivity: backward", unit="layer",
-                    total=sk.num_layers):
-        layer = st.materialize_layer(sk, src, i)
-        layer.requires_grad_(False)
-        names = sk.module_names(i)
-        hooks = [sk.projection(layer, role).register_forward_hook(_collect(fisher, names[role])) for role in st.ROLES]
-        grams = {}
-        if with_spectra:
-            grams = {"a": GramAccumulator(sk.hidden), "z": GramAccumulator(sk.projection(layer, st.DOWN).in_features)}
-            hooks.append(layer.mlp.register_forward_pre_hook(_gram(grams["a"])))
-            hooks.append(sk.projection(layer, st.DOWN).register_forward_pre_hook(_gram(grams["z"])))
-        try:
-            for sl in chunks:
-                h = stored[i][sl].to(torch.float32).requires_grad_(True)
+            # dL/dh at the top: summed next-token NLL through the final norm and LM head
+            norm, head = st.materialize_head(sk, src)
+            grad = torch.empty_like(x)
+            for k in range(ids.shape[0]):
+                h = x[k].clone().requires_grad_(True)
                 with torch.enable_grad():
-                    out = runner.forward(layer, h)
-                    out.backward(grad[sl])
-                grad[sl] = h.grad
-        finally:
-            for hk in hooks:
-                hk.remove()
-        stored[i] = None
+                    nll.next_token_nll(norm(h) @ head.T, ids[k].to(h.device)).backward()
+                grad[k] = h.grad
+            norm.to("meta")
+            del head, x
+            store.put(f"grad-{n_layers}", grad)
+            store.drop(f"in-{n_layers}")
+            st.return_freed_memory()
+
+    # backward, layer by layer from the top (a resumed pass starts below the last finished layer)
+    top = min(done_layers, default=n_layers)
+    grad = store.get(f"grad-{top}", sk.device)
+    for i in pg.bar(reversed(range(top)), progress, desc="sensitivity: backward", unit="layer", total=n_layers,
+                    initial=n_layers - top):
+        with meter.measure("fisher_backward"):
+            layer = st.materialize_layer(sk, src, i)
+            layer.requires_grad_(False)
+            names = sk.module_names(i)
+            fisher: Dict[str, torch.Tensor] = {}
+            hooks = [sk.projection(layer, role).register_forward_hook(_collect(fisher, names[role]))
+                     for role in st.ROLES]
+            grams = {}
+            if with_spectra or on_layer is not None:
+                grams = {"a": GramAccumulator(sk.hidden, device=sk.device),
+                         "z": GramAccumulator(sk.projection(layer, st.DOWN).in_features, device=sk.device)}
+                hooks.append(layer.mlp.register_forward_pre_hook(_gram(grams["a"])))
+                hooks.append(sk.projection(layer, st.DOWN).register_forward_pre_hook(_gram(grams["z"])))
+            x_in = store.get(f"in-{i}", sk.device)
+            try:
+                for sl in chunks:
+                    h = x_in[sl].clone().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = runner.forward(layer, h)
+                        out.backward(grad[sl])
+                    grad[sl] = h.grad
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            del x_in
+        layer_result: Dict[str, Any] = {"fisher": {n: f.cpu() for n, f in fisher.items()}, "spectra": {}}
         if with_spectra:
-            chol_a = robust_cholesky(grams["a"].matrix, f"{names[st.GATE]} input", damping).factor
-            chol_z = robust_cholesky(grams["z"].matrix, f"{names[st.DOWN]} input", damping).factor
-            for role, name in names.items():
-                w = sk.projection(layer, role).weight.detach().T
-                spectra[name] = whitened_spectrum(w, chol_z if role == st.DOWN else chol_a,
-                                                  out_scale=output_weights(fisher[name])).tolist()
+            with meter.measure("spectra"):
+                chol_a = robust_cholesky(grams["a"].matrix, f"{names[st.GATE]} input", damping).factor
+                chol_z = robust_cholesky(grams["z"].matrix, f"{names[st.DOWN]} input", damping).factor
+                for role, name in names.items():
+                    w = sk.projection(layer, role).weight.detach().T
+                    layer_result["spectra"][name] = whitened_spectrum(
+                        w, chol_z if role == st.DOWN else chol_a, out_scale=output_weights(fisher[name])).tolist()
+                del chol_a, chol_z
+        if on_layer is not None:
+            layer_result["extra"] = on_layer(i, layer, grams, fisher)
+        del grams
         st.release_layer(sk, i)
-    return fisher, spectra
+        _merge(result, layer_result, i)
+        if state is not None:  # the layer's results, then its input gradient, then the state that lists them
+            state.put(layer_result, "statistics", f"layer-{i:05d}.pt")
+            store.put(f"grad-{i}", grad)
+            state.set(statistics_layers=sorted(done_layers | {i}))
+            done_layers.add(i)
+            store.drop(f"grad-{i + 1}")
+        store.drop(f"in-{i}")
+    return result
+
+
+def _merge(result: Sensitivity, layer_result: Dict[str, Any], i: int) -> None:
+    result.fisher.update(layer_result["fisher"])
+    result.spectra.update(layer_result["spectra"])
+    if "extra" in layer_result:
+        result.per_layer[i] = layer_result["extra"]
 
 
 def _gram(acc: GramAccumulator):

@@ -1,7 +1,8 @@
 """Streaming a checkpoint one decoder layer at a time (docs/architecture.md).
 
 The model skeleton is built on the `meta` device (no memory); each pass then
-materializes one decoder layer on CPU in float32 from its safetensors tensors,
+materializes one decoder layer on the skeleton's device (CPU, or a CUDA GPU
+with `compress --device`) in float32 from its safetensors tensors,
 runs the calibration hidden states through it, and drops it again. Peak memory
 is one layer plus the activations, never the whole model. Every pass of the
 compressor (statistics, allocation scoring, factoring) is built from the
@@ -42,6 +43,7 @@ class Skeleton:
     hidden: int
     intermediate: int
     family: fam.MLPFamily
+    device: torch.device = torch.device("cpu")  # where layers are materialized and the passes compute
 
     def attr(self, role: str) -> str:
         """Attribute name of a role's projection in a layer's `mlp`."""
@@ -64,7 +66,7 @@ class Skeleton:
         return out
 
 
-def build_skeleton(src: SourceCheckpoint) -> Skeleton:
+def build_skeleton(src: SourceCheckpoint, device: str = "cpu") -> Skeleton:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if "text_config" in src.config:
@@ -113,28 +115,35 @@ def build_skeleton(src: SourceCheckpoint) -> Skeleton:
     rotary = getattr(base, "rotary_emb", None)
     if rotary is not None:
         rotary = type(rotary)(config=config)  # real buffers on CPU (the meta copy has none)
+    dev = torch.device(device)
+    if rotary is not None:
+        rotary = rotary.to(dev)
     return Skeleton(config, model, layers, prefix, embed_name, rotary, len(layers), int(config.hidden_size),
-                    int(config.intermediate_size), family)
+                    int(config.intermediate_size), family, dev)
 
 
 def materialize_layer(sk: Skeleton, src: SourceCheckpoint, i: int) -> nn.Module:
-    """Decoder layer i on CPU in float32 with its weights from the checkpoint."""
+    """Decoder layer i on the skeleton's device in float32 with its weights from the checkpoint."""
     layer = sk.layers[i]
-    layer.to_empty(device="cpu")
     prefix = f"{sk.layer_prefix}.{i}."
-    state = {key: src.get(prefix + key).to(torch.float32) for key in layer.state_dict().keys()}
-    layer.load_state_dict(state, strict=True)
-    layer.to(torch.float32)
+    state = {key: src.get(prefix + key).to(sk.device, torch.float32) for key in layer.state_dict().keys()}
+    # assign: the loaded tensors become the parameters (no second copy of the layer)
+    layer.load_state_dict(state, strict=True, assign=True)
+    del state
+    left = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
+    if left:
+        raise UserError(f"{src.path}: {prefix}{left[0]} is neither a stored tensor nor computable; cannot "
+                        f"materialize layer {i}")
     layer.eval()
     return layer
 
 
 def release_layer(sk: Skeleton, i: int) -> None:
     sk.layers[i].to("meta")
-    _return_freed_memory()
+    return_freed_memory()
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand freed heap pages back to the OS after each layer. Without it glibc
     keeps them (fragmented arenas) and the resident set creeps up with the
     number of layers although the live data does not."""
@@ -146,26 +155,28 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def materialize_head(sk: Skeleton, src: SourceCheckpoint) -> Tuple[nn.Module, torch.Tensor]:
-    """(final norm on CPU in float32, LM head weight [vocab, hidden] in float32);
+    """(final norm on the skeleton's device in float32, LM head weight [vocab, hidden] in float32);
     tied embeddings are used as the head when there is no lm_head tensor.
     Call `norm.to("meta")` when done."""
     base = getattr(sk.model, sk.model.base_model_prefix)
     norm = base.norm
-    norm.to_empty(device="cpu")
+    norm.to_empty(device=sk.device)
     norm_name = [n for n, m in sk.model.named_modules() if m is norm][0]
     norm.load_state_dict({k: src.get(f"{norm_name}.{k}").float() for k in norm.state_dict()})
     norm.requires_grad_(False)
     head_name = "lm_head.weight" if "lm_head.weight" in src.files else sk.embed_name
-    return norm, src.get(head_name).float()
+    return norm, src.get(head_name).to(sk.device, torch.float32)
 
 
 def embed(sk: Skeleton, src: SourceCheckpoint, ids: torch.Tensor) -> torch.Tensor:
-    """Input hidden states [n, S, hidden] (float32) of token windows `ids` [n, S]."""
+    """Input hidden states [n, S, hidden] (float32, on the skeleton's device) of token windows `ids` [n, S]."""
     w = src.get(sk.embed_name)
-    x = torch.nn.functional.embedding(ids, w).to(torch.float32)
+    x = torch.nn.functional.embedding(ids, w).to(sk.device, torch.float32)
     scale = getattr(sk.config, "embedding_multiplier", None)  # e.g. Granite-style scaling; Llama has none
     if scale:
         x = x * float(scale)
@@ -188,10 +199,10 @@ class LayerRunner:
 
     def __init__(self, sk: Skeleton, seq_len: int):
         self.sk = sk
-        self.position_ids = torch.arange(seq_len).unsqueeze(0)
+        self.position_ids = torch.arange(seq_len, device=sk.device).unsqueeze(0)
         self.position_embeddings = None
         if sk.rotary is not None:
-            dummy = torch.zeros(1, seq_len, sk.hidden)
+            dummy = torch.zeros(1, seq_len, sk.hidden, device=sk.device)
             with torch.no_grad():
                 self.position_embeddings = sk.rotary(dummy, self.position_ids)
 
@@ -236,8 +247,8 @@ def mlp_input_grams(sk: Skeleton, runner: LayerRunner, layer: nn.Module, x: torc
                     ) -> Tuple[GramAccumulator, GramAccumulator]:
     """Run `x` through `layer` in place, accumulating the Gram matrices of the MLP
     input (shared by gate and up) and of the down projection's input."""
-    acc_a = GramAccumulator(sk.hidden)
-    acc_z = GramAccumulator(sk.projection(layer, DOWN).in_features)
+    acc_a = GramAccumulator(sk.hidden, device=sk.device)
+    acc_z = GramAccumulator(sk.projection(layer, DOWN).in_features, device=sk.device)
     for sl in chunks(x.shape[0], x.shape[1]):
         got = runner.run(layer, x[sl], want_mlp_in=True, want_down_in=True)
         acc_a.add(got["mlp_in"])
@@ -247,10 +258,10 @@ def mlp_input_grams(sk: Skeleton, runner: LayerRunner, layer: nn.Module, x: torc
 
 
 def factored_module(u: torch.Tensor, v: torch.Tensor) -> nn.Module:
-    """A frozen `SVDLinear` computing `(x U) V` (ops.factored_linear), float32."""
+    """A frozen `SVDLinear` computing `(x U) V` (ops.factored_linear), float32, on U's device."""
     from vllm_neuronmlp.hf_quantizer import SVDLinear
 
-    mod = SVDLinear(u.shape[0], v.shape[1], u.shape[1], dtype=torch.float32)
+    mod = SVDLinear(u.shape[0], v.shape[1], u.shape[1], dtype=torch.float32).to(u.device)
     with torch.no_grad():
         getattr(mod, cf.U_SUFFIX).copy_(u)
         getattr(mod, cf.V_SUFFIX).copy_(v)

@@ -47,12 +47,12 @@ class FactorizationError(RuntimeError):
 
 
 class GramAccumulator:
-    """Accumulates `A^T B` in float64 over batches of rows (tokens)."""
+    """Accumulates `A^T B` in float64 over batches of rows (tokens), on `device`."""
 
-    def __init__(self, dim_a: int, dim_b: Optional[int] = None):
+    def __init__(self, dim_a: int, dim_b: Optional[int] = None, device: Optional[torch.device] = None):
         self.dim_a = dim_a
         self.dim_b = dim_b if dim_b is not None else dim_a
-        self.matrix = torch.zeros(self.dim_a, self.dim_b, dtype=torch.float64)
+        self.matrix = torch.zeros(self.dim_a, self.dim_b, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, a: torch.Tensor, b: Optional[torch.Tensor] = None) -> None:
@@ -148,12 +148,12 @@ def whitened_target(weight_io: torch.Tensor, chol: Optional[torch.Tensor],
         with _single_thread():
             t = torch.linalg.solve_triangular(chol, cross.to(torch.float64) @ w, upper=False)
     if out_scale is not None:
-        t = t * _check_scale(out_scale, t.shape[1])[None, :]
+        t = t * _check_scale(out_scale, t.shape[1], t.device)[None, :]
     return t
 
 
-def _check_scale(out_scale: torch.Tensor, n_out: int) -> torch.Tensor:
-    d = out_scale.to(torch.float64).reshape(-1)
+def _check_scale(out_scale: torch.Tensor, n_out: int, device: torch.device) -> torch.Tensor:
+    d = out_scale.to(device=device, dtype=torch.float64).reshape(-1)
     if d.numel() != n_out:
         raise ValueError(f"out_scale has {d.numel()} entries for {n_out} output channels")
     if not (torch.isfinite(d).all() and bool((d > 0).all())):
@@ -230,7 +230,7 @@ def factorize(weight_io: torch.Tensor, rank: int, chol: Optional[torch.Tensor] =
         u = left
     v = root[:, None] * qh
     if out_scale is not None:
-        v = v / _check_scale(out_scale, n_out)[None, :]  # undo D: W_r = L^-T (L^T W D)_r D^-1
+        v = v / _check_scale(out_scale, n_out, v.device)[None, :]  # undo D: W_r = L^-T (L^T W D)_r D^-1
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
         raise FactorizationError("factorization produced non-finite factors")
     return Factorization(u=u, v=v, singular_values=s)

@@ -85,9 +85,14 @@ class StagingDir:
 
 class ShardWriter:
     """Collects tensors and flushes them to numbered safetensors shards once
-    the buffer passes `max_shard_bytes`; `finish()` names the shards
-    `model-0000i-of-0000n.safetensors` and writes the index (or a single
-    `model.safetensors` when everything fits in one shard)."""
+    the buffer passes `max_shard_bytes` (or when `flush()` is called: the
+    compressor flushes after every decoder layer, so a shard never spans two
+    layers and a finished layer is on disk). `finish()` names the shards
+    `model-0000i-of-0000n.safetensors` and writes the index, or writes a single
+    `model.safetensors` when everything fits in one shard; `finish(dest)` puts
+    them into another directory of the same filesystem by hard links (the
+    shards themselves stay where they are, part of the resume state).
+    `state()` / `restore()` carry a writer across an interrupted run."""
 
     def __init__(self, directory: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.dir = directory
@@ -99,11 +104,25 @@ class ShardWriter:
         self.total_params = 0
         self.names: set = set()
 
+    def state(self) -> Dict:
+        """What `restore` needs: the flushed shards (call after `flush()`)."""
+        assert not self.buffer, "state() of a writer with unflushed tensors"
+        return {"shards": self.shards, "total_bytes": self.total_bytes, "total_params": self.total_params}
+
+    @classmethod
+    def restore(cls, directory: str, max_shard_bytes: int, state: Optional[Dict]) -> "ShardWriter":
+        w = cls(directory, max_shard_bytes)
+        if state:
+            w.shards = [list(names) for names in state["shards"]]
+            w.total_bytes, w.total_params = int(state["total_bytes"]), int(state["total_params"])
+            w.names = {n for names in w.shards for n in names}
+        return w
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.names:
             raise ValueError(f"tensor {name} written twice")
         self.names.add(name)
-        t = tensor.detach().contiguous()
+        t = tensor.detach().cpu().contiguous()
         self.buffer[name] = t
         nbytes = t.numel() * t.element_size()
         self.buffer_bytes += nbytes
@@ -112,37 +131,65 @@ class ShardWriter:
         if self.buffer_bytes >= self.max:
             self.flush()
 
+    def _shard_path(self, idx: int) -> str:
+        return os.path.join(self.dir, f".shard-{idx:05d}.safetensors")
+
     def flush(self) -> None:
         if not self.buffer:
             return
         from safetensors.torch import save_file
 
         idx = len(self.shards)
-        save_file(self.buffer, os.path.join(self.dir, f".shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
+        tmp = self._shard_path(idx) + ".tmp"
+        save_file(self.buffer, tmp, metadata={"format": "pt"})
+        os.replace(tmp, self._shard_path(idx))
         self.shards.append(sorted(self.buffer))
         self.buffer = {}
         self.buffer_bytes = 0
 
-    def finish(self) -> List[str]:
+    def finish(self, dest: Optional[str] = None) -> List[str]:
+        """The checkpoint's safetensors files in `dest` (default: this writer's
+        directory, shards renamed), index included when there are several."""
         self.flush()
         n = len(self.shards)
         if n == 0:
             raise ValueError("no tensors written")
-        if n == 1:
-            os.rename(os.path.join(self.dir, ".shard-00000.safetensors"),
-                      os.path.join(self.dir, cf.SAFETENSORS_SINGLE_FILE))
+        place = os.rename if dest is None else _link_or_copy
+        dest = dest or self.dir
+        if n == 1 or self.total_bytes <= self.max:
+            single = os.path.join(dest, cf.SAFETENSORS_SINGLE_FILE)
+            if n == 1:
+                place(self._shard_path(0), single)
+            else:  # several layer shards that fit in one file: merge them (at most max bytes in memory)
+                from safetensors.torch import load_file, save_file
+
+                tensors = {}
+                for i in range(n):
+                    tensors.update(load_file(self._shard_path(i)))
+                save_file(dict(sorted(tensors.items())), single, metadata={"format": "pt"})
+                if place is os.rename:
+                    for i in range(n):
+                        os.remove(self._shard_path(i))
             return [cf.SAFETENSORS_SINGLE_FILE]
         weight_map, files = {}, []
         for i, names in enumerate(self.shards):
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.rename(os.path.join(self.dir, f".shard-{i:05d}.safetensors"), os.path.join(self.dir, fname))
+            place(self._shard_path(i), os.path.join(dest, fname))
             files.append(fname)
             for name in names:
                 weight_map[name] = fname
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(self.dir, cf.SAFETENSORS_INDEX_FILE), "w") as f:
+        with open(os.path.join(dest, cf.SAFETENSORS_INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2)
         return files
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (instant, no extra disk), or a copy where links are not possible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def write_json(path: str, data: Dict) -> None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Dict, Mapping, Sequence
 
 from vllm_neuronmlp.tools.allocation.budget import (
-    DENSE, LevelState, Matrix, budget_params, check_block_size, check_feasible, check_ratio, tail_energies,
-    width_budget)
+    DENSE, LevelState, Matrix, rank_budget, tail_energies, width_budget)
 
 
 def allocate_adaptive(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[float]], ratio: float,
@@ -24,11 +23,8 @@ def allocate_adaptive(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence
     choice is optimal up to the last, partly filled step. Losses are read from
     suffix sums of the squared spectra, computed once (benchmarks/allocate_timing.py).
     """
-    check_ratio(ratio)
-    check_block_size(block)
-    budget = budget_params(matrices, ratio)
+    budget = rank_budget(matrices, ratio, block)
     st = LevelState(matrices, block)
-    check_feasible(st, budget, ratio, block)
     for mat in matrices:
         if mat.name not in spectra:
             raise ValueError(f"no spectrum for {mat.name}")

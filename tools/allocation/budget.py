@@ -144,6 +144,17 @@ def check_feasible(st: "LevelState", budget: int, ratio: float, block: int) -> N
                           f"{reachable(1 - floor / dense)})")
 
 
+def rank_budget(matrices: Sequence["Matrix"], ratio: float, block: int) -> int:
+    """The parameter budget of a rank allocation (uniform.py, adaptive.py);
+    BudgetError when even one block per matrix is over it. Depends on shapes
+    only, so a run can check it before its statistics pass."""
+    check_ratio(ratio)
+    check_block_size(block)
+    budget = budget_params(matrices, ratio)
+    check_feasible(LevelState(matrices, block), budget, ratio, block)
+    return budget
+
+
 class LevelState:
     """Per-matrix level indices with the gate/up dense coupling enforced."""
 

@@ -9,6 +9,24 @@ from vllm_neuronmlp.tools.allocation.budget import (
     reachable, tail_energies)
 
 
+def hybrid_budget(matrices: Sequence[Matrix], inter: int, ratio: float, block: int) -> int:
+    """The parameter budget of the hybrid allocation; BudgetError when even the
+    cheapest plan (every layer at the narrowest width, each matrix dense or at
+    one block of rank) is over it. Depends on shapes only."""
+    check_ratio(ratio)
+    check_block_size(block)
+    budget = budget_params(matrices, ratio)
+    narrowest = inter - block * ((inter - block) // block)  # the width moves stop below two blocks
+    floor = sum(min(n.dense, n.cost(block) if n.max_rank(block) else n.dense)
+                for n in (narrowed(m, narrowest) for m in matrices))
+    if floor > budget:
+        dense = sum(m.dense for m in matrices)
+        raise BudgetError(f"ratio {ratio} cannot be reached with block size {block}: {narrowest} channels per "
+                          f"layer keep {floor:,} of {dense:,} parameters (largest reachable ratio "
+                          f"{reachable(1 - floor / dense)})")
+    return budget
+
+
 def allocate_hybrid(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[float]],
                     channel_losses: Mapping[int, Sequence[float]], inter: int, ratio: float, block: int) -> Plan:
     """One greedy allocation over both kinds of moves, all losses in one unit
@@ -21,10 +39,8 @@ def allocate_hybrid(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[f
     reduced shape; its rank-truncation loss is read from the full-width spectrum
     (an upper bound: narrowing only removes energy). Never exceeds the budget;
     raises BudgetError when even the smallest plan does not fit."""
-    check_ratio(ratio)
-    check_block_size(block)
     mats = list(matrices)
-    budget = budget_params(mats, ratio)
+    budget = hybrid_budget(mats, inter, ratio, block)
     tails = {m.name: tail_energies(spectra[m.name]) for m in mats}
     layers = sorted({m.layer for m in mats})
     by_layer = {i: [m for m in mats if m.layer == i] for i in layers}
@@ -73,14 +89,6 @@ def allocate_hybrid(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[f
                                 ("rank", [m.name], r - block)
 
     cost = plan_cost(mats, ranks, {})
-    narrowest = inter - block * ((inter - block) // block)  # the width moves stop below two blocks
-    # the cheapest plan: every layer at the narrowest width, each matrix dense or at rank one block
-    floor = sum(min(n.dense, n.cost(block) if n.max_rank(block) else n.dense)
-                for n in (narrowed(m, narrowest) for m in mats))
-    if floor > budget:
-        raise BudgetError(f"ratio {ratio} cannot be reached with block size {block}: {narrowest} channels per "
-                          f"layer keep {floor:,} of {cost:,} parameters (largest reachable ratio "
-                          f"{reachable(1 - floor / cost)})")
     while cost > budget:
         best = None
         for dloss, saved, move in moves():

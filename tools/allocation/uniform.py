@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 from vllm_neuronmlp.tools.allocation.budget import (
-    DENSE, LevelState, Matrix, budget_params, check_block_size, check_feasible, check_ratio, eq5_rank,
-    saves_parameters, spread_order, width_budget)
+    DENSE, LevelState, Matrix, eq5_rank, rank_budget, saves_parameters, spread_order, width_budget)
 
 
 def allocate_uniform(matrices: Sequence[Matrix], ratio: float, block: int, theta: float = 0.5) -> Dict[str, int]:
@@ -14,11 +13,8 @@ def allocate_uniform(matrices: Sequence[Matrix], ratio: float, block: int, theta
     moving matrices, spread evenly over the layers, one level at a time: down
     while over budget, then up while the budget still allows. Returns
     {name: rank}, DENSE (0) for matrices kept dense."""
-    check_ratio(ratio)
-    check_block_size(block)
-    budget = budget_params(matrices, ratio)
+    budget = rank_budget(matrices, ratio, block)
     st = LevelState(matrices, block)
-    check_feasible(st, budget, ratio, block)
     for i, mat in enumerate(st.mats):
         r = eq5_rank(mat.m, mat.n, ratio, block, theta)
         if not saves_parameters(mat.m, mat.n, r):

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from vllm_neuronmlp.checkpoint_format import CheckpointFormatError
     from vllm_neuronmlp.tools.errors import UserError
+    from vllm_neuronmlp.tools.interrupt import Interrupted, Terminated
 
     from vllm_neuronmlp import vllm_cpu_shim
 
@@ -56,10 +57,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (UserError, CheckpointFormatError) as e:
         print(f"vllm-neuronmlp {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Interrupted as e:
+        print(f"vllm-neuronmlp {args.command}: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:
         print(f"vllm-neuronmlp {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,8 +41,17 @@ changed (the factors of factored ones, the weights of narrowed layers' dense
 ones) with the calibration windows and merges them back (same ranks, widths
 and format).
 
-OUT is written to a temporary sibling directory and renamed at the end: an
-interrupted run leaves nothing under OUT. SRC is only read.
+Long runs: before any work the peak memory is estimated from the config and
+these options and a run that would not fit is refused, naming the options that
+lower it (--dry-run prints the estimate and the planned work and writes
+nothing). --device picks where the passes compute: a CUDA GPU keeps the same
+float64 statistics and is much faster. Everything expensive (the statistics,
+each finished layer) is kept in OUT.resume beside OUT as it is computed;
+Ctrl-C or SIGTERM ends the run within seconds (exit 130 / 143) leaving only
+that directory, and the same command with --resume continues where it
+stopped (statistics are reused even when --ratio or other allocation options
+changed). OUT itself is assembled in a temporary sibling directory and renamed
+at the end: OUT never holds half a checkpoint. SRC is only read.
 """
 
 EPILOG = """\
@@ -51,14 +60,16 @@ examples:
   vllm-neuronmlp compress smollm2 smollm2-svd20 --ratio 0.2
   vllm-neuronmlp compress smollm2 out --ratio 0.05 --rank-allocation uniform --method whiten
   vllm-neuronmlp compress smollm2 out --ratio 0.2 --lora-steps 100 --lora-batch 1 --lora-lr 3e-4
+  vllm-neuronmlp compress llama-8b llama-8b-svd --ratio 0.2 --dry-run     # memory and work, nothing written
+  vllm-neuronmlp compress llama-8b llama-8b-svd --ratio 0.2 --resume      # after an interruption
 """
 
 
 def add_parser(subparsers) -> None:
     from vllm_neuronmlp import checkpoint_format as cf
     from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD, REGISTRY
-    from vllm_neuronmlp.tools.options import (DEFAULT_CALIB_TEXT, DEFAULT_FISHER_SAMPLES, DTYPE_CHOICES, EXPORTS,
-                                              LORA_BATCH, LORA_LR, LORA_RANK)
+    from vllm_neuronmlp.tools.options import (DEFAULT_CALIB_TEXT, DEFAULT_FISHER_SAMPLES, DEVICES, DTYPE_CHOICES,
+                                              EXPORTS, LORA_BATCH, LORA_LR, LORA_RANK)
 
     p = subparsers.add_parser("compress", help="compress the MLPs of a Hugging Face checkpoint (channels and/or low-rank factors)",
                               description=DESCRIPTION, epilog=EPILOG,
@@ -112,6 +123,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-shard-size", type=float, default=0.5, metavar="GIB",
                    help="safetensors shard size in GiB; output is buffered in memory up to this size "
                         "(default %(default)s)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the statistics, the Fisher pass, the factorizations and the channel order run: "
+                        "cuda (a GPU torch sees), cpu, or auto = cuda when there is one (default %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT.resume (statistics and finished layers are reused "
+                        "as far as the options match)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory estimate and the planned work, write nothing")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                   help="memory the run may use, for the check before it starts (default: the cgroup limit or "
+                        "MemAvailable, whichever is lower)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="run even when the estimated peak memory exceeds what is available")
     add_json_argument(p, "the summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -128,8 +152,14 @@ def run(args) -> int:
         fisher_samples=args.fisher_samples, seed=args.seed, rank_allocation=args.rank_allocation,
         method=args.method, damping=args.damping, lora_steps=args.lora_steps, lora_rank=args.lora_rank,
         lora_lr=args.lora_lr, lora_batch=args.lora_batch, dtype=args.dtype, export=args.export,
-        overwrite=args.overwrite,
-        max_shard_bytes=int(args.max_shard_size * 1024 ** 3), progress=not args.no_progress)
+        overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024 ** 3),
+        progress=not args.no_progress, device=args.device, resume=args.resume, dry_run=args.dry_run,
+        memory_check=not args.skip_memory_check, memory_limit_gib=args.memory_limit)
     res = compress_with_options(args.src, args.out, opts)
-    emit(args, format_summary(res), res.to_dict())
+    if opts.dry_run:
+        from vllm_neuronmlp.tools.memory_estimate import format_dry_run
+
+        emit(args, format_dry_run(res), res.to_dict())
+    else:
+        emit(args, format_summary(res), res.to_dict())
     return 0

@@ -10,7 +10,9 @@ A method is one class in its own module, registered once in
 3. `choose(ctx, stats, candidates)`: the one to use, and a record of why.
 4. `factorizer(ctx, stats)`: a callable run once per decoder layer, in order,
    on the materialized layer, returning the factors of the projections to
-   compress; it may keep streaming state (hidden states) across layers.
+   compress; it may keep streaming state (hidden states) across layers, and
+   then has `stream_state()` / `restore_stream(state)` so that an interrupted
+   factor pass resumes after its last finished layer.
 5. `layer_tensors(names, factors)`: the tensors that replace the layer's dense
    weights in the output (by default the `svd_u`/`svd_v` pairs of format v1).
 
@@ -28,8 +30,10 @@ from torch import nn
 
 from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import allocation as alloc
+from vllm_neuronmlp.tools import progress as pg
 from vllm_neuronmlp.tools import streaming as st
 from vllm_neuronmlp.tools.calibration import Calibration
+from vllm_neuronmlp.tools.run_state import RunState
 from vllm_neuronmlp.tools.source import SourceCheckpoint
 from vllm_neuronmlp.tools.streaming import ROLES, Skeleton
 from vllm_neuronmlp.tools.whitening import GramAccumulator, robust_cholesky
@@ -53,6 +57,8 @@ class Context:
     calib: Optional[Calibration]
     jitter_modules: List[str] = field(default_factory=list)
     widths: Dict[int, int] = field(default_factory=dict)  # {layer: kept intermediate channels} of the chosen plan
+    state: Optional[RunState] = None  # the run's resume state (run_state.py); None outside `compress`
+    meter: pg.StageMeter = field(default_factory=pg.StageMeter)  # wall time and peak memory per stage
 
     def cholesky(self, gram: GramAccumulator, module: str, record: bool = True) -> torch.Tensor:
         """Whitening factor of a module's input covariance (damped; jitter recorded
@@ -86,6 +92,11 @@ class Method:
 
     def statistics(self, ctx: Context) -> Any:
         return None
+
+    def check_budget(self, ctx: Context) -> None:
+        """BudgetError when --ratio cannot be reached at all (shapes only: run
+        before the statistics, so an impossible ratio costs no pass)."""
+        alloc.rank_budget(ctx.matrices(), ctx.opts.ratio, ctx.opts.block_size)
 
     def spectra(self, stats: Any) -> Optional[Mapping[str, List[float]]]:
         """Singular spectra per module for the greedy allocations, from `stats`."""

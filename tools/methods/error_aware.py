@@ -36,6 +36,15 @@ class TwoPathFactorizer:
         self.diverged = False
         self.runner = st.LayerRunner(ctx.sk, ctx.calib.windows.shape[1])
 
+    def stream_state(self):
+        """Both streams after the last layer (one tensor while they coincide)."""
+        return {"x_o": self.x_o.cpu(), "x_c": self.x_c.cpu() if self.diverged else None}
+
+    def restore_stream(self, state) -> None:
+        self.x_o = state["x_o"].to(self.x_o.device)
+        self.diverged = state["x_c"] is not None
+        self.x_c = state["x_c"].to(self.x_o.device) if self.diverged else self.x_o
+
     def __call__(self, i, layer, todo):
         sk, run = self.ctx.sk, self.runner.run
         names = sk.module_names(i)
@@ -49,7 +58,7 @@ class TwoPathFactorizer:
         gu = [role for role in (st.GATE, st.UP) if role in todo]
         if gu:
             # stage A: inputs of gate/up on both paths -> fit gate/up
-            acc_cc, acc_co = GramAccumulator(w[st.GATE].shape[0]), GramAccumulator(w[st.GATE].shape[0])
+            acc_cc, acc_co = (GramAccumulator(w[st.GATE].shape[0], device=x_o.device) for _ in range(2))
             for sl in chunks:
                 a_o = run(layer, x_o[sl], stop_at="mlp")["mlp_in"]
                 a_c = run(layer, x_c[sl], stop_at="mlp")["mlp_in"] if self.diverged else a_o
@@ -62,7 +71,7 @@ class TwoPathFactorizer:
             del acc_cc, acc_co
         if st.DOWN in todo:
             # stage B: input of down on both paths (gate/up already compressed on the c path)
-            acc_cc, acc_co = GramAccumulator(w[st.DOWN].shape[0]), GramAccumulator(w[st.DOWN].shape[0])
+            acc_cc, acc_co = (GramAccumulator(w[st.DOWN].shape[0], device=x_o.device) for _ in range(2))
             gu_mods = {role: st.factored_module(*factors[role]) for role in gu}
             for sl in chunks:
                 got_o = run(layer, x_o[sl], want_down_in=True)

@@ -22,8 +22,10 @@ class Fisher(Method):
     def statistics(self, ctx: Context):
         """(Fisher diagonal per module, Fisher-weighted spectra or {})."""
         ids = ctx.calib.fisher_windows(ctx.opts.fisher_samples)
-        return sensitivity.sensitivity_pass(ctx.sk, ctx.src, ids, ctx.opts.progress,
-                                            ctx.opts.rank_allocation == "adaptive", ctx.opts.damping)
+        sens = sensitivity.sensitivity_pass(ctx.sk, ctx.src, ids, ctx.opts.progress,
+                                            ctx.opts.rank_allocation == "adaptive", ctx.opts.damping,
+                                            state=ctx.state, meter=ctx.meter)
+        return sens.fisher, sens.spectra
 
     def spectra(self, stats):
         return stats[1]

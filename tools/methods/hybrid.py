@@ -21,6 +21,9 @@ class Hybrid(Nystrom):
     name = "hybrid"
     loss_aware = True  # channels ordered by nystrom.loss_aware_order, not by leverage
 
+    def check_budget(self, ctx: Context) -> None:
+        alloc.hybrid_budget(ctx.matrices(), ctx.sk.intermediate, ctx.opts.ratio, ctx.opts.block_size)
+
     def candidates(self, ctx: Context, stats: ChannelStats):
         o = ctx.opts
         ctx.calib.info["fisher_samples"] = min(o.fisher_samples, int(ctx.calib.windows.shape[0]))

@@ -32,7 +32,6 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from vllm_neuronmlp.tools import progress as pg
 from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import sensitivity
 from vllm_neuronmlp.tools import streaming as st
@@ -252,25 +251,26 @@ class ChannelStats:
 
 def channel_statistics(ctx: Context, with_spectra: bool = False, loss_aware: bool = False) -> ChannelStats:
     """Fisher diagonals (and, `with_spectra`, the Fisher-weighted spectra) from
-    the sensitivity pass, then one streamed forward over the same Fisher windows
-    accumulating each layer's C: the channel order (ridge leverage, or
-    `loss_aware_order` when `loss_aware`) and its loss curve."""
-    sk, src, o = ctx.sk, ctx.src, ctx.opts
+    the sensitivity pass; in the same sweep, while each layer is in memory, its
+    C (the down projection's input Gram on the same Fisher windows) gives the
+    channel order (ridge leverage, or `loss_aware_order` when `loss_aware`) and
+    its loss curve."""
+    sk, o = ctx.sk, ctx.opts
+
+    def order_layer(i, layer, grams, fisher):
+        with ctx.meter.measure("channel_order"):
+            c = grams["z"].matrix
+            w_down = sk.projection(layer, st.DOWN).weight.detach().T
+            d = sensitivity.output_weights(fisher[sk.module_names(i)[st.DOWN]])
+            order = loss_aware_order(c, w_down, d) if loss_aware else leverage_order(c)
+            return {"order": order.cpu(), "losses": channel_losses(c, w_down, order, d).tolist()}
+
     ids = ctx.calib.fisher_windows(o.fisher_samples)
-    fisher, spectra = sensitivity.sensitivity_pass(sk, src, ids, o.progress, with_spectra, o.damping)
-    out = ChannelStats(fisher=fisher, spectra=spectra)
-    x = st.embed(sk, src, ids)
-    runner = st.LayerRunner(sk, ids.shape[1])
-    for i in pg.bar(range(sk.num_layers), o.progress, desc="channel statistics", unit="layer"):
-        layer = st.materialize_layer(sk, src, i)
-        _acc_a, acc_z = st.mlp_input_grams(sk, runner, layer, x)
-        names = sk.module_names(i)
-        w_down = sk.projection(layer, st.DOWN).weight.detach().T
-        d = sensitivity.output_weights(fisher[names[st.DOWN]])
-        order = loss_aware_order(acc_z.matrix, w_down, d) if loss_aware else leverage_order(acc_z.matrix)
-        out.order[i] = order
-        out.losses[i] = channel_losses(acc_z.matrix, w_down, order, d).tolist()
-        st.release_layer(sk, i)
+    sens = sensitivity.sensitivity_pass(sk, ctx.src, ids, o.progress, with_spectra, o.damping, on_layer=order_layer,
+                                        state=ctx.state, meter=ctx.meter)
+    out = ChannelStats(fisher=sens.fisher, spectra=sens.spectra)
+    for i, layer_stats in sorted(sens.per_layer.items()):
+        out.order[i], out.losses[i] = layer_stats["order"], layer_stats["losses"]
     return out
 
 
@@ -310,6 +310,13 @@ class NystromFactorizer:
         self.x = st.embed(ctx.sk, ctx.src, ctx.calib.windows)
         self.runner = st.LayerRunner(ctx.sk, ctx.calib.windows.shape[1])
 
+    def stream_state(self) -> Dict[str, torch.Tensor]:
+        """The streamed hidden states after the last layer (what a resumed pass needs)."""
+        return {"x": self.x.cpu()}
+
+    def restore_stream(self, state: Dict[str, torch.Tensor]) -> None:
+        self.x = state["x"].to(self.x.device)
+
     def __call__(self, i, layer, todo) -> LayerWeights:
         sk = self.ctx.sk
         width = self.ctx.widths.get(i, sk.intermediate)
@@ -348,6 +355,10 @@ class Nystrom(Method):
 
     def statistics_key(self, opts):
         return ("channels", self.loss_aware, opts.fisher_samples)
+
+    def check_budget(self, ctx: Context) -> None:
+        sk = ctx.sk
+        alloc.width_budget(list(range(sk.num_layers)), sk.hidden, sk.intermediate, ctx.opts.ratio, ctx.opts.block_size)
 
     def statistics(self, ctx: Context) -> ChannelStats:
         # the Fisher-weighted spectra cost little beside the sensitivity pass; the hybrid needs them

@@ -54,6 +54,13 @@ class DensePathFactorizer:
         self.x = st.embed(ctx.sk, ctx.src, ctx.calib.windows)
         self.runner = st.LayerRunner(ctx.sk, ctx.calib.windows.shape[1])
 
+    def stream_state(self) -> Dict[str, torch.Tensor]:
+        """The streamed hidden states after the last layer (what a resumed pass needs)."""
+        return {"x": self.x.cpu()}
+
+    def restore_stream(self, state: Dict[str, torch.Tensor]) -> None:
+        self.x = state["x"].to(self.x.device)
+
     def __call__(self, i, layer, todo):
         sk = self.ctx.sk
         names = sk.module_names(i)
