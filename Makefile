@@ -21,7 +21,7 @@ STAMP := $(VENV)/.setup-done
 # The edit-run loop (`make test-fast`): no vLLM engine, nothing that takes seconds.
 FAST_TESTS := -m "not engine and not slow"
 
-.PHONY: setup test test-fast demo neuron-check clean-venv
+.PHONY: setup test test-fast demo neuron-check gpu-check clean-venv
 
 setup: $(STAMP)
 
@@ -65,6 +65,12 @@ NEURON_PY ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,$(if $(wildcard $(PY)
 NEURON_CHECK_ARGS ?=
 neuron-check:
 	$(NEURON_PY) benchmarks/neuron_check.py $(NEURON_CHECK_ARGS)
+
+# A CUDA GPU host's own command: compression on the GPU against the CPU path
+# (benchmarks/gpu_check.py). It runs in the active Python environment (torch with
+# CUDA, and this package installed); without a GPU it reports SKIPPED.
+gpu-check:
+	$(NEURON_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
