@@ -96,8 +96,8 @@ def loss_aware_order(c: torch.Tensor, w_down_io: torch.Tensor, out_weights: Opti
     per-step column work (~1.5 I^2 ORDER_BLOCK, matrix-vector), where the
     rank-one version read and wrote all of G and M (~16 I (I + H) bytes) in
     each of its I - 1 steps. Peak memory besides C
-    and W_d: max(25 I^2 + 16 I H, 16 I^2 + 8 I H) bytes (A, its factor and the
-    factor's finiteness check with W_d D and B; then G, N and M)."""
+    and W_d: max(27 I^2 + 16 I H, 16 I^2 + 8 I H) bytes (A, its factor and the
+    factor's finiteness check, 11 I^2, with W_d D and B; then G, N and M)."""
     c = c.to(torch.float64)
     dev = c.device
     wt = w_down_io.to(device=dev, dtype=torch.float64)
@@ -216,9 +216,9 @@ def channel_losses(c: torch.Tensor, w_down_io: torch.Tensor, order: torch.Tensor
     `L^-1 P Wt` (P the permuted C), so every k costs one triangular solve.
     Cost, on the input's device: the Cholesky factor (I^3 / 3 flops), C Wt
     (2 I^2 H) and the solve (I^2 H). Peak memory besides C and W_d:
-    max(25 I^2 + 16 I H, 8 I^2 + 40 I H) bytes (the permuted C, its factor and
-    the factor's finiteness check with C Wt and Wt; then the factor and I x H
-    matrices)."""
+    max(27 I^2 + 16 I H, 8 I^2 + 40 I H) bytes (the permuted C, its factor and
+    the factor's finiteness check, 11 I^2, with C Wt and Wt; then the factor
+    and I x H matrices)."""
     c = c.to(torch.float64)
     order = order.to(c.device)
     wt = w_down_io.to(device=c.device, dtype=torch.float64)
