@@ -238,7 +238,7 @@ def test_dry_run_prints_the_estimate_and_the_plan_and_writes_nothing(work, capsy
     assert main(["compress", work["src"], out, "--ratio", "0.4", "--block-size", "32", "--dry-run",
                  "--calib-samples", "8", "--calib-seq-len", "64"]) == 0
     text = capsys.readouterr().out
-    assert "dry run: nothing was written" in text and "<- peak" in text and "fisher backward" in text
+    assert "dry run: nothing was written" in text and "<- peak" in text and "fisher_backward" in text
     assert f"{LAYERS} decoder layers" in text and f"resume state: {state_dir_for(out)}" in text
     assert not os.path.exists(out) and not os.path.exists(state_dir_for(out))
 

@@ -61,38 +61,52 @@ class Estimate:
         return asdict(self)
 
 
-def _shape(sk) -> Dict[str, int]:
+@dataclass
+class ModelShape:
+    """What the estimate needs to know of a model."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layer_params: int          # parameters of one decoder layer (all its tensors)
+    source_bytes_per_param: int  # 2 for a bf16 checkpoint
+    source_bytes: int          # all tensors of the source
+
+
+def model_shape(sk, src) -> ModelShape:
     cfg = sk.config
     heads = int(getattr(cfg, "num_attention_heads"))
-    head_dim = int(getattr(cfg, "head_dim", None) or sk.hidden // heads)
-    return {"hidden": sk.hidden, "intermediate": sk.intermediate, "layers": sk.num_layers,
-            "vocab": int(cfg.vocab_size), "heads": heads, "kv_heads": int(getattr(cfg, "num_key_value_heads", heads)),
-            "head_dim": head_dim}
+    down = f"{sk.layer_prefix}.0.mlp.{sk.attr('down')}.weight"
+    return ModelShape(hidden=sk.hidden, intermediate=sk.intermediate, layers=sk.num_layers, vocab=int(cfg.vocab_size),
+                      heads=heads, kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+                      head_dim=int(getattr(cfg, "head_dim", None) or sk.hidden // heads),
+                      layer_params=sum(src.numel(n) for n in src.with_prefix(f"{sk.layer_prefix}.0.")),
+                      source_bytes_per_param=max(1, src.nbytes(down) // max(1, src.numel(down))),
+                      source_bytes=int(src.nbytes()))
 
 
-def _layer_params(sk, src) -> int:
-    prefix = f"{sk.layer_prefix}.0."
-    return sum(src.numel(n) for n in src.with_prefix(prefix))
+STAT_METHODS = ("fisher", "nystrom", "hybrid")  # the methods with the streamed Fisher pass
 
 
-def _source_bytes_per_param(sk, src) -> int:
-    name = f"{sk.layer_prefix}.0.mlp.{sk.attr('down')}.weight"
-    return max(1, src.nbytes(name) // max(1, src.numel(name)))
-
-
-def estimate(sk, src, opts, method) -> Estimate:
-    """The memory a run of `method` with `opts` on the source checkpoint `src`
-    (skeleton `sk`) needs (see the module docstring)."""
-    shp = _shape(sk)
-    h, i_, n_layers, vocab = shp["hidden"], shp["intermediate"], shp["layers"], shp["vocab"]
-    p_layer = _layer_params(sk, src)
-    b_src = _source_bytes_per_param(sk, src)
+def estimate(shp: ModelShape, opts, method_name: str, needs_calibration: bool = True, device: str = "cpu",
+             attention: bool = False) -> Estimate:
+    """The memory a run of `method_name` with `opts` needs on a model of shape
+    `shp` (see the module docstring); `attention` when --scope all targets the
+    attention projections too. Stage names are those of the run's StageMeter."""
+    h, i_, n_layers, vocab = shp.hidden, shp.intermediate, shp.layers, shp.vocab
+    p_layer, b_src = shp.layer_params, shp.source_bytes_per_param
     seq = opts.calib_seq_len
-    n_calib = opts.calib_samples * seq if method.needs_calibration else 0
+    n_calib = opts.calib_samples * seq if needs_calibration else 0
     n_fisher = min(opts.fisher_samples, opts.calib_samples) * seq
     chunk = max(1, 4096 // seq) * seq
     layer = 4 * p_layer
     grams = 8 * (h * h + i_ * i_)
+    if attention:  # the attention inputs' Grams (q/k/v share one; o reads heads x head_dim)
+        grams += 8 * (h * h + (shp.heads * shp.head_dim) ** 2)
     fwd_act = 4 * chunk * (FORWARD_ACTIVATIONS[0] * i_ + FORWARD_ACTIVATIONS[1] * h)
     bwd_act = 4 * chunk * (BACKWARD_ACTIVATIONS[0] * i_ + BACKWARD_ACTIVATIONS[1] * h)
     head = 4 * vocab * h + b_src * vocab * h + 3 * 4 * seq * vocab
@@ -103,37 +117,35 @@ def estimate(sk, src, opts, method) -> Estimate:
     factor_work = 8 * (2 * i_ * i_ + 3 * i_ * h)  # Nystrom refit / whitened targets of one projection
 
     dev: Dict[str, int] = {}
-    stat_methods = ("fisher", "nystrom", "hybrid")
-    if method.name in stat_methods:
+    if method_name in STAT_METHODS:
         x_f = 4 * n_fisher * h
-        dev["fisher forward"] = layer + x_f + fwd_act
-        dev["fisher head"] = head + 2 * x_f
-        dev["fisher backward"] = layer + 2 * x_f + bwd_act + grams
-        if method.name == "hybrid" or opts.rank_allocation == "adaptive":
+        dev["fisher_forward"] = max(layer + x_f + fwd_act, head + 2 * x_f)  # the layers, then the LM head
+        dev["fisher_backward"] = layer + 2 * x_f + bwd_act + grams
+        if method_name == "hybrid" or opts.rank_allocation == "adaptive":
             dev["spectra"] = layer + x_f + spectra
-        if method.name in ("nystrom", "hybrid"):
-            dev["channel order"] = layer + x_f + order + grams
-    elif method.needs_calibration and opts.rank_allocation == "adaptive":
+        if method_name in ("nystrom", "hybrid"):
+            dev["channel_order"] = layer + x_f + order + grams
+    elif needs_calibration and opts.rank_allocation == "adaptive":
         dev["spectra"] = layer + 4 * n_calib * h + fwd_act + spectra
-    x_c = 4 * n_calib * h * (2 if method.name == "error-aware" else 1)
-    dev["factor pass"] = layer + x_c + fwd_act + grams + factor_work
+    x_c = 4 * n_calib * h * (2 if method_name == "error-aware" else 1)
+    dev["factor_pass"] = layer + x_c + fwd_act + grams + factor_work
     host_only = {"calibration": embed + 4 * max(n_calib, n_fisher) * h}
 
-    if getattr(sk.device, "type", "cpu") == "cuda":
+    if device.startswith("cuda"):
         transient = b_src * p_layer + writer  # a layer's source tensors before they move; the writer's buffer
         stages = {**host_only, **{k: transient + 4 * max(n_calib, n_fisher) * h for k in dev}}
         device_stages = dev
     else:
-        stages = {**host_only, **{k: v + (writer if k == "factor pass" else 0) for k, v in dev.items()}}
+        stages = {**host_only, **{k: v + (writer if k == "factor_pass" else 0) for k, v in dev.items()}}
         device_stages = {}
     stages = {k: BASE_BYTES + v for k, v in stages.items()}
     peak_stage = max(stages, key=stages.get)
-    disk = {"fisher_inputs": 4 * n_fisher * h * (n_layers + 1) if method.name in stat_methods else 0,
-            "layers": int(src.nbytes())}
+    disk = {"fisher_inputs": 4 * n_fisher * h * (n_layers + 1) if method_name in STAT_METHODS else 0,
+            "layers": shp.source_bytes}
     return Estimate(stages=stages, device_stages=device_stages, peak_stage=peak_stage, peak_bytes=stages[peak_stage],
-                    device_peak_bytes=max(device_stages.values(), default=0), device=str(sk.device),
-                    inputs={**shp, "layer_params": p_layer, "source_bytes_per_param": b_src,
-                            "calibration_tokens": n_calib, "fisher_tokens": n_fisher, "chunk_tokens": chunk},
+                    device_peak_bytes=max(device_stages.values(), default=0), device=device,
+                    inputs={**asdict(shp), "calibration_tokens": n_calib, "fisher_tokens": n_fisher,
+                            "chunk_tokens": chunk},
                     disk_bytes=disk)
 
 
@@ -210,12 +222,11 @@ def _device_available() -> Tuple[int, str]:
 # ---------------------------------------------------------------- the check
 LOWER_IT = {
     "calibration": "--calib-samples / --calib-seq-len (the calibration hidden states)",
-    "fisher forward": "--fisher-samples (its hidden states)",
-    "fisher head": "--fisher-samples (hidden states and their gradient)",
-    "fisher backward": "--fisher-samples (hidden states, their gradient); --device cuda",
+    "fisher_forward": "--fisher-samples (the hidden states and their gradient; the LM head's logits)",
+    "fisher_backward": "--fisher-samples (hidden states, their gradient); --device cuda",
     "spectra": "--device cuda (float64 Gram matrices of the layer's MLP inputs)",
-    "channel order": "--device cuda (float64 intermediate x intermediate work arrays); --method fisher has none",
-    "factor pass": "--calib-samples / --calib-seq-len (its hidden states); --device cuda",
+    "channel_order": "--device cuda (float64 intermediate x intermediate work arrays); --method fisher has none",
+    "factor_pass": "--calib-samples / --calib-seq-len (its hidden states); --device cuda",
 }
 
 
@@ -243,11 +254,11 @@ def planned_work(sk, opts, method, out_path: str) -> List[str]:
     """The dry run's description of what a run would do."""
     from vllm_neuronmlp.tools.run_state import state_dir_for
 
-    shp = _shape(sk)
     seq = opts.calib_seq_len
-    lines = [f"model: {shp['layers']} decoder layers, hidden {shp['hidden']}, intermediate {shp['intermediate']}, "
-             f"vocab {shp['vocab']} ({sk.family.name} family); computing on {sk.device}",
-             f"method {method.name}, ratio {opts.ratio} of the MLP parameters, block size {opts.block_size}"]
+    scope = "every decoder linear's parameters" if opts.scope == "all" else "the MLP parameters"
+    lines = [f"model: {sk.num_layers} decoder layers, hidden {sk.hidden}, intermediate {sk.intermediate}, "
+             f"vocab {sk.config.vocab_size} ({sk.family.name} family); computing on {sk.device}",
+             f"method {method.name}, ratio {opts.ratio} of {scope}, block size {opts.block_size}"]
     if method.needs_calibration:
         lines.append(f"calibration: {opts.calib_samples} windows x {seq} tokens of {', '.join(opts.calib_text)}")
     if method.name in ("fisher", "nystrom", "hybrid"):
