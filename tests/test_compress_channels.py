@@ -94,7 +94,8 @@ def test_inspect_reports_widths_and_the_mix(work, capsys):
     mix = cf.read_quantization_config(res.out).provenance["allocation_mix"]
     if res.widths:
         assert f"narrowed {len(res.widths)} of 2 layers below intermediate size 384" in out
-        assert f"{mix['ratio_by_channels']:.4f} by channels and {mix['ratio_by_ranks']:.4f} by ranks" in out
+        assert (f"removed by MLP channels {mix['ratio_by_channels']:.4f}, MLP ranks {mix['ratio_by_mlp_ranks']:.4f}, "
+                f"attention ranks 0.0000") in out
         for i, k in res.widths.items():
             assert any(cell.strip().startswith(f"{i}: w{k} ") for line in out.splitlines() for cell in line.split("|"))
     assert f"MLP ratio {res.ratio_mlp:.4f}" in out

@@ -172,3 +172,68 @@ def test_tail_energies_are_the_truncation_losses():
     for r in range(1, 301):
         assert tails[r] == pytest.approx(alloc.truncation_loss(spectrum, r), rel=1e-12, abs=1e-12)
     assert tails[0] == pytest.approx(sum(s * s for s in spectrum), rel=1e-12)
+
+
+# ---------------------------------------------------------------- whole-model budgets (attention too)
+def smollm2_all_matrices(layers=4, hidden=576, inter=1536, q=576, kv=192):
+    """SmolLM2's seven decoder linears per layer: k/v (576 -> 192) save parameters only at one block of 128."""
+    shapes = {}
+    for i in range(layers):
+        for p, shape in (("q_proj", (hidden, q)), ("k_proj", (hidden, kv)), ("v_proj", (hidden, kv)),
+                         ("o_proj", (q, hidden))):
+            shapes[f"model.layers.{i}.self_attn.{p}"] = shape
+        shapes[f"model.layers.{i}.mlp.gate_proj"] = (hidden, inter)
+        shapes[f"model.layers.{i}.mlp.up_proj"] = (hidden, inter)
+        shapes[f"model.layers.{i}.mlp.down_proj"] = (inter, hidden)
+    return alloc.matrices_from_shapes(shapes)
+
+
+def qkv_consistent(ranks, layers):
+    for i in range(layers):
+        rs = [ranks[f"model.layers.{i}.self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj")]
+        assert all(r == alloc.DENSE for r in rs) or all(r != alloc.DENSE for r in rs), rs
+
+
+def test_qkv_share_a_group_and_attention_is_never_narrowed():
+    mats = {m.name: m for m in smollm2_all_matrices(layers=1)}
+    assert mats["model.layers.0.self_attn.q_proj"].group == mats["model.layers.0.self_attn.v_proj"].group
+    assert mats["model.layers.0.self_attn.o_proj"].group is None
+    o = mats["model.layers.0.self_attn.o_proj"]
+    assert alloc.narrowed(o, 256) == o
+    assert alloc.narrowed(mats["model.layers.0.mlp.down_proj"], 256).m == 256
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.2, 0.3])
+def test_rank_allocations_over_all_linears_keep_qkv_together(ratio):
+    mats = smollm2_all_matrices()
+    for ranks in (alloc.allocate_uniform(mats, ratio, 128),
+                  alloc.allocate_adaptive(mats, random_spectra(mats), ratio, 128, normalize=False)):
+        assert alloc.total_cost(mats, ranks) <= alloc.budget_params(mats, ratio)
+        qkv_consistent(ranks, 4)
+
+
+def test_a_group_with_a_member_no_rank_saves_on_stays_dense():
+    # k/v of 576 -> 64 save nothing at any multiple of 128, so q (576 -> 576) stays dense with them
+    mats = smollm2_all_matrices(layers=2, kv=64)
+    ranks = alloc.allocate_adaptive(mats, random_spectra(mats), 0.2, 128, normalize=False)
+    assert all(ranks[m.name] == alloc.DENSE for m in mats if m.group and m.group.endswith(".qkv"))
+
+
+def test_hybrid_factors_qkv_with_each_member_at_its_own_largest_saving_rank():
+    """Attention cheap, channels costly: the hybrid factors q/k/v, k and v (which hold at most
+    one block) at 128 while q goes to 256, and never narrows the attention."""
+    import numpy as np
+
+    mats = smollm2_all_matrices(layers=2)
+    rng = np.random.default_rng(0)
+    spectra = {m.name: sorted(rng.uniform(0, 1, min(m.m, m.n)) ** 3 * (1e-6 if "self_attn" in m.name else 1e3),
+                              reverse=True) for m in mats}
+    losses = {i: (1e6 * np.cumsum(np.sort(rng.uniform(0, 1, 1536)))[::-1]).tolist() + [0.0] for i in range(2)}
+    plan = alloc.allocate_hybrid(mats, spectra, losses, 1536, 0.15, 128)
+    assert alloc.plan_cost(mats, plan.ranks, plan.widths) <= alloc.budget_params(mats, 0.15)
+    qkv_consistent(plan.ranks, 2)
+    for i in range(2):
+        a = f"model.layers.{i}.self_attn."
+        assert plan.ranks[a + "k_proj"] == plan.ranks[a + "v_proj"] == 128
+        assert plan.ranks[a + "q_proj"] in (128, 256) and plan.ranks[a + "o_proj"] in (128, 256)
+    assert not plan.widths  # channels cost a million times more here

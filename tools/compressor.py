@@ -57,7 +57,7 @@ class CompressResult:
     ranks: Dict[str, int]  # factored modules only
     dense_modules: List[str]
     ratio_requested: float
-    ratio_mlp: float
+    ratio_mlp: float  # of the MLP projections' parameters
     ratio_model: float
     params_before: int
     params_after: int
@@ -80,6 +80,11 @@ class CompressResult:
     stages: Dict[str, Dict] = field(default_factory=dict)  # wall seconds and peak memory per stage (progress.StageMeter)
     resumed: List[str] = field(default_factory=list)  # what a --resume run took over from the earlier one
     memory_estimate: Dict = field(default_factory=dict)  # memory_estimate.Estimate.to_dict()
+    mix: Dict = field(default_factory=dict)  # allocation_mix: what the removed parameters came from
+    scope: str = "mlp"  # what --ratio counted: the MLP projections, or every decoder linear ("all")
+    ratio_linears: float = 0.0  # of every decoder linear's parameters (q, k, v, o, gate, up, down)
+    linear_params_before: int = 0
+    linear_params_after: int = 0
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -130,12 +135,13 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
         check_output_path(out_path, opts.overwrite, src_path)
     method = methods.get(opts.method)
     src = SourceCheckpoint(src_path)
-    sk = st.build_skeleton(src, device)
+    sk = st.build_skeleton(src, device, attention=opts.scope == "all")
     try:  # an impossible ratio is refused before any pass
         method.check_budget(Context(sk, src, opts, None))
     except alloc.BudgetError as e:
         raise UserError(f"--ratio: {e}") from None
-    estimate = memory_estimate.estimate(sk, src, opts, method)
+    estimate = memory_estimate.estimate(memory_estimate.model_shape(sk, src), opts, method.name,
+                                        method.needs_calibration, str(sk.device), sk.targets_attention)
     if opts.dry_run:
         return DryRun(estimate.to_dict(), memory_estimate.planned_work(sk, opts, method, out_path),
                       *memory_estimate.available_memory(opts.memory_limit_gib))
@@ -215,7 +221,7 @@ def _compress_planned(ctx: Context, method, out_path: str, cache, on_layer, guar
 
         check_exportable({n: r for n, r in all_ranks.items() if r != alloc.DENSE}, widths, sk.num_layers)
     warnings = _allocation_warnings(sk, mats, all_ranks, opts, widths)
-    achieved = alloc.plan_ratio(mats, all_ranks, widths)
+    mlp_mats = [m for m in mats if not cf.is_attention_module(m.name)]
     out_dtype = _out_dtype(src, sk, opts)
     cast_all = out_dtype != src.torch_dtype(cf.weight_name(sk.module_names(0)[st.GATE]))
     cast = out_dtype if cast_all else None
@@ -245,21 +251,27 @@ def _compress_planned(ctx: Context, method, out_path: str, cache, on_layer, guar
             for key in ("torch_dtype", "dtype"):
                 if key in config or key == "torch_dtype":
                     config[key] = str(out_dtype).replace("torch.", "")
-        mlp_before = sum(m.dense for m in mats)
-        mlp_after = alloc.plan_cost(mats, all_ranks, widths)
+        mix = allocation_mix(sk, mats, all_ranks, widths)
+        mlp_before = sum(m.dense for m in mlp_mats)
+        mlp_after = alloc.plan_cost(mlp_mats, all_ranks, widths)
+        linears = alloc.matrices_from_shapes(sk.shapes(st.ROLES + st.ATTENTION_ROLES))
+        linear_before = sum(m.dense for m in linears)
+        linear_after = alloc.plan_cost(linears, all_ranks, widths)
         params_before = sum(src.numel(n) for n in src.names())
-        params_after = params_before - (mlp_before - mlp_after)
+        params_after = params_before - (linear_before - linear_after)
         provenance = {
             "tool": "vllm-neuronmlp compress",
             "tool_version": TOOL_VERSION,
             "source_model": source_name(src.path),  # the name, not this machine's path
             "ratio_requested": opts.ratio,
-            "ratio_achieved_mlp": round(achieved, 6),
+            "scope": opts.scope,
+            "ratio_achieved_mlp": round(1 - mlp_after / mlp_before, 6),
+            "ratio_achieved_linears": round(1 - linear_after / linear_before, 6),
             "ratio_achieved_model": round(1 - params_after / params_before, 6),
             "method": opts.method,
             "rank_allocation": opts.rank_allocation,
             "allocation_selection": selection,
-            "allocation_mix": allocation_mix(sk, mats, all_ranks, widths),
+            "allocation_mix": mix,
             "rounding_threshold": opts.rounding_threshold,
             "calibration": calib.info if calib else {},
             "seed": opts.seed,
@@ -301,13 +313,14 @@ def _compress_planned(ctx: Context, method, out_path: str, cache, on_layer, guar
     src.close()
     return CompressResult(
         out=os.path.abspath(out_path), ranks=factored, dense_modules=dense_modules, ratio_requested=opts.ratio,
-        ratio_mlp=achieved, ratio_model=1 - params_after / params_before, params_before=params_before,
+        ratio_mlp=1 - mlp_after / mlp_before, ratio_model=1 - params_after / params_before, params_before=params_before,
         params_after=params_after, mlp_params_before=mlp_before, mlp_params_after=mlp_after,
         bytes_before=src.total_bytes_on_disk(), bytes_after=bytes_after, wall_time_s=0.0,
         method=opts.method, allocation=opts.rank_allocation, num_layers=sk.num_layers,
         calibration=calib.info if calib else {}, jitter_modules=ctx.jitter_modules, lora=lora_info,
         warnings=warnings, selection=selection, widths=dict(widths), intermediate_size=sk.intermediate,
-        device=str(sk.device))
+        device=str(sk.device), mix=mix, scope=opts.scope, ratio_linears=1 - linear_after / linear_before,
+        linear_params_before=linear_before, linear_params_after=linear_after)
 
 
 def plan(ctx: Context, method, cache: Optional[Dict]) -> Tuple[object, Dict[str, int], Dict]:
@@ -384,13 +397,31 @@ def source_name(src_path: str) -> str:
 
 
 def allocation_mix(sk: st.Skeleton, mats: List[alloc.Matrix], ranks: Dict[str, int], widths: Dict[int, int]) -> Dict:
-    """How the removed parameters split between narrowing (channels) and factoring (ranks)."""
+    """How the removed parameters split between narrowing (MLP channels), MLP
+    ranks and attention ranks, as fractions of the targeted parameters, in all
+    and per layer."""
     dense = sum(m.dense for m in mats)
-    by_channels = sum(m.dense - alloc.narrowed(m, widths.get(m.layer)).dense for m in mats)
-    by_ranks = alloc.plan_cost(mats, {}, widths) - alloc.plan_cost(mats, ranks, widths)
+
+    def removed(group: List[alloc.Matrix]) -> Dict[str, int]:
+        channels = sum(m.dense - alloc.narrowed(m, widths.get(m.layer)).dense for m in group)
+        by_rank = {True: 0, False: 0}
+        for m in group:
+            n = alloc.narrowed(m, widths.get(m.layer))
+            by_rank[cf.is_attention_module(m.name)] += n.dense - n.cost(ranks.get(m.name, alloc.DENSE))
+        return {"channels": channels, "mlp_ranks": by_rank[False], "attention_ranks": by_rank[True]}
+
+    total = removed(mats)
+    per_layer = {}
+    for i in range(sk.num_layers):
+        r = removed([m for m in mats if m.layer == i])
+        per_layer[str(i)] = {"width": widths.get(i, sk.intermediate), **{k: v for k, v in r.items()}}
     return {"layers_narrowed": len(widths), "factored_modules": sum(1 for r in ranks.values() if r != alloc.DENSE),
-            "ratio_by_channels": round(by_channels / dense, 6), "ratio_by_ranks": round(by_ranks / dense, 6),
-            "widths": {str(i): k for i, k in sorted(widths.items())}, "intermediate_size": sk.intermediate}
+            "ratio_by_channels": round(total["channels"] / dense, 6),
+            "ratio_by_ranks": round((total["mlp_ranks"] + total["attention_ranks"]) / dense, 6),
+            "ratio_by_mlp_ranks": round(total["mlp_ranks"] / dense, 6),
+            "ratio_by_attention_ranks": round(total["attention_ranks"] / dense, 6),
+            "widths": {str(i): k for i, k in sorted(widths.items())}, "intermediate_size": sk.intermediate,
+            "removed_per_layer": per_layer}
 
 
 def _allocation_warnings(sk: st.Skeleton, mats: List[alloc.Matrix], ranks: Dict[str, int], opts,
@@ -403,7 +434,8 @@ def _allocation_warnings(sk: st.Skeleton, mats: List[alloc.Matrix], ranks: Dict[
                         f"saves parameters for their shape (e.g. {never[0]} {list(shapes[never[0]])})")
     achieved = alloc.plan_ratio(mats, ranks, widths or {})
     if abs(achieved - opts.ratio) > 0.03:
-        warnings.append(f"achieved MLP ratio {achieved:.4f} is more than 0.03 from the requested {opts.ratio} "
+        warnings.append(f"achieved ratio {achieved:.4f} (of the {opts.scope} scope) is more than 0.03 from the "
+                        f"requested {opts.ratio} "
                         f"(block size {opts.block_size} is coarse for these shapes)")
     for w in warnings:
         log.warning(w)

@@ -26,7 +26,9 @@ def check_exportable(ranks: Mapping[str, int], widths: Mapping[Any, int], num_la
     modules `ranks`, narrowed layers `widths`); UserError naming why there is none."""
     why = []
     if ranks:
-        why.append(f"{len(ranks)} projection(s) are factored (a plain model has no factors)")
+        attention = sum(1 for m in ranks if cf.is_attention_module(m))
+        why.append(f"{len(ranks)} projection(s) are factored (a plain model has no factors"
+                   + (f"; {attention} of them attention projections)" if attention else ")"))
     if len(widths) != num_layers:
         why.append(f"{num_layers - len(widths)} of {num_layers} layer(s) keep the full width")
     kept = sorted(set(widths.values()))

@@ -12,7 +12,10 @@ from vllm_neuronmlp.tools.errors import UserError
 from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD, METHODS
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
-DEVICES = ("auto", "cpu", "cuda")  # where the passes compute; auto = a CUDA GPU when torch sees one
+DEVICES = ("auto", "cpu", "cuda")
+SCOPES = ("mlp", "all")  # what --ratio counts: the MLP projections, or every decoder linear
+# the methods that can factor attention projections (channel selection cannot narrow them)
+ALL_SCOPE_METHODS = ("hybrid", "fisher", "whiten", "plain")  # where the passes compute; auto = a CUDA GPU when torch sees one
 EXPORTS = ("svd_neuron", "dense")  # dense: a plain smaller model of the same architecture (tools/export.py)
 DEFAULT_CALIB_TEXT = text_data.BUILTIN_PREFIX + "calibration"
 DEFAULT_FISHER_SAMPLES = 32  # windows of the Fisher pass (its stored activations grow with them)
@@ -32,6 +35,7 @@ class CompressOptions:
     seed: int = 0
     rank_allocation: str = DEFAULT_ALLOCATION
     method: str = DEFAULT_METHOD
+    scope: str = "mlp"
     damping: float = 0.0  # ridge added to every Gram matrix, relative to its mean diagonal
     lora_steps: int = 0
     lora_rank: int = LORA_RANK
@@ -93,6 +97,17 @@ class CompressOptions:
                             f"nystrom --rank-allocation uniform")
         if self.memory_limit_gib is not None and not self.memory_limit_gib > 0:
             raise UserError(f"--memory-limit must be positive (GiB), got {self.memory_limit_gib}")
+        if self.scope not in SCOPES:
+            raise UserError(f"--scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.scope == "all":
+            if self.method not in ALL_SCOPE_METHODS:
+                raise UserError(f"--scope all factors the attention projections, which --method {self.method} "
+                                f"cannot ({'it keeps MLP channels only' if self.method == 'nystrom' else 'it fits MLPs only'}"
+                                f"); use one of {', '.join(ALL_SCOPE_METHODS)}")
+            if self.method == "whiten" and self.rank_allocation != "uniform":
+                raise UserError("--scope all with --method whiten needs --rank-allocation uniform (its adaptive mode "
+                                "scores MLP allocations only); --method fisher or hybrid allocate all seven "
+                                "projections by estimated loss")
         if self.device not in DEVICES:
             raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPE_CHOICES:

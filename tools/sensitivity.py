@@ -49,7 +49,7 @@ from vllm_neuronmlp.tools.whitening import GramAccumulator, robust_cholesky, whi
 
 FISHER_FLOOR = 1e-3  # weight floor relative to the mean Fisher: every channel keeps some weight
 
-# (layer index, materialized layer, {"a": MLP input Gram, "z": down input Gram}, {module: F}) -> per-layer results
+# (layer index, materialized layer, {role: its input's Gram}, {module: F}) -> per-layer results
 LayerHook = Callable[[int, torch.nn.Module, Dict[str, GramAccumulator], Dict[str, torch.Tensor]], Any]
 
 
@@ -58,6 +58,8 @@ class Sensitivity:
     fisher: Dict[str, torch.Tensor] = field(default_factory=dict)  # {module: F [out]}, float64
     spectra: Dict[str, List[float]] = field(default_factory=dict)  # {module: singular values of L^T W D}
     per_layer: Dict[int, Any] = field(default_factory=dict)  # {layer: what on_layer returned}
+    # {"<layer>.self_attn.qkv": singular values of [W_q W_k W_v] whitened and Fisher-weighted} (--scope all)
+    fused_qkv_spectra: Dict[str, List[float]] = field(default_factory=dict)
 
 
 def sensitivity_pass(sk: st.Skeleton, src, ids: torch.Tensor, progress: bool = True, with_spectra: bool = True,
@@ -131,13 +133,11 @@ def _sensitivity(sk, src, ids, progress, with_spectra, damping, on_layer, state,
             names = sk.module_names(i)
             fisher: Dict[str, torch.Tensor] = {}
             hooks = [sk.projection(layer, role).register_forward_hook(_collect(fisher, names[role]))
-                     for role in st.ROLES]
+                     for role in sk.roles]
             grams = {}
             if with_spectra or on_layer is not None:
-                grams = {"a": GramAccumulator(sk.hidden, device=sk.device),
-                         "z": GramAccumulator(sk.projection(layer, st.DOWN).in_features, device=sk.device)}
-                hooks.append(layer.mlp.register_forward_pre_hook(_gram(grams["a"])))
-                hooks.append(sk.projection(layer, st.DOWN).register_forward_pre_hook(_gram(grams["z"])))
+                grams, gram_hooks = st.attach_input_grams(sk, layer)
+                hooks += gram_hooks
             x_in = store.get(f"in-{i}", sk.device)
             try:
                 for sl in chunks:
@@ -153,13 +153,9 @@ def _sensitivity(sk, src, ids, progress, with_spectra, damping, on_layer, state,
         layer_result: Dict[str, Any] = {"fisher": {n: f.cpu() for n, f in fisher.items()}, "spectra": {}}
         if with_spectra:
             with meter.measure("spectra"):
-                chol_a = robust_cholesky(grams["a"].matrix, f"{names[st.GATE]} input", damping).factor
-                chol_z = robust_cholesky(grams["z"].matrix, f"{names[st.DOWN]} input", damping).factor
-                for role, name in names.items():
-                    w = sk.projection(layer, role).weight.detach().T
-                    layer_result["spectra"][name] = whitened_spectrum(
-                        w, chol_z if role == st.DOWN else chol_a, out_scale=output_weights(fisher[name])).tolist()
-                del chol_a, chol_z
+                layer_result["spectra"], fused = _spectra(sk, layer, names, grams, fisher, damping)
+                if fused is not None:
+                    layer_result["fused_qkv_spectra"] = {fused[0]: fused[1]}
         if on_layer is not None:
             layer_result["extra"] = on_layer(i, layer, grams, fisher)
         del grams
@@ -175,17 +171,35 @@ def _sensitivity(sk, src, ids, progress, with_spectra, damping, on_layer, state,
     return result
 
 
+def _spectra(sk: st.Skeleton, layer, names: Dict[str, str], grams, fisher, damping: float):
+    """Singular values of `L^T W D` for every targeted projection of a layer (L the
+    factor of its input's Gram, shared by the roles reading one input; D from the
+    Fisher weights of its outputs), and, when attention is targeted, those of q,
+    k and v stacked as one matrix (what one shared U would truncate: measured
+    against separate factors, methods/hybrid.py)."""
+    chol: Dict[str, torch.Tensor] = {}
+    out: Dict[str, List[float]] = {}
+    for role, name in names.items():
+        first = st.SHARED_INPUT[role]
+        if first not in chol:
+            chol[first] = robust_cholesky(grams[role].matrix, f"{names[first]} input", damping).factor
+        w = sk.projection(layer, role).weight.detach().T
+        out[name] = whitened_spectrum(w, chol[first], out_scale=output_weights(fisher[name])).tolist()
+    fused = None
+    if sk.targets_attention:
+        qkv = (st.Q, st.K, st.V)
+        w = torch.cat([sk.projection(layer, r).weight.detach().T for r in qkv], 1)
+        d = torch.cat([output_weights(fisher[names[r]]) for r in qkv])
+        fused = (names[st.Q].rpartition(".")[0] + ".qkv", whitened_spectrum(w, chol[st.Q], out_scale=d).tolist())
+    return out, fused
+
+
 def _merge(result: Sensitivity, layer_result: Dict[str, Any], i: int) -> None:
     result.fisher.update(layer_result["fisher"])
     result.spectra.update(layer_result["spectra"])
+    result.fused_qkv_spectra.update(layer_result.get("fused_qkv_spectra", {}))
     if "extra" in layer_result:
         result.per_layer[i] = layer_result["extra"]
-
-
-def _gram(acc: GramAccumulator):
-    def hook(_mod, args):
-        acc.add(args[0].detach())
-    return hook
 
 
 def _collect(fisher: Dict[str, torch.Tensor], name: str):

@@ -29,6 +29,11 @@ CHUNK_TOKENS = 4096  # tokens per forward chunk
 # the three roles of a gated MLP, act(gate(x)) * up(x) -> down (mlp_families)
 GATE, UP, DOWN = fam.GATE, fam.UP, fam.DOWN
 ROLES = fam.ROLES
+# the attention projections, targeted too with `compress --scope all`
+Q, K, V, O = fam.Q, fam.K, fam.V, fam.O
+ATTENTION_ROLES = fam.ATTENTION_ROLES
+# roles that read the same input, so one Gram matrix serves them: the first is hooked
+SHARED_INPUT = {GATE: GATE, UP: GATE, DOWN: DOWN, Q: Q, K: Q, V: Q, O: O}
 
 
 @dataclass
@@ -44,29 +49,46 @@ class Skeleton:
     intermediate: int
     family: fam.MLPFamily
     device: torch.device = torch.device("cpu")  # where layers are materialized and the passes compute
+    roles: Tuple[str, ...] = ROLES  # the targeted projections: the MLP's, plus attention's with --scope all
 
     def attr(self, role: str) -> str:
-        """Attribute name of a role's projection in a layer's `mlp`."""
-        return dict(zip(ROLES, self.family.projections))[role]
+        """Attribute name of a role's projection in its parent (`mlp` or the attention module)."""
+        if role in ATTENTION_ROLES:
+            return self.family.attention_projection(role)
+        return self.family.projection(role)
+
+    def parent(self, layer: nn.Module, role: str) -> nn.Module:
+        return getattr(layer, self.family.attention) if role in ATTENTION_ROLES else layer.mlp
 
     def projection(self, layer: nn.Module, role: str) -> nn.Module:
-        return getattr(layer.mlp, self.attr(role))
+        return getattr(self.parent(layer, role), self.attr(role))
+
+    def module_name(self, i: int, role: str) -> str:
+        owner = self.family.attention if role in ATTENTION_ROLES else "mlp"
+        return f"{self.layer_prefix}.{i}.{owner}.{self.attr(role)}"
 
     def module_names(self, i: int) -> Dict[str, str]:
-        """{role: full module name} of layer i's MLP projections."""
-        return {role: f"{self.layer_prefix}.{i}.mlp.{self.attr(role)}" for role in ROLES}
+        """{role: full module name} of layer i's targeted projections (MLP first)."""
+        return {role: self.module_name(i, role) for role in self.roles}
 
-    def mlp_shapes(self) -> Dict[str, Tuple[int, int]]:
-        """{module: (in, out)} for every targeted projection, read from the layer modules."""
+    @property
+    def targets_attention(self) -> bool:
+        return any(r in ATTENTION_ROLES for r in self.roles)
+
+    def shapes(self, roles: Optional[Tuple[str, ...]] = None) -> Dict[str, Tuple[int, int]]:
+        """{module: (in, out)} of the projections of `roles` (default: the
+        targeted ones) in every layer, read from the layer modules."""
         out = {}
         for i, layer in enumerate(self.layers):
-            for role, name in self.module_names(i).items():
+            for role in (self.roles if roles is None else roles):
                 lin = self.projection(layer, role)
-                out[name] = (lin.in_features, lin.out_features)
+                out[self.module_name(i, role)] = (lin.in_features, lin.out_features)
         return out
 
 
-def build_skeleton(src: SourceCheckpoint, device: str = "cpu") -> Skeleton:
+def build_skeleton(src: SourceCheckpoint, device: str = "cpu", attention: bool = False) -> Skeleton:
+    """The model on the meta device; `attention` targets the attention
+    projections as well as the MLP's (`compress --scope all`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if "text_config" in src.config:
@@ -105,6 +127,12 @@ def build_skeleton(src: SourceCheckpoint, device: str = "cpu") -> Skeleton:
                 raise cf.CheckpointFormatError(f"{src.path}: tensor {name} is missing from the safetensors files")
             if getattr(mlp, p).bias is not None or f"{prefix}.{i}.mlp.{p}.bias" in src.files:
                 raise UserError(f"{src.path}: {prefix}.{i}.mlp.{p} has a bias; format v1 factors bias-free MLPs only")
+        attn = getattr(layer, family.attention, None)
+        missing = [p for p in family.attention_projections if not isinstance(getattr(attn, p, None), nn.Linear)]
+        if attention and missing:
+            raise UserError(f"{src.path}: {prefix}.{i}.{family.attention} has no {', '.join(missing)} linear; "
+                            f"--scope all factors the {family.name} family's "
+                            f"{'/'.join(family.attention_projections)}")
     embed_module = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     embed_name = None
     for name, mod in model.named_modules():
@@ -119,7 +147,7 @@ def build_skeleton(src: SourceCheckpoint, device: str = "cpu") -> Skeleton:
     if rotary is not None:
         rotary = rotary.to(dev)
     return Skeleton(config, model, layers, prefix, embed_name, rotary, len(layers), int(config.hidden_size),
-                    int(config.intermediate_size), family, dev)
+                    int(config.intermediate_size), family, dev, ROLES + (ATTENTION_ROLES if attention else ()))
 
 
 def materialize_layer(sk: Skeleton, src: SourceCheckpoint, i: int) -> nn.Module:
@@ -243,18 +271,44 @@ class LayerRunner:
         return got
 
 
-def mlp_input_grams(sk: Skeleton, runner: LayerRunner, layer: nn.Module, x: torch.Tensor
-                    ) -> Tuple[GramAccumulator, GramAccumulator]:
-    """Run `x` through `layer` in place, accumulating the Gram matrices of the MLP
-    input (shared by gate and up) and of the down projection's input."""
-    acc_a = GramAccumulator(sk.hidden, device=sk.device)
-    acc_z = GramAccumulator(sk.projection(layer, DOWN).in_features, device=sk.device)
-    for sl in chunks(x.shape[0], x.shape[1]):
-        got = runner.run(layer, x[sl], want_mlp_in=True, want_down_in=True)
-        acc_a.add(got["mlp_in"])
-        acc_z.add(got["down_in"])
-        x[sl] = got["out"]
-    return acc_a, acc_z
+def attach_input_grams(sk: Skeleton, layer: nn.Module, roles: Optional[Tuple[str, ...]] = None
+                       ) -> Tuple[Dict[str, GramAccumulator], List]:
+    """Forward pre-hooks that accumulate the float64 Gram matrix of the input of
+    every projection of `roles` (default: the targeted ones) while `layer` runs:
+    ({role: accumulator}, hook handles to remove). Roles that read the same
+    input (gate and up; q, k and v) share one accumulator."""
+    roles = sk.roles if roles is None else roles
+    grams: Dict[str, GramAccumulator] = {}
+    hooks = []
+    for role in roles:
+        first = SHARED_INPUT[role]
+        if first not in grams:
+            lin = sk.projection(layer, first)
+            grams[first] = GramAccumulator(lin.in_features, device=sk.device)
+            hooks.append(lin.register_forward_pre_hook(_accumulate(grams[first])))
+        grams[role] = grams[first]
+    return {role: grams[role] for role in roles}, hooks
+
+
+def _accumulate(acc: GramAccumulator):
+    def hook(_mod, args):
+        acc.add(args[0].detach())
+    return hook
+
+
+def input_grams(sk: Skeleton, runner: LayerRunner, layer: nn.Module, x: torch.Tensor,
+                roles: Optional[Tuple[str, ...]] = None) -> Dict[str, GramAccumulator]:
+    """Run `x` through `layer` in place; the input Gram matrices of `roles`
+    (default: the targeted projections), as `attach_input_grams`."""
+    grams, hooks = attach_input_grams(sk, layer, roles)
+    try:
+        with torch.no_grad():
+            for sl in chunks(x.shape[0], x.shape[1]):
+                x[sl] = runner.forward(layer, x[sl])
+    finally:
+        for h in hooks:
+            h.remove()
+    return grams
 
 
 def factored_module(u: torch.Tensor, v: torch.Tensor) -> nn.Module:

@@ -20,26 +20,44 @@ def human_bytes(n: float) -> str:
 def layer_table(num_layers: int, ranks: Mapping[str, int], widths: Mapping[int, int], intermediate: int) -> List[str]:
     """Each decoder layer's MLP width and projection ranks, the one table `compress`'s
     summary and `inspect` print: `  7: w1408 dense dense dense` (narrowed, dense),
-    ` 12: w1536 r256 r256 dense` (full width, gate and up factored at rank 256).
+    ` 12: w1536 r256 r256 dense` (full width, gate and up factored at rank 256),
+    and, when an attention projection is factored anywhere, q k v o after a `/`.
     `ranks` {module: rank} lists the factored modules; `widths` {layer: k} the
     narrowed layers."""
     by_layer: Dict[int, Dict[str, int]] = {}
     for name, r in ranks.items():
-        role = fam.role_of(name)
+        role = fam.role_of(name) or fam.attention_role_of(name)
         if role is not None:
             by_layer.setdefault(alloc.layer_index(name), {})[role] = r
+    attention = any(fam.attention_role_of(n) for n in ranks)
     width_cell = max(len(f"w{k}") for k in [intermediate, *widths.values()])
     rank_cell = max([len("dense")] + [len(f"r{r}") for r in ranks.values()])
     rows = []
     for i in range(num_layers):
         roles = by_layer.get(i, {})
-        cells = [f"w{widths.get(i, intermediate)}".ljust(width_cell)]
-        cells += [(f"r{roles[role]}" if role in roles else "dense").ljust(rank_cell) for role in fam.ROLES]
-        rows.append(f"{i:>3}: " + " ".join(cells))
-    lines = ["  per layer (layer: MLP width, then gate up down as rN = factored at rank N, or dense):"]
-    for k in range(0, len(rows), ROWS_PER_LINE):
-        lines.append("    " + "  | ".join(rows[k:k + ROWS_PER_LINE]))
+
+        def cells(which):
+            return [(f"r{roles[role]}" if role in roles else "dense").ljust(rank_cell) for role in which]
+
+        row = [f"w{widths.get(i, intermediate)}".ljust(width_cell)] + cells(fam.ROLES)
+        if attention:
+            row += ["/"] + cells(fam.ATTENTION_ROLES)
+        rows.append(f"{i:>3}: " + " ".join(row))
+    heading = "  per layer (layer: MLP width, then gate up down"
+    heading += " / q k v o" if attention else ""
+    lines = [heading + " as rN = factored at rank N, or dense):"]
+    per_line = ROWS_PER_LINE - (1 if attention else 0)
+    for k in range(0, len(rows), per_line):
+        lines.append("    " + "  | ".join(rows[k:k + per_line]))
     return lines
+
+
+def describe_mix(mix: Mapping) -> str:
+    """One line: where the removed parameters came from (compressor.allocation_mix)."""
+    return (f"removed by MLP channels {mix['ratio_by_channels']:.4f}, MLP ranks "
+            f"{mix.get('ratio_by_mlp_ranks', mix['ratio_by_ranks']):.4f}, attention ranks "
+            f"{mix.get('ratio_by_attention_ranks', 0.0):.4f} (fractions of the targeted parameters; "
+            f"{mix['layers_narrowed']} layers narrowed, {mix['factored_modules']} projections factored)")
 
 
 def format_summary(res) -> str:
@@ -47,11 +65,16 @@ def format_summary(res) -> str:
     lines = [f"compressed -> {res.out}",
              f"  method {res.method}, rank allocation {res.allocation}, {res.num_layers} layers"]
     lines += layer_table(res.num_layers, res.ranks, res.widths, res.intermediate_size)
-    lines.append(f"  ratio requested {res.ratio_requested:.4f}; achieved: MLP {res.ratio_mlp:.4f}, "
-                 f"whole model {res.ratio_model:.4f}")
-    lines.append(f"  MLP parameters {res.mlp_params_before:,} -> {res.mlp_params_after:,}; "
+    scope = ("of every decoder linear (q k v o gate up down; embeddings and LM head not counted)"
+             if res.scope == "all" else "of the MLP projections")
+    lines.append(f"  ratio requested {res.ratio_requested:.4f} {scope}; achieved: MLP {res.ratio_mlp:.4f}, "
+                 f"decoder linears {res.ratio_linears:.4f}, whole model {res.ratio_model:.4f}")
+    lines.append(f"  MLP parameters {res.mlp_params_before:,} -> {res.mlp_params_after:,}; decoder linears "
+                 f"{res.linear_params_before:,} -> {res.linear_params_after:,}; "
                  f"model {res.params_before:,} -> {res.params_after:,}")
     lines.append(f"  size on disk {human_bytes(res.bytes_before)} -> {human_bytes(res.bytes_after)}")
+    if res.mix:
+        lines.append("  " + describe_mix(res.mix))
     if res.calibration:
         c = res.calibration
         fisher = f" (Fisher pass: {c['fisher_samples']} of them, drawn at random)" if "fisher_samples" in c else ""

@@ -156,7 +156,8 @@ def rank_budget(matrices: Sequence["Matrix"], ratio: float, block: int) -> int:
 
 
 class LevelState:
-    """Per-matrix level indices with the gate/up dense coupling enforced."""
+    """Per-matrix level indices with the group coupling (gate/up, q/k/v) enforced:
+    a group whose member no block-aligned rank saves on stays dense as a whole."""
 
     def __init__(self, matrices: Sequence[Matrix], block: int):
         self.mats = list(matrices)
@@ -166,6 +167,10 @@ class LevelState:
         for i, m in enumerate(self.mats):
             if m.group is not None:
                 self.groups.setdefault(m.group, []).append(i)
+        for members in self.groups.values():
+            if any(self.levels[j] == [DENSE] for j in members):
+                for j in members:
+                    self.levels[j] = [DENSE]
 
     def rank(self, i: int) -> int:
         return self.levels[i][self.idx[i]]
@@ -245,10 +250,17 @@ def tail_energies(spectrum: Sequence[float]) -> List[float]:
 
 
 def matrices_from_shapes(shapes: Mapping[str, Tuple[int, int]]) -> List[Matrix]:
-    """Matrix records from {module name: (in, out)}; gate/up share a group per layer."""
+    """Matrix records from {module name: (in, out)}; gate/up share a group per
+    layer, and so do q/k/v (vLLM merges each into one linear)."""
     out = []
     for name, (m, n) in shapes.items():
-        group = name.rpartition(".")[0] if fam.role_of(name) in (fam.GATE, fam.UP) else None
+        parent = name.rpartition(".")[0]
+        if fam.role_of(name) in (fam.GATE, fam.UP):
+            group = parent
+        elif fam.attention_role_of(name) in fam.QKV_ROLES:
+            group = f"{parent}.qkv"
+        else:
+            group = None
         out.append(Matrix(name=name, m=m, n=n, group=group, layer=layer_index(name)))
     return out
 
@@ -277,10 +289,11 @@ class Plan:
 
 def narrowed(mat: Matrix, width: Optional[int]) -> Matrix:
     """The matrix of a layer narrowed to `width` intermediate channels: gate/up
-    lose output columns, down loses input rows (None: unchanged)."""
-    if width is None:
-        return mat
+    lose output columns, down loses input rows (None, or an attention
+    projection: unchanged)."""
     role = fam.role_of(mat.name)
+    if width is None or role is None:
+        return mat
     if role == fam.DOWN:
         return Matrix(mat.name, width, mat.n, mat.group, mat.layer)
     return Matrix(mat.name, mat.m, width, mat.group, mat.layer)

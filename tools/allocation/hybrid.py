@@ -11,14 +11,18 @@ from vllm_neuronmlp.tools.allocation.budget import (
 
 def hybrid_budget(matrices: Sequence[Matrix], inter: int, ratio: float, block: int) -> int:
     """The parameter budget of the hybrid allocation; BudgetError when even the
-    cheapest plan (every layer at the narrowest width, each matrix dense or at
-    one block of rank) is over it. Depends on shapes only."""
+    cheapest plan (every layer at the narrowest width, each group of matrices
+    dense or at one block of rank) is over it. Depends on shapes only."""
     check_ratio(ratio)
     check_block_size(block)
     budget = budget_params(matrices, ratio)
     narrowest = inter - block * ((inter - block) // block)  # the width moves stop below two blocks
-    floor = sum(min(n.dense, n.cost(block) if n.max_rank(block) else n.dense)
-                for n in (narrowed(m, narrowest) for m in matrices))
+    groups: Dict[str, List[Matrix]] = {}
+    for m in matrices:
+        groups.setdefault(m.group or m.name, []).append(narrowed(m, narrowest))
+    # a group is factored together or not at all: dense when a member cannot save with one block
+    floor = sum(sum(n.dense for n in members) if min(n.max_rank(block) for n in members) < block
+                else sum(min(n.dense, n.cost(block)) for n in members) for members in groups.values())
     if floor > budget:
         dense = sum(m.dense for m in matrices)
         raise BudgetError(f"ratio {ratio} cannot be reached with block size {block}: {narrowest} channels per "
@@ -76,11 +80,16 @@ def allocate_hybrid(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[f
                 groups.setdefault(m.group or m.name, []).append(m)
             for members in groups.values():
                 if all(ranks[m.name] == DENSE for m in members):
-                    top = min(shape(m).max_rank(block) for m in members)
-                    for r in range(block, top + 1, block):
-                        saved = sum(shape(m).dense - shape(m).cost(r) for m in members)
+                    # a group (gate/up, q/k/v) is factored together; members whose shapes hold less rank
+                    # (k and v beside q) stay at their largest rank that saves parameters
+                    tops = [shape(m).max_rank(block) for m in members]
+                    if min(tops) < block:
+                        continue  # a member that no block-aligned rank saves on keeps the group dense
+                    for r in range(block, max(tops) + 1, block):
+                        at = {m.name: min(r, t) for m, t in zip(members, tops)}
+                        saved = sum(shape(m).dense - shape(m).cost(at[m.name]) for m in members)
                         if saved > 0:
-                            yield sum(tail(m, r) for m in members), saved, ("factor", [m.name for m in members], r)
+                            yield sum(tail(m, at[m.name]) for m in members), saved, ("factor", at)
                 else:
                     for m in members:
                         r = ranks[m.name]
@@ -105,6 +114,8 @@ def allocate_hybrid(matrices: Sequence[Matrix], spectra: Mapping[str, Sequence[f
             i, clamp = args
             widths[i] -= block
             ranks.update(clamp)
+        elif kind == "factor":
+            ranks.update(args[0])
         else:
             names, r = args
             for n in names:

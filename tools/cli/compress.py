@@ -24,7 +24,11 @@ channels only, ranked by ridge leverage (MoDeGPT); whiten is SVD-LLM's input
 whitening alone, error-aware fits each layer to the inputs the compressed
 model really feeds it, and plain skips calibration. Ranks and widths are
 multiples of --block-size; the budget (--ratio, the fraction of MLP parameters
-removed) is met globally.
+removed) is met globally. --scope all counts every decoder linear instead
+(q, k, v, o as well; embeddings and the LM head are not counted) and lets
+hybrid, fisher, whiten (uniform) and plain factor the attention projections
+too, the hybrid choosing per block where a parameter is cheapest to remove
+(checkpoint format version 3).
 
 --rank-allocation adaptive (default): with hybrid and fisher, one greedy
 allocation by estimated loss per parameter, not scored; with nystrom, widths
@@ -69,7 +73,7 @@ def add_parser(subparsers) -> None:
     from vllm_neuronmlp import checkpoint_format as cf
     from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD, REGISTRY
     from vllm_neuronmlp.tools.options import (DEFAULT_CALIB_TEXT, DEFAULT_FISHER_SAMPLES, DEVICES, DTYPE_CHOICES,
-                                              EXPORTS, LORA_BATCH, LORA_LR, LORA_RANK)
+                                              EXPORTS, LORA_BATCH, LORA_LR, LORA_RANK, SCOPES)
 
     p = subparsers.add_parser("compress", help="compress the MLPs of a Hugging Face checkpoint (channels and/or low-rank factors)",
                               description=DESCRIPTION, epilog=EPILOG,
@@ -77,7 +81,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("src", metavar="SRC", help="dense Hugging Face checkpoint directory (config.json + safetensors)")
     p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--ratio", type=float, required=True,
-                   help="fraction of the MLP parameters to remove, strictly between 0 and 1 (e.g. 0.2)")
+                   help="fraction of the parameters to remove (of the MLP projections, or with --scope all of "
+                        "every decoder linear), strictly between 0 and 1 (e.g. 0.2)")
+    p.add_argument("--scope", choices=SCOPES, default="mlp",
+                   help="what --ratio counts and compress may cut: mlp (gate/up/down) or all (also the attention "
+                        "projections q/k/v/o, factored; embeddings and the LM head are never counted) "
+                        "(default %(default)s)")
     p.add_argument("--block-size", type=int, default=cf.DEFAULT_BLOCK_SIZE,
                    help="every rank is a multiple of this (the kernels' tile); positive multiple of 32 "
                         "(default %(default)s)")
@@ -150,8 +159,8 @@ def run(args) -> int:
         ratio=args.ratio, block_size=args.block_size, rounding_threshold=args.rounding_threshold,
         calib_text=tuple(args.calib_text), calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         fisher_samples=args.fisher_samples, seed=args.seed, rank_allocation=args.rank_allocation,
-        method=args.method, damping=args.damping, lora_steps=args.lora_steps, lora_rank=args.lora_rank,
-        lora_lr=args.lora_lr, lora_batch=args.lora_batch, dtype=args.dtype, export=args.export,
+        method=args.method, scope=args.scope, damping=args.damping, lora_steps=args.lora_steps,
+        lora_rank=args.lora_rank, lora_lr=args.lora_lr, lora_batch=args.lora_batch, dtype=args.dtype, export=args.export,
         overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024 ** 3),
         progress=not args.no_progress, device=args.device, resume=args.resume, dry_run=args.dry_run,
         memory_check=not args.skip_memory_check, memory_limit_gib=args.memory_limit)

@@ -34,17 +34,19 @@ def summarize(ckpt: str, check_values: bool = True) -> Dict:
     ranks = {m: r for m, (_i, _o, r) in report.factored.items()}
     by_proj: Dict[str, List[int]] = {}
     for m, r in ranks.items():
-        by_proj.setdefault(fam.role_of(m) or "?", []).append(r)
+        by_proj.setdefault(fam.role_of(m) or fam.attention_role_of(m) or "?", []).append(r)
     text = report.model_config.get("text_config", report.model_config)
     return {
         "checkpoint": ckpt,
         "format_version": report.quant.format_version,
         "block_size": report.quant.block_size,
-        "factored_modules": len(ranks),
+        "factored_modules": len(report.mlp_factored),
+        "factored_attention_modules": len(report.attention_factored),
         "mlp_modules": 3 * int(text.get("num_hidden_layers", 0)),
         "ranks": ranks,
         "ranks_by_projection": {p: {"min": min(v), "max": max(v), "mean": sum(v) / len(v)} for p, v in by_proj.items()},
-        "mlp_ratio": cf.mlp_ratio(report.model_config, ranks, widths=report.quant.widths),
+        "mlp_ratio": cf.mlp_ratio(report.model_config, {m: r for m, (_i, _o, r) in report.mlp_factored.items()},
+                                  widths=report.quant.widths),
         "widths": dict(report.quant.widths),
         "intermediate_size": int(text.get("intermediate_size", 0)),
         "num_layers": int(text.get("num_hidden_layers", 0)),
@@ -64,7 +66,7 @@ def run(args) -> int:
 def describe(s: Dict) -> str:
     from vllm_neuronmlp import mlp_families as fam
     from vllm_neuronmlp.tools.allocation import layer_index
-    from vllm_neuronmlp.tools.summary import layer_table
+    from vllm_neuronmlp.tools.summary import describe_mix, layer_table
 
     lines = [f"{s['checkpoint']}: valid svd_neuron checkpoint (format v{s['format_version']}, block size "
              f"{s['block_size']})",
@@ -72,13 +74,16 @@ def describe(s: Dict) -> str:
              f"projections"
              + (f" (their parameters {s['mlp_params_dense']:,} -> {s['mlp_params_factored']:,})"
                 if s["factored_modules"] else "")]
+    if s["factored_attention_modules"]:
+        lines.append(f"  factored {s['factored_attention_modules']} of {4 * (s['mlp_modules'] // 3)} attention "
+                     f"projections (format v3)")
     if s["widths"]:
-        mix = s["provenance"].get("allocation_mix", {})
-        split = (f"; of the ratio, {mix['ratio_by_channels']:.4f} by channels and {mix['ratio_by_ranks']:.4f} by "
-                 f"ranks" if mix else "")
         lines.append(f"  narrowed {len(s['widths'])} of {s['mlp_modules'] // 3} layers below intermediate size "
-                     f"{s['intermediate_size']}{split}")
-    for role in fam.ROLES:
+                     f"{s['intermediate_size']}")
+    mix = s["provenance"].get("allocation_mix")
+    if mix:
+        lines.append("  " + describe_mix(mix))
+    for role in fam.ROLES + fam.ATTENTION_ROLES:
         st = s["ranks_by_projection"].get(role)
         if st:
             lines.append(f"  {role}: rank min {st['min']} max {st['max']} mean {st['mean']:.1f}")

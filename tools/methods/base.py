@@ -35,7 +35,7 @@ from vllm_neuronmlp.tools import streaming as st
 from vllm_neuronmlp.tools.calibration import Calibration
 from vllm_neuronmlp.tools.run_state import RunState
 from vllm_neuronmlp.tools.source import SourceCheckpoint
-from vllm_neuronmlp.tools.streaming import ROLES, Skeleton
+from vllm_neuronmlp.tools.streaming import Skeleton
 from vllm_neuronmlp.tools.whitening import GramAccumulator, robust_cholesky
 
 log = logging.getLogger("vllm_neuronmlp.compress")
@@ -69,17 +69,30 @@ class Context:
             log.info("%s: input covariance not positive definite; added jitter %.3g", module, res.jitter)
         return res.factor
 
+    def cholesky_factors(self, i: int, grams: Mapping[str, GramAccumulator], roles, record: bool = True
+                         ) -> Dict[str, torch.Tensor]:
+        """{role: whitening factor} for `roles` of layer i from their input Grams
+        (st.input_grams); roles sharing an input share one factor."""
+        names = self.sk.module_names(i)
+        by_input: Dict[str, torch.Tensor] = {}
+        out = {}
+        for role in roles:
+            first = st.SHARED_INPUT[role]
+            if first not in by_input:
+                by_input[first] = self.cholesky(grams[role], names[first], record)
+            out[role] = by_input[first]
+        return out
+
     def whitening(self, i: int, layer: nn.Module, runner: st.LayerRunner, x: torch.Tensor, record: bool = True
                   ) -> Dict[str, torch.Tensor]:
         """Run `x` through decoder layer `i` in place; {role: Cholesky factor of
-        the role's input covariance} (gate and up share theirs)."""
-        names = self.sk.module_names(i)
-        acc_a, acc_z = st.mlp_input_grams(self.sk, runner, layer, x)
-        chol_a = self.cholesky(acc_a, names[st.GATE], record)
-        return {st.GATE: chol_a, st.UP: chol_a, st.DOWN: self.cholesky(acc_z, names[st.DOWN], record)}
+        the role's input covariance} for every targeted projection."""
+        grams = st.input_grams(self.sk, runner, layer, x)
+        return self.cholesky_factors(i, grams, self.sk.roles, record)
 
     def matrices(self) -> List[alloc.Matrix]:
-        return alloc.matrices_from_shapes(self.sk.mlp_shapes())
+        """The targeted projections: the MLP's, and the attention's with --scope all."""
+        return alloc.matrices_from_shapes(self.sk.shapes())
 
 
 class Method:
@@ -155,5 +168,5 @@ class Method:
 
 
 def weights_io(ctx: Context, layer: nn.Module) -> Dict[str, torch.Tensor]:
-    """{role: W as [in, out]} of a materialized layer."""
-    return {role: ctx.sk.projection(layer, role).weight.detach().T.contiguous() for role in ROLES}
+    """{role: W as [in, out]} of a materialized layer's targeted projections."""
+    return {role: ctx.sk.projection(layer, role).weight.detach().T.contiguous() for role in ctx.sk.roles}

@@ -259,7 +259,7 @@ def channel_statistics(ctx: Context, with_spectra: bool = False, loss_aware: boo
 
     def order_layer(i, layer, grams, fisher):
         with ctx.meter.measure("channel_order"):
-            c = grams["z"].matrix
+            c = grams[st.DOWN].matrix
             w_down = sk.projection(layer, st.DOWN).weight.detach().T
             d = sensitivity.output_weights(fisher[sk.module_names(i)[st.DOWN]])
             order = loss_aware_order(c, w_down, d) if loss_aware else leverage_order(c)
@@ -287,9 +287,9 @@ class LayerWeights:
 
 def pruned_weights(ctx: Context, layer, c: torch.Tensor, keep: torch.Tensor) -> Dict[str, torch.Tensor]:
     """{role: W as [in, out]} of a layer narrowed to the channels `keep` (sorted),
-    the down projection Nyström-corrected."""
+    the down projection Nyström-corrected (attention projections, when targeted, unchanged)."""
     w = weights_io(ctx, layer)
-    return {st.GATE: w[st.GATE][:, keep], st.UP: w[st.UP][:, keep], st.DOWN: nystrom_down(c, w[st.DOWN], keep)}
+    return {**w, st.GATE: w[st.GATE][:, keep], st.UP: w[st.UP][:, keep], st.DOWN: nystrom_down(c, w[st.DOWN], keep)}
 
 
 def kept_channels(order: torch.Tensor, width: int) -> torch.Tensor:
@@ -324,8 +324,11 @@ class NystromFactorizer:
             for sl in st.chunks(self.x.shape[0], self.x.shape[1]):
                 self.x[sl] = self.runner.run(layer, self.x[sl])["out"]
             return LayerWeights(None, {}, {})
-        acc_a, acc_z = st.mlp_input_grams(sk, self.runner, layer, self.x)
-        keep = kept_channels(self.stats.order[i], width) if width < sk.intermediate else None
+        grams = st.input_grams(sk, self.runner, layer, self.x)
+        acc_z = grams[st.DOWN]
+        keep = None
+        if width < sk.intermediate:
+            keep = kept_channels(self.stats.order[i], width).to(acc_z.matrix.device)
         if keep is None:
             w, c = weights_io(self.ctx, layer), acc_z.matrix
         else:
@@ -334,17 +337,15 @@ class NystromFactorizer:
         factors = {}
         if todo:
             acc_z.matrix = c  # the kept channels' correlation whitens the narrowed down projection
-            chol = {st.GATE: self.ctx.cholesky(acc_a, names[st.GATE])} if (st.GATE in todo or st.UP in todo) else {}
-            chol[st.UP] = chol.get(st.GATE)
-            if st.DOWN in todo:
-                chol[st.DOWN] = self.ctx.cholesky(acc_z, names[st.DOWN])
+            chol = self.ctx.cholesky_factors(i, grams, todo)
             for role, r in todo.items():
                 d = self.out_scales.get(names[role])
-                if d is not None and keep is not None and role != st.DOWN:
-                    d = d[keep]
+                if d is not None and keep is not None and role in (st.GATE, st.UP):
+                    d = d.to(keep.device)[keep]
                 f = factorize(w[role], r, chol[role], out_scale=d)
                 factors[role] = (f.u.float(), f.v.float())
-        dense = {} if keep is None else {role: t.T.float().contiguous() for role, t in w.items() if role not in todo}
+        dense = {} if keep is None else {role: w[role].T.float().contiguous() for role in st.ROLES
+                                         if role not in todo}
         return LayerWeights(keep, dense, factors)
 
 

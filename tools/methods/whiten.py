@@ -68,12 +68,8 @@ class DensePathFactorizer:
             for sl in st.chunks(self.x.shape[0], self.x.shape[1]):
                 self.x[sl] = self.runner.run(layer, self.x[sl])["out"]
             return {}
-        acc_a, acc_z = st.mlp_input_grams(sk, self.runner, layer, self.x)
-        chol = {}
-        if st.GATE in todo or st.UP in todo:
-            chol[st.GATE] = chol[st.UP] = self.ctx.cholesky(acc_a, names[st.GATE])
-        if st.DOWN in todo:
-            chol[st.DOWN] = self.ctx.cholesky(acc_z, names[st.DOWN])
+        grams = st.input_grams(sk, self.runner, layer, self.x)
+        chol = self.ctx.cholesky_factors(i, grams, todo)
         w = weights_io(self.ctx, layer)
         out = {}
         for role, r in todo.items():
