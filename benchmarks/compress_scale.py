@@ -2,28 +2,32 @@
 
 1. Writes random-weight bf16 checkpoints of Llama-3.1-8B shape (hidden 4096,
    intermediate 14336, 32 heads / 8 KV heads of 128, vocab 128256, untied
-   embeddings) with the given numbers of layers (default 4 and 8, cuts of the
-   32-layer model at the same widths), tensor by tensor: the benchmark never
-   holds a model either. `--full-layers 32` also writes the whole 32-layer
-   model for the dry run's estimate and the disk figures.
-2. Compresses each in a fresh subprocess (`vllm-neuronmlp compress --ratio 0.2`
-   with the default method and with `fisher`, default calibration unless
-   flags say otherwise), sampling the child's resident memory and the disk use
-   of its output and resume state twice a second, and reads the child's own
-   per-stage wall times and peaks (`--json`, the `stages` entry: calibration,
-   Fisher forward/backward, spectra, channel order, allocation, factor pass,
-   write).
-3. Checks that the default method's peaks at the two depths differ by less
-   than one layer's weights, and fits `time(L) = a + b L` to extrapolate the
-   32-layer wall time (`a` = what does not grow with depth, `b` = per layer).
-4. Records the memory estimate of `compress --dry-run` for every run beside
-   the measured peak (tests/test_memory_estimate.py holds the estimate to
-   within 25 % of these measurements).
+   embeddings) with the layer counts the runs ask for (cuts of the 32-layer
+   model at the same widths), tensor by tensor: the benchmark never holds a
+   model either. `--write-full` also writes the whole 32-layer model for the
+   dry run's estimate and the disk figures. SHAPE `smollm2` is the embedded
+   default model instead.
+2. Compresses each in a fresh subprocess (`vllm-neuronmlp compress --ratio 0.2
+   --method M` plus the preset's calibration flags: `default` = the tool's
+   defaults, `reduced` = 8 calibration and 8 Fisher windows), sampling the
+   child's resident memory and the disk use of its output and resume state,
+   and reading the child's own per-stage wall times and peaks (`--json`, its
+   `stages`: calibration, fisher_forward, fisher_backward, spectra,
+   channel_order, allocation, factor_pass, write, total; the peaks are the
+   kernel's high-water marks, reset per stage).
+3. Checks that the default method's peaks at two depths (same preset) differ by
+   less than one layer's weights, and extrapolates the 32-layer wall time from
+   the default-preset runs: time(L) = a + b L, b what the layer sweeps took per
+   layer, a the rest.
+4. Records the dry run's memory estimate beside every measured peak
+   (tests/test_memory_estimate.py holds the estimate to within 25 % of them).
 
-Writes benchmarks/results/compress_scale.json and .png.
+Writes benchmarks/results/compress_scale.json and .png (runs are merged into
+an existing JSON; a run made again replaces its entry).
 
-    python benchmarks/compress_scale.py --work /tmp/scale                 # 4 and 8 layers, hybrid + fisher
-    python benchmarks/compress_scale.py --work /tmp/scale --layers 4 --methods hybrid --device cuda
+    python benchmarks/compress_scale.py --work /tmp/scale           # the default plan (see --runs)
+    python benchmarks/compress_scale.py --work /tmp/scale --runs smollm2:30:hybrid:default
+    python benchmarks/compress_scale.py --work /tmp/scale --runs llama-3.1-8b:4:hybrid:default --flags "--device cuda"
 """
 from __future__ import annotations
 
@@ -188,112 +192,155 @@ def run_child(src: str, out: str, flags: List[str]) -> Dict:
         raise RuntimeError(f"compress exited with {proc.returncode}: {err[-3000:]}")
     with open(summary) as f:
         res = json.load(f)
-    return {"wall_time_s": wall, "peak_rss_bytes_sampled": sampler.peak_rss,
-            "peak_rss_bytes": max(sampler.peak_rss, max(res["stages"].get("peak_rss_bytes", {}).values(), default=0)),
-            "peak_disk_bytes": sampler.peak_disk, "output_bytes": _du(out), "stages": res["stages"],
-            "ratio_mlp": res["ratio_mlp"], "widths": res["widths"], "factored_modules": len(res["ranks"]),
-            "bytes_before": res["bytes_before"], "bytes_after": res["bytes_after"], "device": res["device"],
+    return {**_from_summary(res, wall, sampler.peak_rss, sampler.peak_disk, out),
             "command": " ".join(["vllm-neuronmlp", "compress", "SRC", "OUT", "--ratio", "0.2"] + flags)}
 
 
-def extrapolate(runs: List[Dict], target_layers: int) -> Optional[Dict]:
-    """time(L) = a + b L from the runs of one method at two or more depths."""
-    pts = sorted((r["layers"], r["wall_time_s"]) for r in runs)
-    if len({L for L, _ in pts}) < 2:
-        return None
-    (l0, t0), (l1, t1) = pts[0], pts[-1]
-    b = (t1 - t0) / (l1 - l0)
-    a = t0 - b * l0
-    return {"formula": "time(L) = a + b * L", "a_s": a, "b_s_per_layer": b, "layers": target_layers,
-            "time_s": a + b * target_layers, "from_layers": [l0, l1]}
+def _from_summary(res: Dict, wall: float, sampled_rss: int, peak_disk: int, out: Optional[str]) -> Dict:
+    """A run's record from compress's --json summary (its own per-stage peaks are
+    the kernel's high-water marks; the sampled RSS is a cross-check)."""
+    own_peak = max(res["stages"].get("peak_rss_bytes", {}).values(), default=0)
+    return {"wall_time_s": wall, "peak_rss_bytes_sampled": sampled_rss, "peak_rss_bytes": max(sampled_rss, own_peak),
+            "peak_disk_bytes": peak_disk, "output_bytes": _du(out) if out else res["bytes_after"],
+            "stages": res["stages"], "ratio_mlp": res["ratio_mlp"], "widths": res["widths"],
+            "factored_modules": len(res["ranks"]), "layers": res["num_layers"], "bytes_before": res["bytes_before"],
+            "bytes_after": res["bytes_after"], "device": res["device"]}
+
+
+# calibration presets: the defaults, and a reduced one that keeps the depth check and the
+# memory estimate's test points cheap (the peak of each stage but the Fisher pass's does not
+# depend on the Fisher windows; the hidden states scale with the tokens)
+PRESETS = {"default": [], "reduced": ["--calib-samples", "8", "--fisher-samples", "8"]}
+
+
+def run_key(r: Dict) -> tuple:
+    return (r["shape"], r["layers"], r["method"], r["preset"])
+
+
+def extrapolate(run: Dict, target_layers: int) -> Dict:
+    """time(L) = a + b L from one run's stages: b is what its passes spent per
+    layer (every stage but calibration, allocation and the write is a sweep over
+    the layers), a the rest (calibration, the LM head inside the Fisher forward
+    is counted per layer here, a small overestimate)."""
+    sec = run["stages"]["seconds"]
+    fixed = sum(sec.get(k, 0.0) for k in ("calibration", "allocation", "write"))
+    total = sec.get("total", run["wall_time_s"])
+    b = (total - fixed) / run["layers"]
+    return {"formula": "time(L) = a + b * L", "a_s": fixed, "b_s_per_layer": b, "layers": target_layers,
+            "time_s": fixed + b * target_layers, "from": f"{run['layers']}-layer run, preset {run['preset']}"}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="directory for the random checkpoints and outputs (tens of GB)")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
-    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--methods", nargs="+", default=["hybrid", "fisher"],
-                    help="methods to run; the first is the default method (default: hybrid fisher)")
-    ap.add_argument("--fisher-only-layers", type=int, nargs="*", default=None,
-                    help="run the methods after the first only at these layer counts (default: the smallest)")
+    ap.add_argument("--runs", nargs="+", default=["llama-3.1-8b:4:hybrid:default", "llama-3.1-8b:4:hybrid:reduced",
+                                                   "llama-3.1-8b:8:hybrid:reduced", "llama-3.1-8b:4:fisher:reduced"],
+                    help="SHAPE:LAYERS:METHOD:PRESET for each run (shapes: %s; presets: %s; SHAPE smollm2 is the "
+                         "embedded default model, LAYERS then ignored)" % (", ".join(SHAPES), ", ".join(PRESETS)))
     ap.add_argument("--full-layers", type=int, default=32,
                     help="the full model's depth, for the extrapolation and the dry run (default 32)")
-    ap.add_argument("--write-full", action="store_true", help="also write the full model (dry run and disk only)")
-    ap.add_argument("--flags", default="", help="extra compress flags, e.g. '--calib-samples 32 --device cuda'")
+    ap.add_argument("--write-full", action="store_true", help="also write the full 8B model (dry run and disk only)")
+    ap.add_argument("--flags", default="", help="extra compress flags for every run, e.g. '--device cuda'")
+    ap.add_argument("--import-run", nargs=2, metavar=("SPEC", "SUMMARY_JSON"), action="append", default=[],
+                    help="record a run made outside this script (the compress --json summary; its own per-stage "
+                         "peaks stand in for the sampled RSS)")
     ap.add_argument("--json", default=os.path.join(RESULTS, "compress_scale.json"))
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoints (default: deleted after each run)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints (default: deleted after the runs)")
     args = ap.parse_args()
 
-    shape = SHAPES[args.shape]
     flags = args.flags.split()
     os.makedirs(args.work, exist_ok=True)
-    results: Dict = {"shape": args.shape, **shape, "layer_params": layer_params(shape),
-                     "layer_bytes_bf16": 2 * layer_params(shape), "flags": flags, "runs": [], "dry_runs": []}
-    if os.path.exists(args.json):  # earlier runs (e.g. other depths made in another invocation) are kept
+    results: Dict = {"shapes": SHAPES, "layer_params": {k: layer_params(v) for k, v in SHAPES.items()},
+                     "presets": PRESETS, "runs": [], "dry_runs": []}
+    if os.path.exists(args.json):  # earlier runs are kept; a run made again replaces its entry
         with open(args.json) as f:
             old = json.load(f)
-        if old.get("shape") == args.shape and old.get("flags") == flags:
-            results["runs"] = [r for r in old.get("runs", []) if (r["layers"], r["method"]) not in
-                               {(L, m) for L in args.layers for m in args.methods}]
-            results["dry_runs"] = old.get("dry_runs", [])
-    others_at = set(args.fisher_only_layers if args.fisher_only_layers is not None else [min(args.layers)])
-    for layers in sorted(args.layers):
-        src = os.path.join(args.work, f"{args.shape}-{layers}")
-        if not os.path.exists(os.path.join(src, "config.json")):
-            t = time.time()
-            nbytes = write_random_llama(src, shape, layers)
-            print(f"wrote {layers}-layer {args.shape} ({nbytes / GIB:.2f} GiB) in {time.time() - t:.0f} s", flush=True)
-        for k, method in enumerate(args.methods):
-            if k > 0 and layers not in others_at:
-                continue
-            out = os.path.join(args.work, f"out-{layers}-{method}")
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(out + ".resume", ignore_errors=True)
-            mflags = flags + ["--method", method]
-            est = dry_run(src, out, mflags)["estimate"]
-            print(f"{layers} layers, {method}: estimated peak {est['peak_bytes'] / GIB:.2f} GiB "
-                  f"({est['peak_stage']})", flush=True)
-            r = run_child(src, out, mflags)
-            r.update({"layers": layers, "method": method, "estimate": est})
-            results["runs"] = [x for x in results["runs"] if (x["layers"], x["method"]) != (layers, method)] + [r]
-            print(f"  measured peak {r['peak_rss_bytes'] / GIB:.2f} GiB, {r['wall_time_s']:.0f} s, "
-                  f"disk {r['peak_disk_bytes'] / GIB:.2f} GiB", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
-            write(results, args)
-        if not args.keep:
-            shutil.rmtree(src, ignore_errors=True)
+        results["runs"], results["dry_runs"] = old.get("runs", []), old.get("dry_runs", [])
+
+    def record(r: Dict) -> None:
+        results["runs"] = [x for x in results["runs"] if run_key(x) != run_key(r)] + [r]
+        write(results, args)
+
+    for spec, summary in args.import_run:
+        shape, layers, method, preset = spec.split(":")
+        with open(summary) as f:
+            res = json.load(f)
+        peak = max(res["stages"]["peak_rss_bytes"].values())
+        record({**_from_summary(res, 0.0, peak, 0, None), "wall_time_s": res["wall_time_s"], "shape": shape,
+                "layers": int(layers), "method": method, "preset": preset, "imported": True,
+                "estimate": res["memory_estimate"], "command": "vllm-neuronmlp compress SRC OUT --ratio 0.2 "
+                + " ".join(PRESETS[preset] + ["--method", method])})
+    sources: Dict[tuple, str] = {}
+    for spec in args.runs:
+        shape, layers, method, preset = spec.split(":")
+        layers = int(layers)
+        src = source_checkpoint(args.work, shape, layers, sources)
+        out = os.path.join(args.work, f"out-{shape}-{layers}-{method}-{preset}")
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out + ".resume", ignore_errors=True)
+        mflags = flags + PRESETS[preset] + ["--method", method]
+        est = dry_run(src, out, mflags)["estimate"]
+        print(f"{spec}: estimated peak {est['peak_bytes'] / GIB:.2f} GiB ({est['peak_stage']})", flush=True)
+        r = run_child(src, out, mflags)
+        r.update({"shape": shape, "layers": layers if shape != "smollm2" else r["layers"], "method": method,
+                  "preset": preset, "estimate": est})
+        print(f"  measured peak {r['peak_rss_bytes'] / GIB:.2f} GiB, {r['wall_time_s']:.0f} s, "
+              f"disk {r['peak_disk_bytes'] / GIB:.2f} GiB", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        record(r)
     if args.write_full:
-        src = os.path.join(args.work, f"{args.shape}-{args.full_layers}")
-        if not os.path.exists(os.path.join(src, "config.json")):
-            write_random_llama(src, shape, args.full_layers)
-        for method in args.methods:
+        shape = "llama-3.1-8b"
+        src = source_checkpoint(args.work, shape, args.full_layers, sources)
+        for method in ("hybrid", "fisher"):
             est = dry_run(src, os.path.join(args.work, f"out-{args.full_layers}-{method}"),
                           flags + ["--method", method])["estimate"]
             results["dry_runs"] = [d for d in results["dry_runs"] if (d["layers"], d["method"]) !=
-                                   (args.full_layers, method)] + [{"layers": args.full_layers, "method": method,
-                                                                   "estimate": est}]
-        if not args.keep:
-            shutil.rmtree(src, ignore_errors=True)
+                                   (args.full_layers, method)] + [{"shape": shape, "layers": args.full_layers,
+                                                                   "method": method, "estimate": est}]
+    if not args.keep:
+        for src in sources.values():
+            if not src.endswith("smollm2"):
+                shutil.rmtree(src, ignore_errors=True)
     summarize(results, args)
     write(results, args)
     return 0
 
 
+def source_checkpoint(work: str, shape: str, layers: int, made: Dict[tuple, str]) -> str:
+    """The random checkpoint of `shape` with `layers` layers (written once), or the default model."""
+    if (shape, layers) in made:
+        return made[(shape, layers)]
+    if shape == "smollm2":
+        from vllm_neuronmlp.tools.data import default_model
+
+        src = os.path.join(work, "smollm2")
+        if not os.path.exists(os.path.join(src, "config.json")):
+            default_model.materialize(src)
+    else:
+        src = os.path.join(work, f"{shape}-{layers}")
+        if not os.path.exists(os.path.join(src, "config.json")):
+            t = time.time()
+            nbytes = write_random_llama(src, SHAPES[shape], layers)
+            print(f"wrote {layers}-layer {shape} ({nbytes / GIB:.2f} GiB) in {time.time() - t:.0f} s", flush=True)
+    made[(shape, layers)] = src
+    return src
+
+
 def summarize(results: Dict, args) -> None:
-    default = args.methods[0]
-    mine = {r["layers"]: r for r in results["runs"] if r["method"] == default}
-    if len(mine) >= 2:
-        lo, hi = min(mine), max(mine)
-        diff = mine[hi]["peak_rss_bytes"] - mine[lo]["peak_rss_bytes"]
-        results["depth_check"] = {"method": default, "layers": [lo, hi], "peak_difference_bytes": diff,
-                                  "one_layer_bytes_bf16": results["layer_bytes_bf16"],
-                                  "ok": diff < results["layer_bytes_bf16"]}
+    runs = [r for r in results["runs"] if r["shape"] == "llama-3.1-8b" and r["method"] == "hybrid"]
+    for preset in PRESETS:
+        mine = {r["layers"]: r for r in runs if r["preset"] == preset}
+        if len(mine) >= 2:
+            lo, hi = min(mine), max(mine)
+            diff = mine[hi]["peak_rss_bytes"] - mine[lo]["peak_rss_bytes"]
+            one_layer = 2 * results["layer_params"]["llama-3.1-8b"]
+            results.setdefault("depth_check", {})[preset] = {
+                "method": "hybrid", "layers": [lo, hi], "peak_difference_bytes": diff,
+                "one_layer_bytes_bf16": one_layer, "ok": diff < one_layer}
     results["extrapolation"] = {}
-    for method in args.methods:
-        ex = extrapolate([r for r in results["runs"] if r["method"] == method], args.full_layers)
-        if ex:
-            results["extrapolation"][method] = ex
+    for r in results["runs"]:
+        if r["shape"] == "llama-3.1-8b" and r["preset"] == "default":
+            results["extrapolation"][r["method"]] = extrapolate(r, args.full_layers)
 
 
 def write(results: Dict, args) -> None:
@@ -313,10 +360,10 @@ def plot(results: Dict, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = sorted(results["runs"], key=lambda r: (r["method"], r["layers"]))
+    runs = sorted(results["runs"], key=lambda r: (r["shape"], r["preset"], r["method"], r["layers"]))
     if not runs:
         return
-    labels = [f"{r['method']}\n{r['layers']} layers" for r in runs]
+    labels = [f"{r['shape'].replace('llama-3.1-8b', '8B')} {r['layers']}L\n{r['method']} {r['preset']}" for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     x = range(len(runs))
     axes[0].bar([i - 0.2 for i in x], [r["peak_rss_bytes"] / GIB for r in runs], 0.4, label="measured peak RSS")
@@ -325,20 +372,16 @@ def plot(results: Dict, png: str) -> None:
     axes[0].axhline(20, color="tab:red", lw=1, ls="--", label="20 GiB target")
     axes[0].set_xticks(list(x), labels, fontsize=8)
     axes[0].set_ylabel("GiB")
-    axes[0].set_title(f"peak memory, {results['shape']} shape, ratio 0.2")
+    axes[0].set_title("peak memory, ratio 0.2")
     axes[0].legend(fontsize=7)
     bottom = [0.0] * len(runs)
     for stage in STAGES:
-        vals = [r["stages"]["seconds"].get(stage, 0.0) / 60 for r in runs]
-        if stage == "fisher_backward":  # spectra and channel order run inside the backward sweep
-            vals = [v - (r["stages"]["seconds"].get("spectra", 0) + r["stages"]["seconds"].get("channel_order", 0))
-                    / 60 for v, r in zip(vals, runs)]
+        vals = [r["stages"]["seconds"].get(stage, 0.0) / 60 for r in runs]  # the stages do not overlap
         axes[1].bar(list(x), vals, 0.6, bottom=bottom, label=stage)
         bottom = [b + v for b, v in zip(bottom, vals)]
     axes[1].set_xticks(list(x), labels, fontsize=8)
     axes[1].set_ylabel("minutes")
-    axes[1].set_title("wall time by stage (2 CPU cores)" if "cuda" not in " ".join(results["flags"])
-                      else "wall time by stage")
+    axes[1].set_title("wall time by stage (2 shared CPU cores)")
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -106,21 +106,27 @@ def test_resumed_run_equals_an_uninterrupted_one(work, uninterrupted, monkeypatc
     assert ("statistics of 1 layers" in reused) if stage == "fisher backward" else ("2 finished layers" in reused)
 
 
-def test_resume_with_another_ratio_reuses_the_statistics_only(work, monkeypatch):
-    out = str(work["dir"] / "other-ratio")
+def interrupt_at_materialization(monkeypatch, work, out, n, opts):
+    """Run compress with Ctrl-C at the n-th layer materialization (the Fisher pass makes
+    LAYERS forward, then LAYERS backward; the factor pass LAYERS more)."""
     real = st.materialize_layer
     seen = []
 
-    def stop_in_factor_pass(sk, src, i):
+    def stop(sk, src, i):
         seen.append(i)
-        if len(seen) == 2 * LAYERS + 2:
+        if len(seen) == n:
             raise KeyboardInterrupt
         return real(sk, src, i)
 
-    monkeypatch.setattr(st, "materialize_layer", stop_in_factor_pass)
+    monkeypatch.setattr(st, "materialize_layer", stop)
     with pytest.raises(Interrupted):
-        C.compress_with_options(work["src"], out, options(work, ratio=0.4))
+        C.compress_with_options(work["src"], out, opts)
     monkeypatch.setattr(st, "materialize_layer", real)
+
+
+def test_resume_with_another_ratio_reuses_the_statistics_only(work, monkeypatch):
+    out = str(work["dir"] / "other-ratio")
+    interrupt_at_materialization(monkeypatch, work, out, 2 * LAYERS + 2, options(work, ratio=0.4))
     with pytest.raises(UserError, match=r"other-ratio\.resume: an earlier run .* pass --resume"):
         C.compress_with_options(work["src"], out, options(work, ratio=0.3))
     res = C.compress_with_options(work["src"], out, options(work, ratio=0.3, resume=True))
@@ -131,19 +137,7 @@ def test_resume_with_another_ratio_reuses_the_statistics_only(work, monkeypatch)
 
 def test_resume_refuses_statistics_made_otherwise(work, monkeypatch):
     out = str(work["dir"] / "other-seed")
-    real = st.materialize_layer
-    seen = []
-
-    def stop(sk, src, i):
-        seen.append(i)
-        if len(seen) == LAYERS + 2:  # second layer of the backward sweep
-            raise KeyboardInterrupt
-        return real(sk, src, i)
-
-    monkeypatch.setattr(st, "materialize_layer", stop)
-    with pytest.raises(Interrupted):
-        C.compress_with_options(work["src"], out, options(work))
-    monkeypatch.setattr(st, "materialize_layer", real)
+    interrupt_at_materialization(monkeypatch, work, out, LAYERS + 2, options(work))  # second backward layer
     with pytest.raises(UserError, match=r"--resume: the state in .*other-seed\.resume was made with calibration "
                                         r".* its statistics cannot be reused"):
         C.compress_with_options(work["src"], out, options(work, seed=1, resume=True))

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from vllm_neuronmlp.tools.errors import UserError
+from vllm_neuronmlp.tools.progress import proc_status_bytes
 
 GIB = 1024 ** 3
 BASE_BYTES = int(0.6 * GIB)  # Python + torch + transformers + the skeleton on the meta device
@@ -181,14 +182,7 @@ def _meminfo(key: str) -> Optional[int]:
 
 
 def _own_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_status_bytes("VmRSS")
 
 
 def _cgroup_headroom() -> Optional[int]:

@@ -78,16 +78,21 @@ class StageMeter:
         return out
 
 
-def _rss_high_water() -> int:
-    """This process's peak resident set since the last reset, in bytes (0 where unknown)."""
+def proc_status_bytes(key: str) -> int:
+    """A kB entry of /proc/self/status (VmRSS, VmHWM) in bytes; 0 where unknown (not Linux)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def _rss_high_water() -> int:
+    """This process's peak resident set since the last reset."""
+    return proc_status_bytes("VmHWM")
 
 
 def _reset_high_water() -> None:
