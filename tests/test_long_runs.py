@@ -218,7 +218,7 @@ def test_signal_during_a_long_native_call_ends_the_run_within_seconds(work):
 # ---------------------------------------------------------------- before any work
 def test_memory_check_refuses_before_any_work(work):
     out = str(work["dir"] / "no-memory")
-    with pytest.raises(MemoryBudgetError, match=r"estimated peak memory \d+\.\d GiB \(stage '[a-z ]+'\) exceeds the "
+    with pytest.raises(MemoryBudgetError, match=r"estimated peak memory \d+\.\d GiB \(stage '[a-z_]+'\) exceeds the "
                                                 r"0\.0 GiB available \(--memory-limit 0\.01\); lower it with .*"
                                                 r"--skip-memory-check"):
         C.compress_with_options(work["src"], out, options(work, memory_limit_gib=0.01))
