@@ -141,3 +141,34 @@ def test_summary_and_inspect_show_the_attention_ranks(work, capsys):
 def test_scope_all_refuses_what_cannot_factor_attention(kw, match):
     with pytest.raises(UserError, match=match):
         CompressOptions(ratio=0.2, scope="all", **kw).validate()
+
+
+def test_statistics_are_kept_apart_by_scope_and_carry_the_fused_qkv_spectrum(work):
+    """One spectra_cache across scopes (as the benchmarks sweep them): the MLP-scope
+    statistics hold no attention, so --scope all must not reuse them (it raised a
+    KeyError on the first q_proj); nor may --resume (the state's statistics key names
+    the scope; an MLP-scope key is unchanged). The hybrid's statistics keep the
+    spectrum of [W_q W_k W_v] with one shared U: in the same metric, so its squared
+    sum is the sum of the three projections' (D is block-diagonal)."""
+    from vllm_neuronmlp.tools import methods
+    from vllm_neuronmlp.tools.source import SourceCheckpoint
+
+    def compress(name, scope):
+        opts = CompressOptions(ratio=0.3, scope=scope, calib_text=[work["calib"]], **SMALL)
+        return C.compress_with_options(work["src"], str(work["dir"] / name), opts, spectra_cache=cache)
+
+    cache = {}
+    mlp = compress("cache-mlp", "mlp")
+    assert not cf.read_quantization_config(mlp.out).attention_ranks()
+    res = compress("cache-all", "all")
+    assert cf.read_quantization_config(res.out).attention_ranks() and len(cache) == 2
+    stats = next(s for s in cache.values() if s.fused_qkv_spectra)
+    assert sorted(stats.fused_qkv_spectra) == [f"model.layers.{i}.self_attn.qkv" for i in range(SHAPE["layers"])]
+    for i in range(SHAPE["layers"]):
+        fused = np.square(stats.fused_qkv_spectra[f"model.layers.{i}.self_attn.qkv"]).sum()
+        parts = sum(np.square(stats.spectra[f"model.layers.{i}.self_attn.{p}_proj"]).sum() for p in "qkv")
+        assert fused == pytest.approx(parts, rel=1e-6)
+    src, hybrid = SourceCheckpoint(work["src"]), methods.get("hybrid")
+    key_mlp = C.statistics_key(src, CompressOptions(ratio=0.3, scope="mlp"), hybrid)
+    key_all = C.statistics_key(src, CompressOptions(ratio=0.3, scope="all"), hybrid)
+    assert "scope" not in key_mlp and key_all == {**key_mlp, "scope": "all"}

@@ -195,7 +195,10 @@ def statistics_key(src: SourceCheckpoint, opts: CompressOptions, method) -> Dict
     key = method.statistics_key(opts)
     return {"source": source_fingerprint(src), "method_statistics": list(key) if key is not None else None,
             "calibration": [list(opts.calib_text), opts.calib_samples, opts.calib_seq_len, opts.seed],
-            "damping": opts.damping, "tool_version": TOOL_VERSION}
+            "damping": opts.damping, "tool_version": TOOL_VERSION,
+            # --scope all's statistics also cover the attention projections; an MLP-scope key stays as it
+            # was, so resume states written before scopes existed still match
+            **({"scope": opts.scope} if opts.scope != "mlp" else {})}
 
 
 RUN_ONLY_OPTIONS = ("progress", "overwrite", "resume", "dry_run", "device", "memory_check",
@@ -332,7 +335,7 @@ def plan(ctx: Context, method, cache: Optional[Dict]) -> Tuple[object, Dict[str,
     if stats_key is not None:
         cache = cache if cache is not None else {}
         key = stats_key + (os.path.abspath(ctx.src.path), tuple(opts.calib_text), opts.calib_samples,
-                           opts.calib_seq_len, opts.seed, opts.damping)
+                           opts.calib_seq_len, opts.seed, opts.damping, opts.scope)
         if key not in cache:
             if state is not None and state.get("statistics_done"):
                 cache[key] = state.load("statistics", "all.pt")

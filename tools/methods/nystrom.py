@@ -247,6 +247,8 @@ class ChannelStats:
     losses: Dict[int, List[float]] = field(default_factory=dict)
     fisher: Dict[str, torch.Tensor] = field(default_factory=dict)  # {module: F [out]}
     spectra: Dict[str, List[float]] = field(default_factory=dict)  # Fisher-weighted (hybrid only)
+    # --scope all: {"<layer>.self_attn.qkv": spectrum of [W_q W_k W_v] with one shared U} (sensitivity.py)
+    fused_qkv_spectra: Dict[str, List[float]] = field(default_factory=dict)
 
 
 def channel_statistics(ctx: Context, with_spectra: bool = False, loss_aware: bool = False) -> ChannelStats:
@@ -268,7 +270,7 @@ def channel_statistics(ctx: Context, with_spectra: bool = False, loss_aware: boo
     ids = ctx.calib.fisher_windows(o.fisher_samples)
     sens = sensitivity.sensitivity_pass(sk, ctx.src, ids, o.progress, with_spectra, o.damping, on_layer=order_layer,
                                         state=ctx.state, meter=ctx.meter)
-    out = ChannelStats(fisher=sens.fisher, spectra=sens.spectra)
+    out = ChannelStats(fisher=sens.fisher, spectra=sens.spectra, fused_qkv_spectra=sens.fused_qkv_spectra)
     for i, layer_stats in sorted(sens.per_layer.items()):
         out.order[i], out.losses[i] = layer_stats["order"], layer_stats["losses"]
     return out
