@@ -114,7 +114,7 @@ def _sensitivity(sk, src, ids, progress, with_spectra, damping, on_layer, state,
             for k in range(ids.shape[0]):
                 h = x[k].clone().requires_grad_(True)
                 with torch.enable_grad():
-                    nll.next_token_nll(norm(h) @ head.T, ids[k].to(h.device)).backward()
+                    nll.next_token_nll(norm(h) @ head.T, ids[k]).backward()
                 grad[k] = h.grad
             norm.to("meta")
             del head, x

@@ -12,10 +12,10 @@ import torch
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed NLL of `ids[..., 1:]` under `logits[..., :-1, :]` (float32,
-    differentiable). `logits` [..., S, vocab], `ids` [..., S]."""
+    differentiable). `logits` [..., S, vocab], `ids` [..., S] (on any device)."""
     vocab = logits.shape[-1]
     return torch.nn.functional.cross_entropy(logits[..., :-1, :].reshape(-1, vocab).float(),
-                                             ids[..., 1:].reshape(-1), reduction="sum")
+                                             ids[..., 1:].reshape(-1).to(logits.device), reduction="sum")
 
 
 def scored_tokens(ids: torch.Tensor) -> int:
