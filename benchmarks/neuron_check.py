@@ -410,7 +410,7 @@ def _checkpoints(args, work):
     if not os.path.isdir(dense):
         materialize_default_model(dense)
     if not os.path.isdir(compressed):
-        compress(dense, compressed, ratio=0.2)
+        compress(dense, compressed, ratio=0.2, scope="mlp")  # the Trainium variant serves MLP factors only
     return dense, compressed
 
 
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=OUT_DIR, help="where the JSON and PNG go (default benchmarks/results/neuron)")
     ap.add_argument("--work", default=os.path.join("work", "neuron-check"), help="checkpoints and server logs")
     ap.add_argument("--dense", help="dense checkpoint to serve (default: the embedded default model)")
-    ap.add_argument("--compressed", help="its svd_neuron checkpoint (default: compress --ratio 0.2)")
+    ap.add_argument("--compressed", help="its svd_neuron checkpoint (default: compress --ratio 0.2 --scope mlp)")
     args = ap.parse_args(argv)
 
     env = environment()

@@ -109,11 +109,15 @@ def test_default_method_is_the_hybrid_and_writes_a_valid_checkpoint(work):
     prov = qc.provenance
     assert prov["method"] == "hybrid" and prov["rank_allocation"] == "adaptive"
     assert prov["allocation_selection"]["chosen"] == "hybrid-greedy"
+    # --scope auto: the hybrid counts (and may factor) every decoder linear
+    assert prov["scope"] == "all" and res.scope == "all"
     mix = prov["allocation_mix"]
     assert mix["layers_narrowed"] == len(qc.widths) and mix["factored_modules"] == len(qc.ranks)
-    assert mix["ratio_by_channels"] + mix["ratio_by_ranks"] == pytest.approx(res.ratio_mlp, abs=1e-6)
+    assert mix["ratio_by_channels"] + mix["ratio_by_ranks"] == pytest.approx(res.ratio_linears, abs=1e-6)
     assert qc.widths or qc.ranks
-    assert 0.5 <= res.ratio_mlp <= 0.5 + 32 / 384 + 1e-9  # at most one block of channels over the budget
+    h, i, q, kv = 128, 384, 128, 64  # tiny.make_model's defaults, 2 layers
+    linears = 2 * (h * (2 * q + 2 * kv) + 3 * h * i)
+    assert 0.5 <= res.ratio_linears <= 0.5 + 32 * 3 * h / linears + 1e-9  # at most one channel block over
     assert prov["ratio_achieved_mlp"] == pytest.approx(res.ratio_mlp, abs=1e-6)
 
 
@@ -307,8 +311,13 @@ def test_block_size_not_multiple_of_32(work, block):
 
 
 def test_unreachable_ratio(work):
-    # the default (hybrid) keeps at least one block of 32 channels of 384 per layer
+    # the default (hybrid, scope all) keeps at least one block of 32 channels of 384 per layer and
+    # one block of rank 32 per attention projection: of 2 x 196,608 linear parameters it keeps
+    # 2 x (32 x 3 x 128 + 32 x (128 + 128) + 2 x 32 x (128 + 64) + 32 x (128 + 128)) = 81,920
     expect_user_error(work, work["llama"], str(work["dir"] / "o10"), ratio=0.95,
+                      match=r"--ratio: ratio 0.95 cannot be reached .*32 channels per layer and attention at one "
+                            r"block of rank keep 81,920 of 393,216 parameters \(largest reachable ratio 0\.7916\)")
+    expect_user_error(work, work["llama"], str(work["dir"] / "o10"), ratio=0.95, scope="mlp",
                       match=r"--ratio: ratio 0.95 cannot be reached .*largest reachable ratio 0\.9166\)")
     expect_user_error(work, work["llama"], str(work["dir"] / "o10"), ratio=0.9, method="fisher",
                       match="largest reachable ratio")

@@ -71,8 +71,8 @@ def test_nystrom_uniform_narrows_every_layer_with_the_corrected_down_projection(
 def test_nystrom_greedy_and_hybrid_fit_the_budget_and_load(work):
     from vllm_neuronmlp.tools.evaluation.hf_model import load_model
 
-    for method, ratio in (("nystrom", 0.3), ("hybrid", 0.3), ("hybrid", 0.6)):
-        res = run(work, f"{method}-{ratio}", ratio, method=method)
+    for method, ratio in (("nystrom", 0.3), ("hybrid", 0.3), ("hybrid", 0.6)):  # scope all: test_compress_scope
+        res = run(work, f"{method}-{ratio}", ratio, method=method, scope="mlp")
         report = cf.validate(res.out)
         q = report.quant
         achieved = cf.mlp_ratio(report.model_config, q.ranks, widths=q.widths)
@@ -88,7 +88,7 @@ def test_nystrom_greedy_and_hybrid_fit_the_budget_and_load(work):
 def test_inspect_reports_widths_and_the_mix(work, capsys):
     from vllm_neuronmlp.tools.cli import main as cli_main
 
-    res = run(work, "hybrid-inspect", 0.5, method="hybrid")
+    res = run(work, "hybrid-inspect", 0.5, method="hybrid", scope="mlp")
     assert cli_main(["inspect", res.out]) == 0
     out = capsys.readouterr().out
     mix = cf.read_quantization_config(res.out).provenance["allocation_mix"]

@@ -172,3 +172,30 @@ def test_statistics_are_kept_apart_by_scope_and_carry_the_fused_qkv_spectrum(wor
     key_mlp = C.statistics_key(src, CompressOptions(ratio=0.3, scope="mlp"), hybrid)
     key_all = C.statistics_key(src, CompressOptions(ratio=0.3, scope="all"), hybrid)
     assert "scope" not in key_mlp and key_all == {**key_mlp, "scope": "all"}
+
+
+@pytest.mark.parametrize("kw, scope", [
+    ({}, "all"),  # the default method
+    ({"method": "fisher"}, "all"),
+    ({"method": "plain"}, "all"),
+    ({"method": "whiten", "rank_allocation": "uniform"}, "all"),
+    ({"method": "whiten"}, "mlp"),  # its adaptive mode scores MLP allocations only
+    ({"method": "nystrom"}, "mlp"),
+    ({"method": "error-aware"}, "mlp"),
+    ({"scope": "mlp"}, "mlp"),
+])
+def test_scope_auto_is_all_where_the_method_can_factor_attention(kw, scope):
+    opts = CompressOptions(ratio=0.2, **kw)
+    opts.validate()
+    assert opts.scope == scope
+
+
+def test_cli_scope_defaults_to_auto():
+    import argparse
+
+    from vllm_neuronmlp.tools.cli import compress as cli_compress
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    cli_compress.add_parser(sub)
+    args = sub.choices["compress"].parse_args(["SRC", "OUT", "--ratio", "0.2"])
+    assert args.scope == "auto" and CompressOptions(ratio=0.2).scope == "auto"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from vllm_neuronmlp.mlp_families import attention_role_of
 from vllm_neuronmlp.tools.allocation.budget import (
     BudgetError, DENSE, Matrix, Plan, budget_params, check_block_size, check_ratio, narrowed, plan_cost,
     reachable, tail_energies)
@@ -25,8 +26,9 @@ def hybrid_budget(matrices: Sequence[Matrix], inter: int, ratio: float, block: i
                 else sum(min(n.dense, n.cost(block)) for n in members) for members in groups.values())
     if floor > budget:
         dense = sum(m.dense for m in matrices)
+        ranks = " and attention at one block of rank" if any(attention_role_of(m.name) for m in matrices) else ""
         raise BudgetError(f"ratio {ratio} cannot be reached with block size {block}: {narrowest} channels per "
-                          f"layer keep {floor:,} of {dense:,} parameters (largest reachable ratio "
+                          f"layer{ranks} keep {floor:,} of {dense:,} parameters (largest reachable ratio "
                           f"{reachable(1 - floor / dense)})")
     return budget
 

@@ -1,4 +1,4 @@
-"""`vllm-neuronmlp compress SRC OUT --ratio R`: SVD-compress the MLPs of a checkpoint."""
+"""`vllm-neuronmlp compress SRC OUT --ratio R`: SVD-compress the decoder linears of a checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +6,11 @@ import argparse
 from vllm_neuronmlp.tools.cli.common import add_json_argument, emit
 
 DESCRIPTION = """\
-Compress the MLPs of the dense Hugging Face checkpoint SRC and write an
-`svd_neuron` checkpoint to OUT that vLLM loads directly (`vllm serve OUT`):
-each MLP keeps some of its intermediate channels (a narrower layer) and/or has
-projections factored into two block-aligned low-rank factors, W ~ U V.
+Compress the dense Hugging Face checkpoint SRC and write an `svd_neuron`
+checkpoint to OUT that vLLM loads directly (`vllm serve OUT`): each MLP keeps
+some of its intermediate channels (a narrower layer) and/or has projections
+factored into two block-aligned low-rank factors, W ~ U V, and so may the
+attention projections (factors only).
 
 The model is streamed one decoder layer at a time (memory ~ one layer plus the
 calibration activations). Calibration text runs through the model. The default
@@ -23,12 +24,15 @@ factors only (no narrowed layers: checkpoint format version 1); nystrom keeps
 channels only, ranked by ridge leverage (MoDeGPT); whiten is SVD-LLM's input
 whitening alone, error-aware fits each layer to the inputs the compressed
 model really feeds it, and plain skips calibration. Ranks and widths are
-multiples of --block-size; the budget (--ratio, the fraction of MLP parameters
-removed) is met globally. --scope all counts every decoder linear instead
-(q, k, v, o as well; embeddings and the LM head are not counted) and lets
-hybrid, fisher, whiten (uniform) and plain factor the attention projections
-too, the hybrid choosing per block where a parameter is cheapest to remove
-(checkpoint format version 3).
+multiples of --block-size; the budget (--ratio) is met globally. By default
+(--scope auto) the methods that can factor attention projections (hybrid,
+fisher, whiten with uniform allocation, plain) count every decoder linear
+(q, k, v, o, gate, up, down; embeddings and the LM head are not counted) and
+factor the attention projections too, the hybrid choosing per block where a
+parameter is cheapest to remove (checkpoint format version 3); nystrom,
+error-aware and whiten's adaptive mode count and cut the MLPs only, as
+--scope mlp does for every method (needed for the Trainium variant, which
+serves MLP factors only).
 
 --rank-allocation adaptive (default): with hybrid and fisher, one greedy
 allocation by estimated loss per parameter, not scored; with nystrom, widths
@@ -61,7 +65,8 @@ at the end: OUT never holds half a checkpoint. SRC is only read.
 EPILOG = """\
 examples:
   vllm-neuronmlp default-model smollm2
-  vllm-neuronmlp compress smollm2 smollm2-svd20 --ratio 0.2
+  vllm-neuronmlp compress smollm2 smollm2-svd20 --ratio 0.2                # 20 % of the decoder linears
+  vllm-neuronmlp compress smollm2 smollm2-trn --ratio 0.2 --scope mlp      # MLP only (Trainium serves this)
   vllm-neuronmlp compress smollm2 out --ratio 0.05 --rank-allocation uniform --method whiten
   vllm-neuronmlp compress smollm2 out --ratio 0.2 --lora-steps 100 --lora-batch 1 --lora-lr 3e-4
   vllm-neuronmlp compress llama-8b llama-8b-svd --ratio 0.2 --dry-run     # memory and work, nothing written
@@ -75,18 +80,21 @@ def add_parser(subparsers) -> None:
     from vllm_neuronmlp.tools.options import (DEFAULT_CALIB_TEXT, DEFAULT_FISHER_SAMPLES, DEVICES, DTYPE_CHOICES,
                                               EXPORTS, LORA_BATCH, LORA_LR, LORA_RANK, SCOPES)
 
-    p = subparsers.add_parser("compress", help="compress the MLPs of a Hugging Face checkpoint (channels and/or low-rank factors)",
+    p = subparsers.add_parser("compress",
+                              help="compress a Hugging Face checkpoint (MLP channels and/or low-rank factors)",
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="dense Hugging Face checkpoint directory (config.json + safetensors)")
     p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--ratio", type=float, required=True,
-                   help="fraction of the parameters to remove (of the MLP projections, or with --scope all of "
-                        "every decoder linear), strictly between 0 and 1 (e.g. 0.2)")
-    p.add_argument("--scope", choices=SCOPES, default="mlp",
+                   help="fraction of the parameters to remove (of every decoder linear with --scope all, of the "
+                        "MLP projections with --scope mlp), strictly between 0 and 1 (e.g. 0.2)")
+    p.add_argument("--scope", choices=SCOPES, default="auto",
                    help="what --ratio counts and compress may cut: mlp (gate/up/down) or all (also the attention "
-                        "projections q/k/v/o, factored; embeddings and the LM head are never counted) "
-                        "(default %(default)s)")
+                        "projections q/k/v/o, factored; embeddings and the LM head are never counted); auto = all "
+                        "for the methods that can factor attention (hybrid, fisher, plain, whiten with uniform "
+                        "allocation), mlp for the others. The Trainium variant serves MLP factors only: compress "
+                        "for it with --scope mlp (default %(default)s)")
     p.add_argument("--block-size", type=int, default=cf.DEFAULT_BLOCK_SIZE,
                    help="every rank is a multiple of this (the kernels' tile); positive multiple of 32 "
                         "(default %(default)s)")

@@ -182,7 +182,8 @@ def refuse_factored_attention(quant: fmt.QuantizationConfig, source: str = "") -
             f"{source + ': ' if source else ''}{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS} factors "
             f"attention projection(s), the first {first!r} (format version {quant.format_version}); the Trainium "
             f"variant serves factored MLPs only. Serve this checkpoint with the CPU/GPU vLLM plugin (plain `vllm "
-            f"serve` on a CPU or GPU machine), or compress it without attention factors for Trainium")
+            f"serve` on a CPU or GPU machine), or compress it for Trainium with `vllm-neuronmlp compress ... "
+            f"--scope mlp`")
 
 
 @dataclass
