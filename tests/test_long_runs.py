@@ -154,7 +154,10 @@ from vllm_neuronmlp.tools import writer, streaming
 from vllm_neuronmlp.tools.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-# the run announces the stage it reached through a file, then lingers there
+# the run announces the stage it reached through a file, then lingers there (60 s, or a native call
+# of ~30 s on an idle machine): ending well inside that shows it did not wait for the stage. Not a
+# speed target: the exit measured 5.4 and 7.4 s with the machine at load 5 on 2 cores
+PROMPT_EXIT_S = 20
 SLOW_WRITE = """
 real_finish = writer.ShardWriter.finish
 def finish(self, dest=None):
@@ -178,7 +181,7 @@ streaming.materialize_layer = slow
 """
 
 
-def run_and_signal(work, name, patch, sig, timeout=60):
+def run_and_signal(work, name, patch, sig, timeout=300):  # the wait for the stage, not the timed part
     out = str(work["dir"] / name)
     flag = str(work["dir"] / f"{name}.reached")
     code = SCRIPT.format(src=work["src"], out=out, calib=work["calib"], patch=patch.format(flag=flag, nth=LAYERS + 2))
@@ -197,7 +200,7 @@ def run_and_signal(work, name, patch, sig, timeout=60):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_in_the_writing_stage_ends_the_run_leaving_only_the_resume_state(work, sig, code):
     rc, took, err, out = run_and_signal(work, f"sig-write-{code}", SLOW_WRITE, sig)
-    assert rc == code and took < 5, err
+    assert rc == code and took < PROMPT_EXIT_S, err
     assert leftovers(str(work["dir"]), os.path.basename(out)) == []
     assert os.path.isfile(os.path.join(state_dir_for(out), STATE_FILE))
     assert f"kept in {state_dir_for(out)}" in err and "--resume" in err and "Traceback" not in err
@@ -210,7 +213,7 @@ def test_signal_during_a_long_native_call_ends_the_run_within_seconds(work):
     """SIGTERM while the main thread is inside native code (Python cannot run its
     handler): the watchdog ends the process within its grace period."""
     rc, took, err, out = run_and_signal(work, "sig-native", SLOW_LAYER, signal.SIGTERM)
-    assert rc == 143 and took < 8, err
+    assert rc == 143 and took < PROMPT_EXIT_S, err
     assert leftovers(str(work["dir"]), os.path.basename(out)) == []
     assert f"kept in {state_dir_for(out)}" in err
 
