@@ -317,6 +317,29 @@ def tp_check(ckpt: str, twin: str, work: str, modes) -> Dict:
     return out
 
 
+def tp_check_even_heads(work: str, modes) -> Dict:
+    """TP 2 on a model it can split: a random Llama with 4 heads / 2 KV heads (head
+    dim 64), 3 layers, compressed by the default (`--ratio 0.2`, scope all; block 32,
+    8 x 128 calibration tokens, as its widths are small), against its dense twin."""
+    from vllm_neuronmlp import checkpoint_format as cf
+    from vllm_neuronmlp.tools import compressor as C
+    from vllm_neuronmlp.tools.data import tiny
+    from vllm_neuronmlp.tools.options import DEFAULT_CALIB_TEXT, CompressOptions
+
+    src = tiny.make_model(os.path.join(work, "even-heads-dense"), layers=3, hidden=256, intermediate=512, heads=4,
+                          kv_heads=2, init_std=0.05, dtype="float32")
+    ckpt = os.path.join(work, "even-heads-all-0.2")
+    res = C.compress_with_options(src, ckpt, CompressOptions(ratio=0.2, block_size=32, calib_text=[DEFAULT_CALIB_TEXT],
+                                                             calib_samples=8, calib_seq_len=128, overwrite=True,
+                                                             progress=False))
+    twin = dense_twin(ckpt, os.path.join(work, "even-heads-twin"))
+    q = cf.read_quantization_config(ckpt)
+    return {"checkpoint": "random Llama 3 x (hidden 256, intermediate 512, 4 heads / 2 KV heads), compress --ratio 0.2 "
+                          "--block-size 32 --calib-samples 8 --calib-seq-len 128 (scope all)",
+            "format_version": q.format_version, "ratio_linears": res.ratio_linears, "widths": q.widths,
+            "ranks": q.ranks, **tp_check(ckpt, twin, work, modes)}
+
+
 # ---------------------------------------------------------------- output
 def plot(data, png):
     import matplotlib
@@ -514,10 +537,15 @@ def main():
               flush=True)
 
     ckpt = os.path.join(args.work, "ckpt-all_hybrid_0.2")
+    modes = TP_MODES_ALL if args.tp_all_modes else TP_MODES
     if not args.skip_tp and os.path.isdir(ckpt) and (not args.resume or "tp" not in data):
         twin = dense_twin(ckpt, os.path.join(args.work, "twin-all_hybrid_0.2"))
+        # SmolLM2 has 9 attention heads: vLLM refuses TP 2 for it (dense too), so TP 1 here
         data["tp"] = {"checkpoint": "all/hybrid/0.2",
-                      **tp_check(ckpt, twin, args.work, TP_MODES_ALL if args.tp_all_modes else TP_MODES)}
+                      **tp_check(ckpt, twin, args.work, [m for m in modes if m[0] == 1])}
+        save()
+    if not args.skip_tp and (not args.resume or "tp_even_heads" not in data):
+        data["tp_even_heads"] = tp_check_even_heads(args.work, modes)
         save()
     save()
     print("serving: python benchmarks/serving.py --model dense=" + model
