@@ -202,7 +202,8 @@ def _from_summary(res: Dict, wall: float, sampled_rss: int, peak_disk: int, out:
     own_peak = max(res["stages"].get("peak_rss_bytes", {}).values(), default=0)
     return {"wall_time_s": wall, "peak_rss_bytes_sampled": sampled_rss, "peak_rss_bytes": max(sampled_rss, own_peak),
             "peak_disk_bytes": peak_disk, "output_bytes": _du(out) if out else res["bytes_after"],
-            "stages": res["stages"], "ratio_mlp": res["ratio_mlp"], "widths": res["widths"],
+            "stages": res["stages"], "scope": res["scope"], "ratio_mlp": res["ratio_mlp"],
+            "ratio_linears": res["ratio_linears"], "widths": res["widths"],
             "factored_modules": len(res["ranks"]), "layers": res["num_layers"], "bytes_before": res["bytes_before"],
             "bytes_after": res["bytes_after"], "device": res["device"]}
 
@@ -213,8 +214,18 @@ def _from_summary(res: Dict, wall: float, sampled_rss: int, peak_disk: int, out:
 PRESETS = {"default": [], "reduced": ["--calib-samples", "8", "--fisher-samples", "8"]}
 
 
+def run_options(run: Dict):
+    """The CompressOptions a recorded run was made with: the tool's defaults, its
+    preset's calibration flags, its method and scope."""
+    from vllm_neuronmlp.tools.options import CompressOptions
+
+    flags = PRESETS[run["preset"]]
+    kw = {f.lstrip("-").replace("-", "_"): int(v) for f, v in zip(flags[::2], flags[1::2])}
+    return CompressOptions(ratio=0.2, method=run["method"], scope=run["scope"], **kw)
+
+
 def run_key(r: Dict) -> tuple:
-    return (r["shape"], r["layers"], r["method"], r["preset"])
+    return (r["shape"], r["layers"], r["method"], r["preset"], r["scope"])
 
 
 def extrapolate(run: Dict, target_layers: int) -> Dict:
@@ -327,20 +338,38 @@ def source_checkpoint(work: str, shape: str, layers: int, made: Dict[tuple, str]
 
 
 def summarize(results: Dict, args) -> None:
-    runs = [r for r in results["runs"] if r["shape"] == "llama-3.1-8b" and r["method"] == "hybrid"]
-    for preset in PRESETS:
-        mine = {r["layers"]: r for r in runs if r["preset"] == preset}
-        if len(mine) >= 2:
-            lo, hi = min(mine), max(mine)
-            diff = mine[hi]["peak_rss_bytes"] - mine[lo]["peak_rss_bytes"]
-            one_layer = 2 * results["layer_params"]["llama-3.1-8b"]
-            results.setdefault("depth_check", {})[preset] = {
-                "method": "hybrid", "layers": [lo, hi], "peak_difference_bytes": diff,
-                "one_layer_bytes_bf16": one_layer, "ok": diff < one_layer}
+    results["depth_check"] = {}
+    for shape in SHAPES:  # the default method at two depths of one shape, same preset and scope
+        runs = [r for r in results["runs"] if r["shape"] == shape and r["method"] == "hybrid"]
+        for preset, scope in sorted({(r["preset"], r["scope"]) for r in runs}):
+            mine = {r["layers"]: r for r in runs if (r["preset"], r["scope"]) == (preset, scope)}
+            if len(mine) >= 2:
+                lo, hi = min(mine), max(mine)
+                diff = mine[hi]["peak_rss_bytes"] - mine[lo]["peak_rss_bytes"]
+                one_layer = 2 * results["layer_params"][shape]
+                results["depth_check"][f"{shape}:{preset}:{scope}"] = {
+                    "method": "hybrid", "layers": [lo, hi], "peak_difference_bytes": diff,
+                    "one_layer_bytes_bf16": one_layer, "ok": diff < one_layer}
     results["extrapolation"] = {}
     for r in results["runs"]:
         if r["shape"] == "llama-3.1-8b" and r["preset"] == "default":
-            results["extrapolation"][r["method"]] = extrapolate(r, args.full_layers)
+            results["extrapolation"][r["method"]] = {**extrapolate(r, args.full_layers),
+                                                     "estimate": full_depth_estimate(r, args.full_layers)}
+
+
+def full_depth_estimate(run: Dict, layers: int) -> Dict:
+    """The memory estimate (the dry run's, from the shape alone) of the same run on
+    the full-depth model: the 4- or 8-layer cut with `layers` layers."""
+    from vllm_neuronmlp.tools import memory_estimate as me
+
+    inputs = run["estimate"]["inputs"]
+    extra = (layers - inputs["layers"]) * inputs["layer_params"] * inputs["source_bytes_per_param"]
+    shp = me.ModelShape(**{k: inputs[k] for k in ("hidden", "intermediate", "vocab", "heads", "kv_heads", "head_dim",
+                                                  "layer_params", "source_bytes_per_param")},
+                        layers=layers, source_bytes=inputs["source_bytes"] + extra)
+    est = me.estimate(shp, run_options(run), run["method"], device=run["device"], attention=run["scope"] == "all")
+    return {"layers": layers, "peak_bytes": est.peak_bytes, "peak_stage": est.peak_stage,
+            "disk_bytes": est.disk_bytes, "source_bytes": shp.source_bytes}
 
 
 def write(results: Dict, args) -> None:
