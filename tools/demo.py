@@ -57,7 +57,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vllm_neuronmlp.tools.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="work", help="directory for the models and results (default: ./work)")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of the decoder linears' parameters to remove (compress's default scope; default 0.2)")
+    p.add_argument("--ratio", type=float, default=0.2,
+                   help="fraction of the decoder linears' parameters to remove (compress's default scope; "
+                        "default 0.2)")
     p.add_argument("--bench-prompts", type=int, default=32, help="prompts per `vllm bench serve` run (default 32)")
     p.add_argument("--eval-tokens", type=int, default=4 * 2048 + 1,
                    help="held-out tokens evaluated (default: 4 windows of 2048; `vllm-neuronmlp eval` "
