@@ -357,16 +357,25 @@ def summarize(results: Dict, args) -> None:
                                                      "estimate": full_depth_estimate(r, args.full_layers)}
 
 
+def recorded_shape(run: Dict, layers: Optional[int] = None):
+    """The memory_estimate.ModelShape a recorded run's dry run saw, or the same
+    model at depth `layers` (its source grown by that many layers' weights)."""
+    from vllm_neuronmlp.tools import memory_estimate as me
+
+    inputs = run["estimate"]["inputs"]
+    layers = inputs["layers"] if layers is None else layers
+    extra = (layers - inputs["layers"]) * inputs["layer_params"] * inputs["source_bytes_per_param"]
+    return me.ModelShape(**{k: inputs[k] for k in ("hidden", "intermediate", "vocab", "heads", "kv_heads", "head_dim",
+                                                   "layer_params", "source_bytes_per_param")},
+                         layers=layers, source_bytes=inputs["source_bytes"] + extra)
+
+
 def full_depth_estimate(run: Dict, layers: int) -> Dict:
     """The memory estimate (the dry run's, from the shape alone) of the same run on
     the full-depth model: the 4- or 8-layer cut with `layers` layers."""
     from vllm_neuronmlp.tools import memory_estimate as me
 
-    inputs = run["estimate"]["inputs"]
-    extra = (layers - inputs["layers"]) * inputs["layer_params"] * inputs["source_bytes_per_param"]
-    shp = me.ModelShape(**{k: inputs[k] for k in ("hidden", "intermediate", "vocab", "heads", "kv_heads", "head_dim",
-                                                  "layer_params", "source_bytes_per_param")},
-                        layers=layers, source_bytes=inputs["source_bytes"] + extra)
+    shp = recorded_shape(run, layers)
     est = me.estimate(shp, run_options(run), run["method"], device=run["device"], attention=run["scope"] == "all")
     return {"layers": layers, "peak_bytes": est.peak_bytes, "peak_stage": est.peak_stage,
             "disk_bytes": est.disk_bytes, "source_bytes": shp.source_bytes}

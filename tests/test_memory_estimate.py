@@ -11,7 +11,7 @@ from vllm_neuronmlp.tools.options import CompressOptions
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 sys.path.insert(0, BENCHMARKS)
-import compress_scale  # noqa: E402  (the options a recorded run was made with)
+import compress_scale  # noqa: E402  (the shape and options a recorded run was made with)
 
 RESULTS = os.path.join(BENCHMARKS, "results", "compress_scale.json")
 TOLERANCE = 0.25
@@ -22,13 +22,6 @@ with open(RESULTS) as _f:
 RUNS = MEASURED["runs"]
 
 
-def shape_of(run):
-    inputs = run["estimate"]["inputs"]
-    fields = {k: inputs[k] for k in ("hidden", "intermediate", "layers", "vocab", "heads", "kv_heads", "head_dim")}
-    return me.ModelShape(**fields, layer_params=inputs["layer_params"],
-                         source_bytes_per_param=inputs["source_bytes_per_param"], source_bytes=run["bytes_before"])
-
-
 def test_the_benchmark_measured_what_the_estimate_is_held_to():
     kinds = {(r["shape"], r["method"], r["preset"]) for r in RUNS}
     assert ("llama-3.1-8b", "hybrid", "default") in kinds and ("smollm2", "hybrid", "default") in kinds
@@ -37,7 +30,7 @@ def test_the_benchmark_measured_what_the_estimate_is_held_to():
 @pytest.mark.parametrize("run", RUNS, ids=["-".join(str(r[k]) for k in ("shape", "layers", "method", "preset", "scope"))
                                          for r in RUNS])
 def test_estimate_is_within_25_percent_of_the_measured_peak(run):
-    est = me.estimate(shape_of(run), compress_scale.run_options(run), run["method"], device=run["device"],
+    est = me.estimate(compress_scale.recorded_shape(run), compress_scale.run_options(run), run["method"], device=run["device"],
                       attention=run["scope"] == "all")
     measured = run["peak_rss_bytes"]
     assert abs(est.peak_bytes - measured) <= TOLERANCE * measured, (
