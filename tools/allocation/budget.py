@@ -50,7 +50,8 @@ def eq5_rank(m: int, n: int, ratio: float, block: int, theta: float = 0.5) -> in
 
 def check_ratio(ratio: float) -> None:
     if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 < ratio < 1.0:
-        raise ValueError(f"ratio must be strictly between 0 and 1 (fraction of MLP parameters removed), got {ratio}")
+        raise ValueError(f"ratio must be strictly between 0 and 1 (the fraction of the targeted parameters to remove: "
+                         f"every decoder linear, or the MLP projections with --scope mlp), got {ratio}")
 
 
 def check_block_size(block: int) -> None:
