@@ -12,20 +12,23 @@ Emulator (any machine; numpy in, numpy out):
                                                 the MLP through `mlp.up_gate` then `mlp.down`
 
 Device (Trainium; torch tensors on the Neuron device):
-    svd_mlp(x, ..., fallback=fn)                the same two kernels, each launched through
-                                                TorchNeuron's op wrapping of the real `nki.jit`
-                                                kernel (`wrap_nki`, registered as a torch op
-                                                with `nki_op`) on the logical NeuronCore
-                                                config; `fn()` when the kernel cannot run,
-                                                said once in the log with the reason.
-    svd_mlp_nki(x, ...)                         the device launch alone (no fallback).
-    wrap_for_device(kernel)                     any of our kernels, for benchmarks/neuron_check.py.
+    fused_xuv_nki(x, u, v)                      one low-rank linear through `xuv.fused_xuv`
+    svd_mlp_nki(x, u_gate, ..., v_down)         the MLP through `mlp.up_gate` then `mlp.down`
+    svd_mlp(x, ..., fallback=fn)                the same, or `fn()` when the kernels cannot run,
+                                                said once in the log with the reason
+    device_support(*tensors)                    whether they can run on these tensors, and why not
+    entry_point()                               how this process launches kernels (logged once)
+    wrap_for_device(kernel)                     any of our kernels, for benchmarks/neuron_check.py
 
-The device path follows TorchNeuron's documented pattern (docs/trainium.md): a kernel
-wrapped once with `wrap_nki`, registered with `nki_op("ns::name", mutates_args={})`, and
-launched as `wrapped[(lnc,)](...)` where `lnc` is the logical NeuronCore degree of the
-graph being compiled (`torch_neuronx.utils.get_logical_neuron_cores()`; an NKI kernel's
-degree must equal neuronx-cc's `--lnc`, which is 2 by default on Trn2 and later).
+The device path launches kernels the way vllm-neuron's native line launches its own
+(vllm_neuron/functional/mlp.py): `wrap_nki` taken from the TorchNeuron runtime that is
+installed (vllm-neuron's lite runtime `libtorch_neuronx_lite.nki.nki_hop` first, then
+torch-neuronx's `torch_neuronx.nki_hop`), each kernel wrapped once per process, and the
+wrapped kernel called directly with its grid inside the forward, `wrapped[(lnc,)](x=..., ...)`,
+so `torch.compile(fullgraph=True)` traces the launch itself (no `nki_op` registration: the
+lite runtime exports none, and vllm-neuron's own kernels do without). `lnc` is the logical
+NeuronCore degree of the graph being compiled (an NKI kernel's degree must equal
+neuronx-cc's `--lnc`, 2 by default on Trn2 and later).
 It has NOT run on hardware: the Neuron SDK cannot be installed on the development
 machines. `benchmarks/neuron_check.py` is the command that checks it on a Trainium host.
 
@@ -117,41 +120,89 @@ class DeviceUnavailable(RuntimeError):
     """The device path cannot run here; the message says why."""
 
 
-def _torch_neuron_api():
-    """(wrap_nki, nki_op, get_logical_neuron_cores or None) from TorchNeuron.
+# Where `wrap_nki` lives, in the order it is taken: vllm-neuron's native line installs its own
+# lite TorchNeuron runtime and imports `wrap_nki` from it (vllm_neuron/functional/mlp.py and
+# functional/attention/qkv.py: `from libtorch_neuronx_lite.nki.nki_hop import wrap_nki`); the
+# full TorchNeuron package (torch-neuronx) keeps it in `torch_neuronx.nki_hop`.
+RUNTIME_MODULES = ("libtorch_neuronx_lite.nki.nki_hop", "torch_neuronx.nki_hop")
+NO_RUNTIME = "no TorchNeuron runtime with `wrap_nki` is importable"
 
-    TorchNeuron (`torch-neuronx`, the native line's runtime) exports `wrap_nki` and
-    `nki_op` from `torch_neuronx.nki_hop` (also re-exported by `torch_neuronx`) and
-    `get_logical_neuron_cores` from `torch_neuronx.utils`. vllm-neuron's own "lite"
-    runtime keeps `wrap_nki` in `libtorch_neuronx_lite.nki.nki_hop`."""
+
+class Runtime:
+    """The TorchNeuron runtime this process launches kernels through: `wrap_nki` from
+    `module`, and the launch grid (the logical NeuronCore degree) fixed once."""
+
+    def __init__(self, module: str, wrap_nki, grid):
+        self.module, self.wrap_nki, self.grid = module, wrap_nki, grid
+        self.wrapped = {}
+
+    def kernel(self, kernel):
+        """`wrap_nki(kernel)`, once per kernel and process (outside any traced forward)."""
+        name = kernel.__name__
+        if name not in self.wrapped:
+            self.wrapped[name] = self.wrap_nki(kernel.nki_kernel)
+        return self.wrapped[name]
+
+    def describe(self) -> str:
+        return f"{self.module}.wrap_nki, called as wrapped[grid](...) with grid {self.grid}"
+
+
+def _lnc_query(module: str):
+    """TorchNeuron's own answer for the logical NeuronCore degree, where the runtime has one
+    (torch_neuronx.utils.get_logical_neuron_cores); the lite runtime has none."""
+    if not module.startswith("torch_neuronx"):
+        return None
+    try:
+        from torch_neuronx.utils import get_logical_neuron_cores
+    except Exception:
+        return None
+    return get_logical_neuron_cores
+
+
+_runtime = None
+
+
+def _torch_neuron_api() -> Runtime:
+    """The runtime kernels are launched through (resolved once per process, and logged once).
+    Raises DeviceUnavailable naming every module tried and why it was not taken."""
+    global _runtime
+    if _runtime is not None:
+        return _runtime
     if not nki_compat.REAL_NKI:
         raise DeviceUnavailable("the Neuron SDK's `nki` (with nki.jit) is not importable")
     errors = []
-    for module in ("torch_neuronx.nki_hop", "torch_neuronx", "libtorch_neuronx_lite.nki.nki_hop"):
+    for module in RUNTIME_MODULES:
         try:
             mod = __import__(module, fromlist=["wrap_nki"])
         except Exception as e:   # absent, or a broken install
             errors.append(f"{module}: {type(e).__name__}: {e}")
             continue
-        wrap_nki, nki_op = getattr(mod, "wrap_nki", None), getattr(mod, "nki_op", None)
-        if wrap_nki is None or nki_op is None:
-            errors.append(f"{module}: has no wrap_nki/nki_op")
+        wrap_nki = getattr(mod, "wrap_nki", None)
+        if wrap_nki is None:
+            errors.append(f"{module}: has no wrap_nki")
             continue
-        try:
-            from torch_neuronx.utils import get_logical_neuron_cores
-        except Exception:
-            get_logical_neuron_cores = None
-        return wrap_nki, nki_op, get_logical_neuron_cores
-    raise DeviceUnavailable("TorchNeuron's kernel wrapping (wrap_nki / nki_op) is not importable: "
+        _runtime = Runtime(module, wrap_nki, (logical_nc_config(_lnc_query(module)),))
+        logger.info("vllm-neuronmlp: NKI kernels are launched through %s", _runtime.describe())
+        return _runtime
+    raise DeviceUnavailable(f"{NO_RUNTIME} (vllm-neuron's lite runtime or torch-neuronx); tried "
                             + "; ".join(errors))
+
+
+def entry_point() -> str:
+    """How this process launches NKI kernels (the line logged once), or why it cannot."""
+    try:
+        return _torch_neuron_api().describe()
+    except DeviceUnavailable as e:
+        return f"none: {e}"
 
 
 def logical_nc_config(get_logical_neuron_cores=None) -> int:
     """The logical NeuronCore degree kernels must be launched with (1 or 2).
 
     TorchNeuron's own answer when it has one; else $NEURON_LOGICAL_NC_CONFIG; else 2,
-    neuronx-cc's default on Trn2 and later (vllm-neuron's native line runs on Trn2/Trn3
-    only; on Trn1 set NEURON_LOGICAL_NC_CONFIG=1)."""
+    neuronx-cc's default on Trn2 and later and the grid vllm-neuron's own kernels are
+    launched with (`wrapped_mlp[2](...)`; the native line runs on Trn2/Trn3 only; on Trn1
+    set NEURON_LOGICAL_NC_CONFIG=1)."""
     if get_logical_neuron_cores is not None:
         return int(get_logical_neuron_cores())
     env = os.environ.get(LNC_ENV, "").strip()
@@ -164,48 +215,22 @@ def logical_nc_config(get_logical_neuron_cores=None) -> int:
 
 def wrap_for_device(kernel):
     """`fn(*tensors, **kwargs)` launching `kernel` (one of ours, a `nki_compat.Kernel`) on
-    the Neuron device through TorchNeuron's `wrap_nki`, with the launch grid equal to the
+    the Neuron device through the runtime's `wrap_nki`, with the launch grid equal to the
     logical NeuronCore degree. Our kernels do not split their work by program id, so on an
     LNC=2 graph both physical cores of the logical core compute the whole (identical)
     result; the grid must still equal the graph's LNC degree (compiler error NCC_EVRF066)."""
-    wrap_nki, _, get_lnc = _torch_neuron_api()
-    wrapped = wrap_nki(kernel.nki_kernel)
+    runtime = _torch_neuron_api()
+    wrapped = runtime.kernel(kernel)
 
     def launch_kernel(*tensors, **kwargs):
-        return wrapped[(logical_nc_config(get_lnc),)](*tensors, **kwargs)
+        return wrapped[runtime.grid](*tensors, **kwargs)
 
     return launch_kernel
 
 
-_device_ops = None
-
-
-def _register_device_ops():
-    """Register our two MLP kernels as torch ops (once per process) through TorchNeuron's
-    `nki_op`, so torch.compile sees each as one op whose lowering is the NKI kernel."""
-    global _device_ops
-    if _device_ops is not None:
-        return _device_ops
-    _, nki_op, _ = _torch_neuron_api()
-    import torch
-
-    up_gate_k, down_k = wrap_for_device(blocking.up_gate), wrap_for_device(blocking.down)
-
-    @nki_op("vllm_neuronmlp::nki_up_gate", mutates_args={})
-    def nki_up_gate(x: torch.Tensor, u_gate: torch.Tensor, v_gate: torch.Tensor,
-                    u_up: torch.Tensor, v_up: torch.Tensor) -> torch.Tensor:
-        return up_gate_k(x, u_gate, v_gate, u_up, v_up)
-
-    @nki_op("vllm_neuronmlp::nki_down", mutates_args={})
-    def nki_down(h_t: torch.Tensor, u_down: torch.Tensor, v_down: torch.Tensor) -> torch.Tensor:
-        return down_k(h_t, u_down, v_down)
-
-    _device_ops = (nki_up_gate, nki_down)
-    return _device_ops
-
-
 def device_support(*tensors):
-    """(True, "") if the device kernels can run on these torch tensors, else (False, why)."""
+    """(True, "") if the device kernels can run on these torch tensors, else (False, why).
+    Reads devices and dtypes only (no tensor data); wraps the kernels once."""
     if not nki_compat.REAL_NKI:
         return False, "the Neuron SDK's `nki` (with nki.jit) is not importable"
     for t in tensors:
@@ -216,23 +241,39 @@ def device_support(*tensors):
         if dtype not in DEVICE_DTYPES:
             return False, f"dtype {dtype} (the kernels take {', '.join(DEVICE_DTYPES)})"
     try:
-        _register_device_ops()
+        runtime = _torch_neuron_api()
+        for kernel in (blocking.up_gate, blocking.down, blocking.fused_xuv):
+            runtime.kernel(kernel)
     except DeviceUnavailable as e:
         return False, str(e)
     return True, ""
 
 
+# The launches below run inside the model's forward, i.e. inside vllm-neuron's
+# torch.compile(fullgraph=True): the kernels were wrapped beforehand (`device_support`, called
+# by the load entry point), and each call is `wrapped[grid](name=tensor, ...)`, as vllm-neuron
+# calls its own kernels; the reshapes around them are plain aten ops.
+def fused_xuv_nki(x, u, v):
+    """y = (x @ u) @ v through `xuv.fused_xuv` (the selector's block) on the Neuron device.
+    x [..., K], u [K, r], v [r, N], torch tensors on the device. Returns [..., N]."""
+    runtime = _torch_neuron_api()
+    lead = tuple(x.shape[:-1])
+    y = runtime.kernel(blocking.fused_xuv)[runtime.grid](x=x.reshape(-1, x.shape[-1]), u=u, v=v)
+    return y.reshape(*lead, v.shape[1])
+
+
 def svd_mlp_nki(x, u_gate, v_gate, u_up, v_up, u_down, v_down):
-    """`mlp.up_gate` then `mlp.down` on the Neuron device through TorchNeuron.
+    """`mlp.up_gate` then `mlp.down` on the Neuron device.
 
     x [..., H] and the factors are torch tensors on the Neuron device (normally bf16).
-    Returns [..., H] on the device. Raises DeviceUnavailable when the SDK or TorchNeuron's
-    kernel wrapping is missing."""
-    nki_up_gate, nki_down = _register_device_ops()
+    Returns [..., H] on the device. Raises DeviceUnavailable when the SDK or a TorchNeuron
+    runtime with `wrap_nki` is missing."""
+    runtime = _torch_neuron_api()
     lead = tuple(x.shape[:-1])
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    h_t = nki_up_gate(x2, u_gate, v_gate, u_up, v_up)      # [I, S]: no transpose between the kernels
-    y = nki_down(h_t, u_down, v_down)                        # [S, H]
+    x2 = x.reshape(-1, x.shape[-1])
+    h_t = runtime.kernel(blocking.up_gate)[runtime.grid](x=x2, u_gate=u_gate, v_gate=v_gate, u_up=u_up,
+                                                          v_up=v_up)          # [I, S]: no transpose between
+    y = runtime.kernel(blocking.down)[runtime.grid](h_t=h_t, u_down=u_down, v_down=v_down)   # [S, H]
     return y.reshape(*lead, y.shape[-1])
 
 

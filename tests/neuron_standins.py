@@ -95,12 +95,15 @@ def _fused_whole(slices, rank):          # fused q/k/v (or any) tensors, kept wh
 
 # ---------------------------------------------------------------- utils/checkpoints.py
 def read_checkpoint_like_vllm_neuron(model: torch.nn.Module, checkpoint_dir: str, mappings: Dict,
-                                     rank: int = 0) -> Dict[str, torch.Tensor]:
+                                     rank: int = 0, device=None) -> Dict[str, torch.Tensor]:
     """`SafetensorsCheckpoint.load_sharded` (strict): for every PARAMETER (buffers are
     skipped), checkpoint key(s) = mappings.get(name, name); the parameter's
     `weight_loader` (default: the tensor whole) gets one lazy slice per key and the
-    model's tensor-parallel `rank`; a missing key raises. Then
-    `load_state_dict(..., strict=False, assign=True)` as the stock `load_weights` does."""
+    model's tensor-parallel `rank`; a missing key raises. The loaded tensor goes to `device`
+    (`load_sharded_pipelined(tp_rank, tp_size, model, mappings, device)`), then is cast to
+    its parameter's dtype (llama3/model.py `_cast_to_model_dtype`, gated on the destination
+    parameter's dtype), then `load_state_dict(..., strict=False, assign=True)` as the stock
+    `load_weights` does."""
     files = [os.path.join(checkpoint_dir, f) for f in sorted(os.listdir(checkpoint_dir)) if f.endswith(".safetensors")]
     handles = [safe_open(f, framework="pt", device="cpu") for f in files]
     where = {k: h for h in handles for k in h.keys()}
@@ -114,7 +117,9 @@ def read_checkpoint_like_vllm_neuron(model: torch.nn.Module, checkpoint_dir: str
                                f"Use strict=False to skip missing keys.")
         slices = [where[k].get_slice(k) for k in keys]
         loader = getattr(param, "weight_loader", None) or WeightLoader()
-        state[name] = loader.load(slices, rank)
+        tensor = loader.load(slices, rank)
+        tensor = tensor if device is None else tensor.to(device)
+        state[name] = tensor if tensor.dtype == param.dtype else tensor.to(param.dtype)
     model.load_state_dict(state, strict=False, assign=True)
     return state
 
@@ -261,7 +266,8 @@ class _StandinCausalLM(torch.nn.Module):
 
     def load_weights(self, checkpoint_path: str, device=None, cache_dir=None) -> None:
         self.last_mappings = self.mappings()
-        self.loaded_state = read_checkpoint_like_vllm_neuron(self, checkpoint_path, self.last_mappings, rank=self.rank)
+        self.loaded_state = read_checkpoint_like_vllm_neuron(self, checkpoint_path, self.last_mappings, rank=self.rank,
+                                                             device=device)
 
 
 
@@ -350,3 +356,120 @@ class StandinQwen3Factory(torch.nn.Module):
 def read_config(path: str) -> dict:
     with open(os.path.join(path, "config.json")) as f:
         return json.load(f)
+
+
+# ---------------------------------------------------------------- TorchNeuron runtimes (kernel launch)
+# The two places vllm-neuron's native line and TorchNeuron keep `wrap_nki`:
+#   libtorch_neuronx_lite/nki/nki_hop.py  `wrap_nki` only (what vllm_neuron/functional/mlp.py and
+#                                         functional/attention/qkv.py import; no public `nki_op`)
+#   torch_neuronx/nki_hop.py              `wrap_nki` and `nki_op`; `torch_neuronx/utils.py` has
+#                                         `get_logical_neuron_cores`
+# `wrap_nki(kernel)` returns an object indexed by the launch grid, `wrapped[grid](**kwargs)`
+# (functional/mlp.py: `wrapped_mlp[2](hidden_tensor=..., ...)`). Here the launch runs the kernel on
+# the project's emulator through one torch op of this stand-in (`neuron_standin::nki_launch`), so
+# a traced graph holds the launch as one node, as it holds the real higher-order op.
+_LAUNCH_KERNELS: Dict[str, object] = {}
+
+
+def _output_shape(name: str, tensors):
+    if name == "up_gate":                  # [I, S]: h^T
+        return (tensors[2].shape[1], tensors[0].shape[0])
+    if name == "down":                     # [S, H] from h^T [I, S]
+        return (tensors[0].shape[1], tensors[2].shape[1])
+    return (tensors[0].shape[0], tensors[2].shape[1])   # fused_xuv: [S, N]
+
+
+@torch.library.custom_op("neuron_standin::nki_launch", mutates_args=())
+def _nki_launch(name: str, grid: int, tensors: List[torch.Tensor]) -> torch.Tensor:
+    import numpy as np
+    from vllm_neuronmlp import ops
+    from vllm_neuronmlp.kernels import sim
+
+    out, _ = sim.run(_LAUNCH_KERNELS[name], *[ops._to_numpy(t) for t in tensors])
+    return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(tensors[0].dtype)
+
+
+@_nki_launch.register_fake
+def _nki_launch_fake(name, grid, tensors):
+    return tensors[0].new_empty(_output_shape(name, tensors))
+
+
+class StandinRuntime:
+    """What one stand-in runtime saw: `wrapped` (kernel names passed to wrap_nki), `launches`
+    ((kernel name, grid) per call), `registered` (names given to nki_op, if it has one)."""
+
+    def __init__(self, module: str):
+        self.module = module
+        self.wrapped: List[str] = []
+        self.launches: List[tuple] = []
+        self.registered: List[str] = []
+
+    def wrap_nki(self, kernel):
+        name = kernel.__name__
+        _LAUNCH_KERNELS[name] = kernel
+        self.wrapped.append(name)
+        runtime = self
+
+        class Wrapped:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    runtime.launches.append((name, grid))
+                    tensors = list(args) + list(kwargs.values())
+                    return torch.ops.neuron_standin.nki_launch(name, int(grid[0] if isinstance(grid, tuple)
+                                                                         else grid), tensors)
+                return launch
+        return Wrapped()
+
+    def nki_op(self, name, mutates_args):
+        def register(fn):
+            self.registered.append(name)
+            return fn
+        return register
+
+
+def install_runtimes(monkeypatch, *layouts: str, logical_cores: int = 2) -> Dict[str, StandinRuntime]:
+    """Put stand-ins of the named runtimes ("lite", "torch_neuronx") into sys.modules, with
+    their real module layout, and make the absent ones unimportable. Returns them by name."""
+    import sys
+    import types
+
+    installed: Dict[str, StandinRuntime] = {}
+    names = ("libtorch_neuronx_lite", "libtorch_neuronx_lite.nki", "libtorch_neuronx_lite.nki.nki_hop",
+             "torch_neuronx", "torch_neuronx.nki_hop", "torch_neuronx.utils")
+    for n in names:
+        monkeypatch.setitem(sys.modules, n, None)          # None in sys.modules: `import` raises ImportError
+    if "lite" in layouts:
+        rt = installed["lite"] = StandinRuntime("libtorch_neuronx_lite.nki.nki_hop")
+        pkg, nki_pkg, hop = (types.ModuleType(n) for n in names[:3])
+        hop.wrap_nki = rt.wrap_nki
+        pkg.nki, nki_pkg.nki_hop = nki_pkg, hop
+        for n, m in zip(names[:3], (pkg, nki_pkg, hop)):
+            monkeypatch.setitem(sys.modules, n, m)
+    if "torch_neuronx" in layouts:
+        rt = installed["torch_neuronx"] = StandinRuntime("torch_neuronx.nki_hop")
+        pkg, hop, utils = (types.ModuleType(n) for n in names[3:])
+        hop.wrap_nki, hop.nki_op = rt.wrap_nki, rt.nki_op
+        pkg.wrap_nki, pkg.nki_op = rt.wrap_nki, rt.nki_op
+        utils.get_logical_neuron_cores = lambda: logical_cores
+        pkg.nki_hop, pkg.utils = hop, utils
+        for n, m in zip(names[3:], (pkg, hop, utils)):
+            monkeypatch.setitem(sys.modules, n, m)
+    return installed
+
+
+def pretend_neuron_host(monkeypatch) -> None:
+    """Make this CPU look like a Neuron host to kernels/launch.py and ops.py: the SDK's `nki`
+    importable (our kernels' `nki_kernel` is the kernel itself, run on the emulator by the
+    stand-in runtime) and CPU tensors counted as on the Neuron device. Which TorchNeuron
+    runtime is installed is up to `install_runtimes`."""
+    from vllm_neuronmlp import ops
+    from vllm_neuronmlp.kernels import blocking, launch, nki_compat
+
+    monkeypatch.setattr(nki_compat, "REAL_NKI", True)
+    for kernel in (blocking.up_gate, blocking.down, blocking.fused_xuv):
+        monkeypatch.setattr(kernel, "nki_kernel", kernel, raising=False)
+    device_types = tuple(launch.NEURON_DEVICE_TYPES) + ("cpu",)
+    monkeypatch.setattr(launch, "NEURON_DEVICE_TYPES", device_types)
+    monkeypatch.setattr(ops, "NEURON_DEVICE_TYPES", device_types)
+    for name in ("_device_ops", "_runtime", "_device"):        # what this process resolved before
+        monkeypatch.setattr(launch, name, None, raising=False)

@@ -132,61 +132,6 @@ def test_logical_nc_config(monkeypatch):
         launch.logical_nc_config()
 
 
-def test_device_launch_wiring_with_a_torchneuron_standin(monkeypatch):
-    """Unit test of the launcher's wiring against a stand-in for TorchNeuron's
-    `torch_neuronx.nki_hop` (wrap_nki / nki_op) and `torch_neuronx.utils`
-    (get_logical_neuron_cores), torch-neuronx 2.x. The stand-in's wrapped kernel runs our
-    emulator, so the values are real; what is checked is the op registration, the launch
-    grid (= the logical NeuronCore degree) and the transposed hand-off between the kernels.
-    Not a hardware test."""
-    import sys
-    import types
-
-    import torch
-
-    launches, ops_registered = [], []
-
-    class Wrapped:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch_kernel(*tensors):
-                launches.append((self.kernel.__name__, grid))
-                out, _ = sim.run(self.kernel, *[t.numpy() for t in tensors])
-                return torch.from_numpy(np.asarray(out, dtype=np.float32))
-            return launch_kernel
-
-    def nki_op(name, mutates_args):
-        def register(fn):
-            ops_registered.append(name)
-            return fn
-        return register
-
-    hop = types.ModuleType("torch_neuronx.nki_hop")
-    hop.wrap_nki, hop.nki_op = Wrapped, nki_op
-    utils = types.ModuleType("torch_neuronx.utils")
-    utils.get_logical_neuron_cores = lambda: 2
-    pkg = types.ModuleType("torch_neuronx")
-    pkg.nki_hop, pkg.utils = hop, utils
-    monkeypatch.setitem(sys.modules, "torch_neuronx", pkg)
-    monkeypatch.setitem(sys.modules, "torch_neuronx.nki_hop", hop)
-    monkeypatch.setitem(sys.modules, "torch_neuronx.utils", utils)
-    monkeypatch.setattr(nki_compat, "REAL_NKI", True)
-    monkeypatch.setattr(blocking.up_gate, "nki_kernel", blocking.up_gate, raising=False)
-    monkeypatch.setattr(blocking.down, "nki_kernel", blocking.down, raising=False)
-    monkeypatch.setattr(launch, "_device_ops", None)
-
-    fs = mlp_factors(64, 32, 32, 128, 32, np.float32, seed=5)
-    x = np.random.default_rng(6).standard_normal((2, 3, 64)).astype(np.float32)
-    y = launch.svd_mlp_nki(torch.from_numpy(x), *[torch.from_numpy(a) for a in fs])
-    assert ops_registered == ["vllm_neuronmlp::nki_up_gate", "vllm_neuronmlp::nki_down"]
-    assert launches == [("up_gate", (2,)), ("down", (2,))]
-    assert y.shape == (2, 3, 64)
-    ref = mlp_reference(x.reshape(6, 64), *fs).reshape(2, 3, 64)
-    assert np.linalg.norm(d(y.numpy()) - ref) / np.linalg.norm(ref) <= 2e-6
-
-
 def test_kernels_need_neither_torch_nor_the_sdk():
     code = ("import sys; import vllm_neuronmlp.kernels.launch, vllm_neuronmlp.kernels.baselines;"
             "from vllm_neuronmlp.kernels import nki_compat;"
@@ -196,3 +141,81 @@ def test_kernels_need_neither_torch_nor_the_sdk():
                          env={"VLLM_NEURONMLP_FORCE_SIM": "1", "PATH": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- issue 22, point 2: launch like upstream
+def _mlp_inputs(seed=7):
+    import torch
+
+    fs = mlp_factors(64, 32, 32, 128, 32, np.float32, seed=seed)
+    x = np.random.default_rng(seed + 1).standard_normal((2, 3, 64)).astype(np.float32)
+    return x, fs, torch.from_numpy(x), [torch.from_numpy(a) for a in fs]
+
+
+def test_lite_runtime_is_taken_first_and_its_kernels_called_with_the_grid(monkeypatch):
+    """Both runtimes installed: `wrap_nki` comes from vllm-neuron's lite runtime
+    (libtorch_neuronx_lite.nki.nki_hop, as its functional/mlp.py imports it), the wrapped
+    kernels are called directly with the grid, and nothing is registered with `nki_op`."""
+    from neuron_standins import install_runtimes, pretend_neuron_host
+
+    pretend_neuron_host(monkeypatch)
+    monkeypatch.delenv(launch.LNC_ENV, raising=False)
+    runtimes = install_runtimes(monkeypatch, "lite", "torch_neuronx", logical_cores=1)
+    x, fs, xt, ft = _mlp_inputs()
+    y = launch.svd_mlp_nki(xt, *ft)
+    lite, tnx = runtimes["lite"], runtimes["torch_neuronx"]
+    assert lite.launches == [("up_gate", (2,)), ("down", (2,))]     # lite has no LNC query: env, else 2
+    assert not tnx.launches and not tnx.registered and not tnx.wrapped
+    ref = mlp_reference(x.reshape(6, 64), *fs).reshape(2, 3, 64)
+    assert np.linalg.norm(d(y.numpy()) - ref) / np.linalg.norm(ref) <= 2e-6
+    launch.svd_mlp_nki(xt, *ft)
+    assert sorted(lite.wrapped) == ["down", "up_gate"]              # wrapped once, launched every call
+
+
+def test_torch_neuronx_runtime_when_the_lite_one_is_absent(monkeypatch):
+    from neuron_standins import install_runtimes, pretend_neuron_host
+
+    pretend_neuron_host(monkeypatch)
+    runtimes = install_runtimes(monkeypatch, "torch_neuronx", logical_cores=1)
+    x, fs, xt, ft = _mlp_inputs(seed=9)
+    y = launch.svd_mlp_nki(xt, *ft)
+    tnx = runtimes["torch_neuronx"]
+    assert tnx.launches == [("up_gate", (1,)), ("down", (1,))]     # torch_neuronx.utils' LNC
+    assert tnx.registered == []                                     # called directly, as upstream does
+    ref = mlp_reference(x.reshape(6, 64), *fs).reshape(2, 3, 64)
+    assert np.linalg.norm(d(y.numpy()) - ref) / np.linalg.norm(ref) <= 2e-6
+
+
+def test_host_without_a_torchneuron_runtime_falls_back_with_a_clear_message(monkeypatch, caplog):
+    from neuron_standins import install_runtimes, pretend_neuron_host
+
+    pretend_neuron_host(monkeypatch)
+    install_runtimes(monkeypatch)                                   # neither installed
+    _, _, xt, ft = _mlp_inputs()
+    ok, reason = launch.device_support(xt, *ft)
+    assert not ok
+    assert "no TorchNeuron runtime with `wrap_nki`" in reason
+    assert "libtorch_neuronx_lite.nki.nki_hop" in reason and "torch_neuronx.nki_hop" in reason
+    with pytest.raises(launch.DeviceUnavailable, match=r"no TorchNeuron runtime with `wrap_nki`"):
+        launch.svd_mlp_nki(xt, *ft)
+    launch._fallbacks_logged.clear()
+    with caplog.at_level("WARNING", logger=launch.__name__):
+        assert launch.svd_mlp(xt, *ft, fallback=lambda: "aten") == "aten"
+    said = [r.getMessage() for r in caplog.records if "torch fallback" in r.getMessage()]
+    assert len(said) == 1 and "no TorchNeuron runtime with `wrap_nki`" in said[0]
+
+
+def test_the_entry_point_is_logged_once_per_process(monkeypatch, caplog):
+    from neuron_standins import install_runtimes, pretend_neuron_host
+
+    pretend_neuron_host(monkeypatch)
+    install_runtimes(monkeypatch, "lite")
+    _, _, xt, ft = _mlp_inputs()
+    with caplog.at_level("INFO", logger=launch.__name__):
+        for _ in range(3):
+            launch.svd_mlp_nki(xt, *ft)
+            launch.fused_xuv_nki(xt, ft[0], ft[1])
+    said = [r.getMessage() for r in caplog.records if "NKI kernels are launched through" in r.getMessage()]
+    assert len(said) == 1
+    assert "libtorch_neuronx_lite.nki.nki_hop.wrap_nki" in said[0] and "grid (2,)" in said[0]
+    assert launch.entry_point() == said[0].split("launched through ", 1)[1]

@@ -166,11 +166,11 @@ def _tensors_of(module):
     return {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
 
 
-def test_compile_before_weights_traces_parameters_and_buffers_only(checkpoints):
+def test_compile_before_weights_traces_parameters_only(checkpoints):
     """VLLM_NEURON_CPU_COMPILE: the runner builds on meta, calls `load_weights_lite`
     (no weight read), moves everything to meta and compiles. The traced graph must read
-    every factor as a parameter or registered buffer (attributes by name, no tensor
-    constant), and tracing must not change the module; the same graph then computes the
+    every factor as a parameter (attributes by name, no tensor constant),
+    and tracing must not change the module; the same graph then computes the
     dense twin once a serving process has loaded the weights."""
     arch, dense, factored = checkpoints
     model_cls = _patched(STOCK[arch][0])
@@ -181,7 +181,6 @@ def test_compile_before_weights_traces_parameters_and_buffers_only(checkpoints):
     model = model.to("meta")
     mlp = model.model.layers[2].mlp
     assert mlp.compute_path == "torch"                         # decided by the load entry point, not the forward
-    assert {"gate_up_u", "gate_up_v"} <= {n for n, _ in mlp.named_buffers()}
     state, buffers = dict(vars(mlp)), dict(mlp.named_buffers())
     graph = torch.fx.symbolic_trace(mlp, concrete_args={"is_prefill": False})
     assert dict(vars(mlp)) == state                            # tracing left the module as it was

@@ -7,7 +7,7 @@ Backends:
              stage is one GEMM `x @ [U_g | U_u]`; each V multiplies only its own
              slice, so no zero block is ever multiplied.
 - `nki`:     the NKI kernels (`vllm_neuronmlp.kernels`) on Trainium, launched by
-             kernels/launch.py through TorchNeuron (`wrap_nki` / `nki_op`); needs
+             kernels/launch.py through TorchNeuron's `wrap_nki`; needs
              the Neuron SDK and tensors on a Neuron device.
 - `nki-sim`: the same NKI kernels run by the project's CPU NKI emulator. Slow;
              it proves the kernels compute the right thing inside vLLM.

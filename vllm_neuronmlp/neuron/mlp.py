@@ -14,18 +14,16 @@ Each projection lives in a child module named like the checkpoint's (`gate_proj`
 vllm-neuron's own checkpoint reader fills it with our `ShardLoader` (sharding.py).
 
 Compute, for a fully factored SiLU MLP: the two NKI kernels (`mlp.up_gate` then
-`mlp.down`) through the one launcher (kernels/launch.py) on a Neuron device, with the
-torch fallback `ops.svd_mlp` where they cannot run; `VLLM_NEURONMLP_BACKEND` picks
-`torch` / `nki-sim` on CPU like everywhere else (vllm_neuronmlp/ops.py). The path is
-decided once, by a load entry point, outside the compiled graph: `finalize` after
-`load_weights`, `prepare_weightless` after `load_weights_lite` (vllm-neuron's CPU compile,
-which traces the model before any weight exists). Every tensor the forward reads is a
-parameter or a registered buffer (the side-by-side gate/up factors of the torch path are
-non-persistent buffers, filled by `finalize`), so a traced graph takes them as inputs,
-never as constants; the forward builds nothing and refuses to run before a load entry
-point prepared it. A layer with a dense projection (the compressor keeps a module dense
-when factoring saves nothing) runs each projection on its own: `ops.factored_linear` or
-`x @ W`.
+`mlp.down`) on a Neuron device, the same kernels on the CPU emulator (`nki-sim`), or plain
+aten ops (compute.py). The path is decided once, by a load entry point, outside the
+compiled graph: `finalize` after `load_weights`, `prepare_weightless` after
+`load_weights_lite` (vllm-neuron's CPU compile, which traces the model before any weight
+exists). Every tensor the forward reads is a parameter, so a traced graph takes them as
+inputs, never as constants; nothing is computed from the loaded weights after loading (the
+factors are used as loaded: no side-by-side copy), and the forward refuses to run before a
+load entry point prepared it. A layer with a dense projection (the compressor keeps a
+module dense when factoring saves nothing) runs each projection on its own: its factored
+projections through the fused XUV kernel (or its fallback), a dense one as `x @ W`.
 
 Which tensor-parallel rank a layer holds comes from the stock MLP it replaces
 (`stock_parallelism`): llama3/model.py's `LlamaMLP` sets `mlp_tp_group` / `mlp_tp_rank`
@@ -45,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from vllm_neuronmlp import checkpoint_format as fmt
-from vllm_neuronmlp import mlp_families, ops
+from vllm_neuronmlp import mlp_families
+from vllm_neuronmlp.neuron import compute
 from vllm_neuronmlp.neuron.sharding import ShardLoader, full_shape, intermediate_shard, shard_index
 from vllm_neuronmlp.neuron.stack import HookTargetError, class_path
 
@@ -100,6 +99,8 @@ class FactoredProjection(torch.nn.Module):
         super().__init__()
         self.tensor_prefix, self.role, self.rank = tensor_prefix, role, rank
         leaves = (fmt.U_SUFFIX, fmt.V_SUFFIX) if rank else (fmt.WEIGHT_SUFFIX,)
+        # the loaders stay here: the reader's load_state_dict(assign=True) replaces the parameters
+        self.loaders: Dict[str, ShardLoader] = {}
         for leaf in leaves:
             shape = full_shape(role, leaf, hidden, intermediate, rank)
             index, transpose = shard_index(role, leaf, shape, tp_rank, tp_size)
@@ -107,15 +108,18 @@ class FactoredProjection(torch.nn.Module):
             local = local[::-1] if transpose else local
             param = torch.nn.Parameter(torch.empty(*local, dtype=dtype), requires_grad=False)
             param.weight_loader = ShardLoader(f"{tensor_prefix}.{leaf}", role, leaf, shape, tp_rank, tp_size, dtype)
+            self.loaders[leaf] = param.weight_loader
             self.register_parameter(leaf, param)
 
     @property
     def factored(self) -> bool:
         return bool(self.rank)
 
+    path = compute.TORCH    # set by the owner's load entry point
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.factored:
-            return ops.factored_linear(x, self.svd_u, self.svd_v)
+            return compute.xuv(x, self.svd_u, self.svd_v, self.path)
         return x @ self.weight
 
 
@@ -153,12 +157,6 @@ class SVDNeuronMLP(torch.nn.Module):
             self.add_module(proj, FactoredProjection(module, role, hidden_size, intermediate_size,
                                                      ranks.get(role), mlp_tp_rank, mlp_tp_size, dtype))
         self.where = f"{family.layer_prefix}.{layer}.mlp"
-        if self.fused:   # [U_g | U_u], [V_g ; V_u] for ops.svd_mlp: buffers (graph inputs), filled by finalize()
-            gate, up = self.projections()[mlp_families.GATE], self.projections()[mlp_families.UP]
-            r = gate.rank + up.rank
-            self.register_buffer("gate_up_u", torch.empty(hidden_size, r, dtype=dtype), persistent=False)
-            self.register_buffer("gate_up_v", torch.empty(r, self.intermediate_size_per_rank, dtype=dtype),
-                                 persistent=False)
         self._path = None      # decided once by a load entry point: "kernels", "torch", "nki-sim" or "per-projection"
 
     @classmethod
@@ -192,46 +190,26 @@ class SVDNeuronMLP(torch.nn.Module):
         """How the forward computes, once a load entry point decided it (else None)."""
         return self._path
 
-    def _choose_path(self, device: torch.device, probe: Optional[torch.Tensor]) -> str:
-        from vllm_neuronmlp.kernels import launch
-
-        path = ops.select_backend(device)
-        if path == "nki":
-            ok, reason = launch.device_support(probe) if probe is not None else (
-                False, "compiled before its weights (load_weights_lite): no factor is on a device yet")
-            path = "kernels" if ok else "torch"
-            if not ok:
-                launch.log_fallback_once("the svd_neuron MLP", reason)
-        return path
+    def _set_path(self, path: str) -> None:
+        self._path = path if self.fused else "per-projection"
+        for proj in self.projections().values():
+            proj.path = path
 
     def finalize(self) -> None:
         """After `load_weights`, outside any compiled graph: decide how this MLP computes.
 
-        A fully factored SiLU MLP on a Neuron device whose kernels can run takes the NKI
-        kernels (the four factors separately; the gate/up buffers are emptied); otherwise
-        the torch fallback is logged once with the reason, and the side-by-side gate/up
-        factors that `ops.svd_mlp` takes are copied into their buffers here rather than on
-        every forward. Deciding here keeps logging and backend checks out of
-        `torch.compile(fullgraph=True)`."""
-        if not self.fused:
-            self._path = "per-projection"
-            return
-        p = self.projections()
-        gate, up = p[mlp_families.GATE], p[mlp_families.UP]
-        self._path = self._choose_path(gate.svd_u.device, gate.svd_u)
-        if self._path == "kernels":
-            self.gate_up_u = gate.svd_u.new_empty(0)
-            self.gate_up_v = gate.svd_v.new_empty(0)
-        else:
-            self.gate_up_u = torch.cat([gate.svd_u, up.svd_u], dim=1)
-            self.gate_up_v = torch.cat([gate.svd_v, up.svd_v], dim=0)
+        The NKI kernels where they can run on the loaded factors (a Neuron device, a dtype
+        they take, a TorchNeuron runtime with `wrap_nki`), else the aten fallback, said once
+        in the log with the reason. Reads the factors' device and dtype only: no arithmetic
+        on loaded weights (on Neuron, eager ops on device tensors are not supported)."""
+        probe = next(p for proj in self.projections().values() for p in proj.parameters())
+        self._set_path(compute.choose_path(probe.device, probe, "the svd_neuron MLP"))
 
     def prepare_weightless(self, device) -> None:
         """After `load_weights_lite` (vllm-neuron's CPU compile: the model is traced before
         any weight exists): decide the path for `device`, the one the stock lite load was
-        given; the buffers stay the placeholders built with the model, read by the traced
-        graph as buffers. No tensor is read or built."""
-        self._path = "per-projection" if not self.fused else self._choose_path(torch.device(device or "cpu"), None)
+        given. No tensor is read or built."""
+        self._set_path(compute.choose_path(torch.device(device or "cpu"), None, "the svd_neuron MLP"))
 
     # ------------------------------------------------------------ compute
     def local_mlp(self, h: torch.Tensor) -> torch.Tensor:
@@ -244,11 +222,8 @@ class SVDNeuronMLP(torch.nn.Module):
                 f"when compiling before the weights) prepared it; vllm_neuronmlp/neuron/integrate.py wraps both")
         if not self.fused:
             return down(self.act(gate(h)) * up(h))
-        if self._path == "kernels":
-            from vllm_neuronmlp.kernels import launch
-
-            return launch.svd_mlp_nki(h, gate.svd_u, gate.svd_v, up.svd_u, up.svd_v, down.svd_u, down.svd_v)
-        return ops.svd_mlp(h, self.gate_up_u, self.gate_up_v, down.svd_u, down.svd_v, gate.rank, self._path)
+        return compute.svd_mlp(h, gate.svd_u, gate.svd_v, up.svd_u, up.svd_v, down.svd_u, down.svd_v,
+                               self._path, self.act)
 
     def forward(self, hidden_states: torch.Tensor, is_prefill: bool) -> torch.Tensor:
         if is_prefill and self.world_size > 1:

@@ -23,7 +23,7 @@ import torch
 
 from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP
-from vllm_neuronmlp.neuron.sharding import is_split
+from vllm_neuronmlp.neuron.sharding import ShardLoader, is_split
 
 
 class CheckpointMappingError(fmt.CheckpointFormatError):
@@ -34,6 +34,12 @@ class CheckpointMappingError(fmt.CheckpointFormatError):
 def svd_mlps(model: torch.nn.Module) -> Dict[str, SVDNeuronMLP]:
     """module path -> our MLP, for every MLP the variant replaced."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SVDNeuronMLP)}
+
+
+def _loaders(mlp: SVDNeuronMLP) -> Dict[str, ShardLoader]:
+    """parameter name (within the MLP) -> its loader."""
+    return {f"{proj_name}.{leaf}": loader for proj_name, proj in mlp.named_children()
+            for leaf, loader in getattr(proj, "loaders", {}).items()}
 
 
 def mlp_param_plan(model: torch.nn.Module) -> Dict[str, str]:
@@ -53,8 +59,8 @@ def expected_shapes(model: torch.nn.Module) -> Dict[str, Tuple[Tuple[int, ...], 
     for path, mlp in svd_mlps(model).items():
         width = (f"{path} narrowed to width {mlp.intermediate_size} by {fmt.QUANTIZATION_CONFIG_KEY}."
                  f"{fmt.KEY_WIDTHS}" if mlp.narrowed else f"{path} at intermediate_size {mlp.intermediate_size}")
-        for name, param in mlp.named_parameters():
-            out[f"{path}.{name}"] = (tuple(param.weight_loader.shape), width)
+        for name, loader in _loaders(mlp).items():
+            out[f"{path}.{name}"] = (tuple(loader.shape), width)
     return out
 
 
@@ -92,40 +98,33 @@ def check_mlp_tensors(checkpoint_tensors: Union[Iterable[str], Mapping[str, Sequ
 
 
 def check_loaded(model: torch.nn.Module) -> None:
-    """After loading: no parameter of our MLPs is still unfilled (the meta device, where the
-    model is built) -- a half-loaded model is never served."""
-    ours = mlp_param_plan(model)
-    empty = [name for name, p in model.named_parameters() if name in ours and p.device.type == "meta"]
+    """After loading: every parameter of our MLPs was filled by its loader (the model is
+    built on the meta device, and a parameter the reader skipped stays unfilled) -- a
+    half-loaded model is never served. Asks the loaders, never the tensors."""
+    empty = [f"{path}.{name}" for path, mlp in svd_mlps(model).items()
+             for name, loader in _loaders(mlp).items() if not loader.loaded]
     if empty:
         raise CheckpointMappingError(
             f"after loading, parameter(s) {empty[:6]} of the svd_neuron model variant were never filled "
             f"from the checkpoint; refusing to serve a half-loaded model")
 
 
-_SAMPLE = 4096   # elements of each tensor the checksum reads (strided over the whole tensor)
-
-
-def _fingerprint(t: torch.Tensor) -> float:
-    flat = t.detach().reshape(-1)
-    sample = flat[::max(1, flat.numel() // _SAMPLE)][:_SAMPLE].to("cpu", torch.float64)
-    return float((sample * torch.arange(1, sample.numel() + 1, dtype=torch.float64)).sum())
-
-
 def shard_checksums(model: torch.nn.Module) -> Dict[str, Union[int, float]]:
     """This rank's fingerprint of its loaded svd_neuron tensors, to compare across ranks:
     `split` over the tensors ranks hold different parts of (V of gate/up, U of down, dense
     weights; it differs between ranks), `replicated` over those every rank holds whole
-    (the same on every rank). Position-weighted sums of a strided sample of each tensor,
-    so reading them costs little even for a large model."""
+    (the same on every rank). Summed from what each parameter's loader computed on the
+    host while loading (sharding.fingerprint), so no loaded tensor is read again."""
     mlps = svd_mlps(model)
     split = replicated = 0.0
     rank, tp = 0, 1
     for mlp in mlps.values():
         rank, tp = mlp.mlp_tp_rank, mlp.mlp_tp_size
         for role, proj in mlp.projections().items():
-            for leaf, param in proj.named_parameters(recurse=False):
+            for leaf, loader in proj.loaders.items():
+                value = loader.fingerprint or 0.0
                 if is_split(role, leaf):
-                    split += _fingerprint(param)
+                    split += value
                 else:
-                    replicated += _fingerprint(param)
+                    replicated += value
     return {"rank": rank, "tp": tp, "mlps": len(mlps), "split": split, "replicated": replicated}

@@ -94,18 +94,36 @@ def shard_tensor(full: torch.Tensor, role: str, leaf: str, tp_rank: int, tp_size
     return (part.t() if transpose else part).contiguous()
 
 
+_SAMPLE = 4096   # elements of each tensor a fingerprint reads (strided over the whole tensor)
+
+
+def fingerprint(t: torch.Tensor) -> float:
+    """A position-weighted sum of a strided sample of `t` (a host tensor): cheap even for a
+    large model, and different for different shards."""
+    flat = t.detach().reshape(-1)
+    sample = flat[::max(1, flat.numel() // _SAMPLE)][:_SAMPLE].to("cpu", torch.float64)
+    return float((sample * torch.arange(1, sample.numel() + 1, dtype=torch.float64)).sum())
+
+
 class ShardLoader:
     """Loads one parameter of our MLP from its checkpoint tensor.
 
     Duck-types vllm-neuron's `SafetensorsWeightLoader` (vllm_neuron/utils/weight_loader.py,
     0.21): its checkpoint reader calls `load(slices, rank)` with one lazy safetensors slice
     per checkpoint key. Like the stock MLP's `with_rank_override`, the rank used is the
-    MLP group's own (`tp_rank` here), not the one passed in."""
+    MLP group's own (`tp_rank` here), not the one passed in.
+
+    Everything derived from the tensor is computed here, on the host copy the reader hands
+    over, before the reader moves the result to the device: the finiteness check and this
+    shard's `fingerprint` (for the per-rank checksum the load logs). vllm-neuron's model
+    runner does not support eager ops on device tensors, so nothing reads the loaded
+    parameter afterwards. `loaded` says the reader called this loader."""
 
     def __init__(self, tensor_name: str, role: str, leaf: str, shape: Tuple[int, int],
                  tp_rank: int, tp_size: int, dtype: torch.dtype):
         self.tensor_name, self.role, self.leaf = tensor_name, role, leaf
         self.shape, self.tp_rank, self.tp_size, self.dtype = tuple(shape), tp_rank, tp_size, dtype
+        self.loaded, self.fingerprint = False, None
 
     def load(self, slices, rank: int = 0) -> torch.Tensor:
         if len(slices) != 1:
@@ -121,8 +139,9 @@ class ShardLoader:
         part = source[index]
         if not torch.isfinite(part).all():
             raise fmt.CheckpointFormatError(f"tensor {self.tensor_name} has non-finite values (NaN or Inf)")
-        part = part.t() if transpose else part
-        return part.to(self.dtype).contiguous()
+        part = (part.t() if transpose else part).to(self.dtype).contiguous()
+        self.loaded, self.fingerprint = True, fingerprint(part)
+        return part
 
     def __repr__(self) -> str:
         return (f"ShardLoader({self.tensor_name}, {self.role}.{self.leaf}, rank {self.tp_rank}/{self.tp_size})")
