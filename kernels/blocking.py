@@ -26,11 +26,12 @@ chosen by the selector while they are traced, for the target being traced for
 targets). They are what `launch` runs. The selector runs the emulator, which is plain
 Python, so it works inside a real NKI trace too.
 """
+from dataclasses import replace
 from functools import lru_cache
 
 from . import mlp, sim, xuv
 from .nki_compat import jit, target_name
-from .sim.targets import get_target
+from .sim.targets import bracket_end, get_target
 from .strip_plan import (P, KernelShape, arithmetic_intensity, hbm_bytes, sbuf_budget,
                          sbuf_peak_bytes)
 
@@ -49,14 +50,14 @@ def kernel_for(ks: KernelShape):
         args = [spec((ks.S, ks.K), dt(ks.e)), spec((ks.K, rg), dt(ks.e_u)),
                 spec((rg, ks.N), dt(ks.e_v)), spec((ks.K, ru), dt(ks.e_u)),
                 spec((ru, ks.N), dt(ks.e_v))]
-        return mlp.up_gate, args, {}
+        return mlp.up_gate, args, {"x_transpose": ks.x_transpose}
     (r,) = ks.ranks
     if ks.x_transposed:
         args = [spec((ks.K, ks.S), dt(ks.e)), spec((ks.K, r), dt(ks.e_u)),
                 spec((r, ks.N), dt(ks.e_v))]
         return mlp.down, args, {}
     args = [spec((ks.S, ks.K), dt(ks.e)), spec((ks.K, r), dt(ks.e_u)), spec((r, ks.N), dt(ks.e_v))]
-    return xuv.fused_xuv, args, {"transpose_out": ks.out == "cols"}
+    return xuv.fused_xuv, args, {"transpose_out": ks.out == "cols", "x_transpose": ks.x_transpose}
 
 
 def modeled_stats(ks: KernelShape, block_m: int, target="trn1"):
@@ -129,20 +130,44 @@ def select_block_m(ks: KernelShape, target="trn1", objective="time",
     return min(clearing, key=lambda bm: (total(bm), bm))
 
 
+# -- the transposing load ----------------------------------------------------------------
+
+def x_transpose_choice(ks: KernelShape, block_m: int, target="trn1") -> str:
+    """How the fused kernels make x^T on `target`: "dma" where the DMA transpose's
+    throughput is documented (trn2); elsewhere (trn1) the tensor engine ("pe") unless the
+    model shows the DMA transpose cheaper even at the pessimistic end of its bracket
+    (`targets.bracket_end`), which it cannot for any shape with a transposing load."""
+    t = get_target(target)
+    if ks.x_transposed or ks.e >= 4:
+        return ks.x_transpose
+    if t.dma_transpose_documented:
+        return "dma"
+    worst = bracket_end(t, "pessimistic")
+    times = {how: modeled_time(replace(ks, x_transpose=how), block_m, worst)
+             for how in ("pe", "dma")}
+    return "dma" if times["dma"] < times["pe"] else "pe"
+
+
 # -- the kernels with the selector's block ------------------------------------------------
 
 @jit
 def fused_xuv(x, u, v, transpose_out=False):
-    """`xuv.fused_xuv` with `block_m = select_block_m(...)` for the target being traced."""
+    """`xuv.fused_xuv` with `block_m = select_block_m(...)` and the transposing load of
+    `x_transpose_choice`, for the target being traced."""
     shape = xuv.xuv_kernel_shape("fused_xuv", x, u, v, "cols" if transpose_out else "rows")
-    return xuv.fused_xuv.inline(x, u, v, select_block_m(shape, target_name()), transpose_out)
+    bm = select_block_m(shape, target_name())
+    return xuv.fused_xuv.inline(x, u, v, bm, transpose_out,
+                                x_transpose_choice(shape, bm, target_name()))
 
 
 @jit
 def up_gate(x, u_gate, v_gate, u_up, v_up):
-    """`mlp.up_gate` with `block_m = select_block_m(...)` for the target being traced."""
+    """`mlp.up_gate` with `block_m = select_block_m(...)` and the transposing load of
+    `x_transpose_choice`, for the target being traced."""
     shape = mlp.up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up)
-    return mlp.up_gate.inline(x, u_gate, v_gate, u_up, v_up, select_block_m(shape, target_name()))
+    bm = select_block_m(shape, target_name())
+    return mlp.up_gate.inline(x, u_gate, v_gate, u_up, v_up, bm,
+                              x_transpose_choice(shape, bm, target_name()))
 
 
 @jit

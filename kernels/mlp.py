@@ -20,11 +20,12 @@ transposition, fp32 PSUM accumulation, V streamed by blocks):
 """
 from . import strip_plan
 from .nki_compat import jit, nl
-from .xuv import check_dims, elem_bytes, plan_on_target, run_strips
+from .xuv import check_dims, elem_bytes, plan_on_target, run_strips, x_transpose_for
 
 
-def up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up):
-    """The strip model's view of an `up_gate` launch, after checking the dims."""
+def up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up, x_transpose=None):
+    """The strip model's view of an `up_gate` launch, after checking the dims
+    (x_transpose: how x^T is made, `xuv.x_transpose_for`)."""
     S, H = x.shape
     rg, ru = u_gate.shape[1], u_up.shape[1]
     I = v_gate.shape[1]
@@ -32,7 +33,8 @@ def up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up):
                r_gate=(v_gate.shape[0], rg), r_up=(v_up.shape[0], ru), I=(v_up.shape[1], I))
     e = elem_bytes(x.dtype)
     return strip_plan.KernelShape(S, H, (rg, ru), I, e, elem_bytes(u_gate.dtype),
-                                  elem_bytes(v_gate.dtype), e, "silu_cols")
+                                  elem_bytes(v_gate.dtype), e, "silu_cols", False,
+                                  x_transpose_for(x.dtype, x_transpose))
 
 
 def down_kernel_shape(h_t, u_down, v_down):
@@ -46,14 +48,15 @@ def down_kernel_shape(h_t, u_down, v_down):
 
 
 @jit
-def up_gate(x, u_gate, v_gate, u_up, v_up, block_m):
+def up_gate(x, u_gate, v_gate, u_up, v_up, block_m, x_transpose=None):
     """h^T [I, S] = (silu(x @ u_gate @ v_gate) * (x @ u_up @ v_up))^T.
 
     x [S, H]; u_gate [H, rg], v_gate [rg, I]; u_up [H, ru], v_up [ru, I] (rg != ru
     allowed). Output dtype = x's. block_m: tokens per row strip (`blocking.up_gate` is
-    this kernel with the block-size selector's choice).
+    this kernel with the block-size selector's choice). x_transpose: how x^T is made
+    ("dma" or "pe", `xuv.load_transposed`); None: the target's default.
     """
-    shape = up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up)
+    shape = up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up, x_transpose)
     plan = plan_on_target(shape, block_m)
     h_t = nl.ndarray((shape.N, shape.S), dtype=x.dtype, buffer=nl.shared_hbm)
     run_strips(x, (u_gate, u_up), (v_gate, v_up), h_t, plan, False, "silu_cols")

@@ -49,6 +49,23 @@ PSUM_FP32 = PSUM_BANKS * MM_N   # fp32 accumulators per partition in the whole P
 MAX_SUB_M = 2 * MM_N    # stage-1 sub-strip cap: U slabs of >= 4 r tiles (1 KiB/partition bf16)
 HEADROOM = 0.05         # fraction of SBUF the planner never fills (compiler/runtime use)
 BLOCK_N_CHOICES = (2048, 1024, 512, 256, 128)
+X_TRANSPOSES = ("dma", "pe")
+PE_ROW_BYTES = 4096     # "pe" transposing load: row blocks of 4 KiB per partition
+
+
+def default_x_transpose(target) -> str:
+    """The transposing load of x the kernels use on `target`: "dma" where the DMA
+    transpose's throughput is documented (trn2: up to 90% of a copy), else "pe" (trn1:
+    "much lower", no number; the performance guide recommends the tensor engine). The
+    model's comparison of the two at the bracket's pessimistic end is
+    `blocking.x_transpose_choice`."""
+    return "dma" if get_target(target).dma_transpose_documented else "pe"
+
+
+def pe_row_cols(K: int, e: int) -> int:
+    """Columns of one row block of the "pe" transposing load: 4 KiB per partition (the
+    DMA's full efficiency), a multiple of 128, at most K."""
+    return min(K, max(P, PE_ROW_BYTES // e // P * P))
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -68,6 +85,7 @@ class KernelShape:
     e_y: int = 2
     out: str = "rows"     # "rows": y [S, N]; "cols": y^T [N, S]; "silu_cols": MLP gate/up
     x_transposed: bool = False   # x arrives as x^T [K, S] (mlp.down): plain DMA loads
+    x_transpose: str = "dma"     # how x^T is made otherwise: "dma" or "pe" (X_TRANSPOSES)
 
     @property
     def nk(self) -> int:
@@ -112,9 +130,12 @@ class StripPlan:
     block_m: int
     block_n: int          # V block width (columns), <= N
     budget: int           # bytes/partition the planner may fill
+    whole_strip: bool = False    # the paper's kernel: one stage-1 sub-strip per strip
 
     def sub_heights(self, bm: int) -> tuple:
         """Stage-1 sub-strip heights for a strip of `bm` tokens."""
+        if self.whole_strip:
+            return (bm,)
         return sub_strip_heights(self.shape, bm, self.budget)
 
     def strips(self):
@@ -136,7 +157,9 @@ def stage1_bytes(ks: KernelShape, cum_prev: int, b: int) -> int:
     e = ks.e
     base = e * ks.nr * cum_prev + e * ks.nk * b
     n_slabs = n_slab_buffers(ks.nk)
-    peak = base + 2 * P * e if (e >= 4 and not ks.x_transposed) else 0
+    # "pe" transposing load: two row blocks next to the x^T being filled
+    peak = base + 2 * e * pe_row_cols(ks.K, e) if (ks.x_transpose == "pe"
+                                                   and not ks.x_transposed) else 0
     pieces = 0
     for r in ks.ranks:
         pieces += e * ceil_div(r, P) * b
@@ -192,9 +215,9 @@ def stage2_bytes(ks: KernelShape, bm: int, block_n: int, heights=None) -> int:
     return cache + two(len(blocks)) * V + two(n_o) * O + (two(n_g) * G if G else 0)
 
 
-def choose_block_n(ks: KernelShape, bm: int, budget: int) -> int:
+def choose_block_n(ks: KernelShape, bm: int, budget: int, whole_strip=False) -> int:
     """Widest V block (2048 ... 128 columns, at most N) whose stage 2 fits the budget."""
-    heights = sub_strip_heights(ks, bm, budget)
+    heights = (bm,) if whole_strip else sub_strip_heights(ks, bm, budget)
     for bn in BLOCK_N_CHOICES:
         if stage2_bytes(ks, bm, bn, heights) <= budget:
             return min(bn, ks.N)
@@ -207,18 +230,20 @@ def sbuf_budget(target="trn1") -> int:
     return int((1.0 - HEADROOM) * t.sbuf_bytes_per_partition)
 
 
-def plan(ks: KernelShape, block_m: int, target="trn1") -> StripPlan:
-    """Blocking the kernels use for `block_m` on `target`."""
+def plan(ks: KernelShape, block_m: int, target="trn1", whole_strip=False) -> StripPlan:
+    """Blocking the kernels use for `block_m` on `target` (whole_strip: the paper's
+    kernel, one stage-1 sub-strip per strip whatever SBUF holds)."""
     if block_m < 1:
         raise ValueError(f"block_m must be >= 1, got {block_m}")
-    return _plan(ks, int(block_m), get_target(target))
+    return _plan(ks, int(block_m), get_target(target), bool(whole_strip))
 
 
 @lru_cache(maxsize=4096)
-def _plan(ks, block_m, t):
+def _plan(ks, block_m, t, whole_strip):
     budget = sbuf_budget(t)
     bm = min(block_m, ks.S)
-    return StripPlan(ks, block_m, choose_block_n(ks, bm, budget), budget)
+    return StripPlan(ks, block_m, choose_block_n(ks, bm, budget, whole_strip), budget,
+                     whole_strip)
 
 
 def _distinct_strips(p: StripPlan):
@@ -272,12 +297,15 @@ def arithmetic_intensity(ks: KernelShape, block_m: int, target="trn1") -> float:
 
 # -- convenience constructors -------------------------------------------------------------
 
-def xuv_shape(S, K, r, N, e=2, transpose_out=False) -> KernelShape:
-    return KernelShape(S, K, (r,), N, e, e, e, e, "cols" if transpose_out else "rows")
+def xuv_shape(S, K, r, N, e=2, transpose_out=False, x_transpose="pe") -> KernelShape:
+    """x_transpose: "pe" is trn1's default (`default_x_transpose`), "dma" trn2's."""
+    return KernelShape(S, K, (r,), N, e, e, e, e, "cols" if transpose_out else "rows",
+                       False, "pe" if e >= 4 else x_transpose)
 
 
-def up_gate_shape(S, H, r_gate, r_up, I, e=2) -> KernelShape:
-    return KernelShape(S, H, (r_gate, r_up), I, e, e, e, e, "silu_cols")
+def up_gate_shape(S, H, r_gate, r_up, I, e=2, x_transpose="pe") -> KernelShape:
+    return KernelShape(S, H, (r_gate, r_up), I, e, e, e, e, "silu_cols", False,
+                       "pe" if e >= 4 else x_transpose)
 
 
 def down_shape(S, I, r, H, e=2) -> KernelShape:

@@ -16,8 +16,9 @@ The paper's ideas, and where they live:
   x^T tile the *moving* one, so the tensor engine yields (x u)^T -- r on the
   partitions, which is exactly the layout stage 2 needs for its contraction over r.
   No transpose instruction anywhere between the stages;
-* transposing DMA load of x: x^T tiles come straight from HBM through `dma_transpose`
-  (2-byte dtypes; fp32 inputs fall back to tensor-engine transposes);
+* transposing load of x: x^T tiles come from HBM through `dma_transpose` (trn2) or
+  through the tensor engine's identity transpose (trn1, whose DMA transpose is
+  documented only as "much lower" bandwidth; fp32 everywhere): `load_transposed`;
 * blocking: BM is an argument and the strip plan (`strip_plan.plan`: sub-strips, V
   block width) follows from it; `blocking.select_block_m` picks BM by modelled time,
   and `blocking.fused_xuv` is this kernel with the selector's BM. Every DMA moves long
@@ -135,51 +136,86 @@ def n_buffers(uses):
     return 2 if uses >= 2 else 1
 
 
-# -- fp32 transposing loads (the one PE-transpose fallback) ------------------------------------
+# -- transposing loads of x: DMA transpose or the tensor engine's identity transpose -----------
+#
+# x arrives as [tokens, K] and stage 1 needs x^T (K on the partitions). Two ways, chosen by
+# `x_transpose` (`strip_plan.default_x_transpose`):
+# * "dma": a transposing DMA per 128-column K tile (`nisa.dma_transpose`; 2-byte dtypes).
+#   trn2 documents it at up to 90% of a copy; for trn1 the performance guide says only
+#   "much lower" bandwidth and recommends the tensor engine instead;
+# * "pe": plain DMA loads of [128 tokens, up to 4 KiB per partition] row blocks (long
+#   contiguous runs), then 128x128 transposes on the tensor engine (a matmul against an
+#   identity, nki_perf_guide.rst) into PSUM, four K tiles per PSUM tile, and one vector
+#   copy per four tiles into x^T. The default on trn1, and the only way for fp32.
+
+PE_TRANSPOSE_GROUP = 4        # K tiles transposed into one PSUM tile ([128, 4, 128])
+
 
 class TransposeScratch:
-    """SBUF/PSUM tiles for fp32 transposing loads: DMA transposes move 2-byte elements
-    (nisa.dma_transpose), so fp32 x^T is loaded in 128x128 blocks and transposed on the
-    tensor engine. PSUM: two one-bank tiles from bank `bank`."""
+    """SBUF row blocks and PSUM tiles of the "pe" transposing load: two [128, cols] row
+    blocks (cols = `strip_plan.pe_row_cols`) and two PSUM tiles from bank `bank`."""
 
-    def __init__(self, dtype, bank):
-        self.blk = Buffers("xblk", (P, P), dtype, 2)
-        self.tp = Buffers("xtp", (P, P), nl.float32, 2, buffer=nl.psum, bank=bank)
+    def __init__(self, dtype, bank, K):
+        self.cols = strip_plan.pe_row_cols(K, elem_bytes(dtype))
+        self.blk = Buffers("xrows", (P, self.cols), dtype, 2)
+        self.tp = Buffers("xtp", (P, PE_TRANSPOSE_GROUP, P), dtype, 2, buffer=nl.psum, bank=bank)
 
 
-def load_transposed(dst, src_rows, nrows, ncols, dtype, scratch):
-    """dst [ncols, nrows] (SBUF) <- (src_rows(r0, n) [n tokens, ncols])^T: a transposing
-    DMA for 2-byte dtypes; for fp32 128-row blocks through the tensor engine."""
-    if dtype != nl.float32:
-        nisa.dma_transpose(dst=dst, src=src_rows(0, nrows))
+def load_transposed(xT, src_rows, ntok, K, dtype, how, scratch=None):
+    """xT[:, kt, 0:ntok] (SBUF [128, nk, >= ntok]) <- (src_rows(t0, n, k0, kc), the HBM rows
+    t0 .. t0+n of columns k0 .. k0+kc)^T for every 128-column K tile kt.
+    how="dma": one transposing DMA per K tile; how="pe": row blocks through the tensor
+    engine (`scratch`: a TransposeScratch)."""
+    nk = _cdiv(K, P)
+    if how == "dma":
+        for kt in nl.static_range(nk):
+            k0 = kt * P
+            kp = min(P, K - k0)
+            nisa.dma_transpose(dst=xT[0:kp, kt, 0:ntok], src=src_rows(0, ntok, k0, kp))
         return
-    for g0 in range(0, nrows, P):
-        gp = min(P, nrows - g0)
-        blk = scratch.blk.next()
-        tp = scratch.tp.next()
-        nisa.dma_copy(dst=blk[0:gp, 0:ncols], src=src_rows(g0, gp))
-        nisa.nc_transpose(dst=tp[0:ncols, 0:gp], data=blk[0:gp, 0:ncols])
-        nisa.tensor_copy(dst=dst[0:ncols, g0:g0 + gp], src=tp[0:ncols, 0:gp])
+    if how != "pe":
+        raise ValueError(f"x_transpose must be 'dma' or 'pe', got {how!r}")
+    G = PE_TRANSPOSE_GROUP
+    for g0 in nl.static_range(0, ntok, P):
+        gp = min(P, ntok - g0)
+        for c0 in nl.static_range(0, K, scratch.cols):
+            cw = min(scratch.cols, K - c0)
+            blk = scratch.blk.next()
+            nisa.dma_copy(dst=blk[0:gp, 0:cw], src=src_rows(g0, gp, c0, cw))
+            for j0 in nl.static_range(0, _cdiv(cw, P), G):
+                tp = scratch.tp.next()
+                n = min(G, _cdiv(cw, P) - j0)
+                full = n if (c0 + (j0 + n) * P <= K) else n - 1   # a partial last K tile alone
+                for j in nl.static_range(n):
+                    k0 = (j0 + j) * P
+                    kp = min(P, cw - k0)
+                    nisa.nc_transpose(dst=tp[0:kp, j, 0:gp], data=blk[0:gp, k0:k0 + kp])
+                kt0 = (c0 // P) + j0
+                if full:
+                    nisa.tensor_copy(dst=xT[0:P, kt0:kt0 + full, g0:g0 + gp],
+                                     src=tp[0:P, 0:full, 0:gp])
+                if full < n:
+                    kp = K - (kt0 + full) * P
+                    nisa.tensor_copy(dst=xT[0:kp, kt0 + full, g0:g0 + gp],
+                                     src=tp[0:kp, full, 0:gp])
 
 
 # -- stage 1: (x u)^T strip into SBUF -------------------------------------------------------
 
-def _load_xT(x, xT, strip, t0, tb, x_transposed):
+def _load_xT(x, xT, strip, t0, tb, x_transposed, how):
     """xT[:, kt, 0:tb] <- (x[strip t0 .. t0+tb, kt-th 128 columns])^T for every k tile."""
     K = x.shape[0] if x_transposed else x.shape[1]
-    scratch = TransposeScratch(x.dtype, 0) if (x.dtype == nl.float32 and not x_transposed) \
-        else None
-    for kt in nl.static_range(_cdiv(K, P)):
-        k0 = kt * P
-        kp = min(P, K - k0)
-        if x_transposed:
-            # The producer already wrote x^T (K on rows): a plain DMA lands it in place.
+    if x_transposed:
+        # The producer already wrote x^T (K on rows): a plain DMA lands it in place.
+        for kt in nl.static_range(_cdiv(K, P)):
+            k0 = kt * P
+            kp = min(P, K - k0)
             nisa.dma_copy(dst=xT[0:kp, kt, 0:tb], src=strip.cols(x, k0, kp, t0, tb))
-        else:
-            # Transposing load: HBM rows of x become SBUF columns of x^T.
-            load_transposed(xT[0:kp, kt, 0:tb],
-                            lambda g0, n, k0=k0, kp=kp: strip.rows(x, t0 + g0, n, k0, kp),
-                            tb, kp, x.dtype, scratch)
+        return
+    # Transposing load: HBM rows of x become SBUF columns of x^T.
+    scratch = TransposeScratch(x.dtype, 0, K) if how == "pe" else None
+    load_transposed(xT, lambda g0, n, k0, kc: strip.rows(x, t0 + g0, n, k0, kc), tb, K,
+                    x.dtype, how, scratch)
 
 
 def _project(xT, u, xuT, tb):
@@ -232,12 +268,12 @@ def _project_group(xT, u, xuT, tb, g0, tiles, slabs):
             nisa.tensor_copy(dst=xuT[0:rp, g0 + j, t0:t0 + cw], src=acc[0:rp, j, t0:t0 + cw])
 
 
-def _stage1_part(x, us, strip, t0, tb, x_transposed, j):
+def _stage1_part(x, us, strip, t0, tb, x_transposed, j, how):
     """One stage-1 sub-strip: load its x^T once, project it through every u.
     Returns the (x u_i)^T pieces [128, ceil(r_i/128), tb] (x^T's last use is here)."""
     K = x.shape[0] if x_transposed else x.shape[1]
     xT = nl.ndarray((P, _cdiv(K, P), tb), dtype=x.dtype, buffer=nl.sbuf, name=f"xT{j}")
-    _load_xT(x, xT, strip, t0, tb, x_transposed)
+    _load_xT(x, xT, strip, t0, tb, x_transposed, how)
     outs = []
     for i, u in enumerate(us):
         xuT = nl.ndarray((P, _cdiv(u.shape[1], P), tb), dtype=x.dtype, buffer=nl.sbuf,
@@ -253,7 +289,8 @@ def _stage1(x, us, strip, plan, x_transposed):
     parts = []
     t0 = 0
     for j, tb in enumerate(plan.sub_heights(strip.height)):
-        parts.append((t0, tb, _stage1_part(x, us, strip, t0, tb, x_transposed, j)))
+        parts.append((t0, tb, _stage1_part(x, us, strip, t0, tb, x_transposed, j,
+                                           plan.shape.x_transpose)))
         t0 += tb
     return parts
 
@@ -379,19 +416,32 @@ def check_dims(name, **dims):
             raise ValueError(f"{name}: {k} mismatch ({a} != {b})")
 
 
-def plan_on_target(shape, block_m):
+def plan_on_target(shape, block_m, whole_strip=False):
     """The strip plan for `block_m` on the target being traced for."""
-    return strip_plan.plan(shape, int(block_m), target_name())
+    return strip_plan.plan(shape, int(block_m), target_name(), whole_strip)
 
 
-def xuv_kernel_shape(name, x, u, v, out):
+def x_transpose_for(dtype, x_transpose=None):
+    """The transposing load the kernels use: `x_transpose` if given, else the target's
+    default (`strip_plan.default_x_transpose`); fp32 always goes through the tensor
+    engine (DMA transposes move 2-byte elements)."""
+    if elem_bytes(dtype) >= 4:
+        return "pe"
+    how = x_transpose or strip_plan.default_x_transpose(target_name())
+    if how not in strip_plan.X_TRANSPOSES:
+        raise ValueError(f"x_transpose must be one of {strip_plan.X_TRANSPOSES}, got {how!r}")
+    return how
+
+
+def xuv_kernel_shape(name, x, u, v, out, x_transpose=None):
     """The strip model's view of a y = (x u) v launch, after checking the dims."""
     S, K = x.shape
     r = u.shape[1]
     check_dims(name, K=(u.shape[0], K), r=(v.shape[0], r))
     e = elem_bytes(x.dtype)
     return strip_plan.KernelShape(S, K, (r,), v.shape[1], e, elem_bytes(u.dtype),
-                                elem_bytes(v.dtype), e, out, False)
+                                  elem_bytes(v.dtype), e, out, False,
+                                  x_transpose_for(x.dtype, x_transpose))
 
 
 def elem_bytes(dtype):
@@ -399,18 +449,22 @@ def elem_bytes(dtype):
 
 
 @jit
-def fused_xuv(x, u, v, block_m, transpose_out=False):
+def fused_xuv(x, u, v, block_m, transpose_out=False, x_transpose=None, whole_strip=False):
     """y = (x @ u) @ v as one kernel, (x u) never leaving the chip.
 
     x [S, K], u [K, r], v [r, N] in HBM (bf16 or fp32; u and v are cast to x's dtype
     on load). Returns y [S, N] in nl.shared_hbm, or y^T [N, S] if transpose_out.
     block_m: tokens per row strip (`blocking.select_block_m` chooses one;
     `blocking.fused_xuv` is this kernel with that choice).
+    x_transpose: "dma" or "pe" (see `load_transposed`); None: the target's default.
+    whole_strip: the paper's kernel as measured, x^T of the whole strip loaded at once
+    (no stage-1 sub-strips; SBUF overflow spills); the default plans sub-strips that fit.
     Any S >= 1, any K, r, N (partial tiles are masked by slicing, never dropped).
     """
-    shape = xuv_kernel_shape("fused_xuv", x, u, v, "cols" if transpose_out else "rows")
+    shape = xuv_kernel_shape("fused_xuv", x, u, v, "cols" if transpose_out else "rows",
+                             x_transpose)
     S, N = shape.S, shape.N
-    plan = plan_on_target(shape, block_m)
+    plan = plan_on_target(shape, block_m, whole_strip)
     if transpose_out:
         y = nl.ndarray((N, S), dtype=x.dtype, buffer=nl.shared_hbm)
     else:

@@ -72,15 +72,21 @@ def test_whole_mlp_chained_in_bf16():
     assert rel <= 2e-2 and worst <= 5e-2, (rel, worst)
 
 
-def test_no_transpose_between_the_kernels():
-    """up_gate transposes only while loading x (one DMA transpose per k tile); down
-    reads h^T as written, with no transpose of any kind; neither kernel writes anything
-    to HBM but its output."""
+@pytest.mark.parametrize("target", ["trn1", "trn2"])
+def test_no_transpose_between_the_kernels(target):
+    """up_gate transposes only while loading x (trn2: one DMA transpose per k tile;
+    trn1: one tensor-engine transpose per 128 x 128 block, its DMA transpose being
+    undocumented); down reads h^T as written, with no transpose of any kind; neither
+    kernel writes anything to HBM but its output."""
     S, H, rg, ru, I, rd = 256, 256, 128, 128, 384, 128
     x, ug, vg, uu, vu, ud, vd = factors(S, H, rg, ru, I, rd, BF16, seed=2)
-    h_t, st_up = sim.run(blocking.up_gate, x, ug, vg, uu, vu)
-    _, st_down = sim.run(blocking.down, h_t, ud, vd)
-    assert st_up.dma_transpose_count == H // 128 and st_up.pe_transpose_count == 0
+    h_t, st_up = sim.run(blocking.up_gate, x, ug, vg, uu, vu, target=target)
+    _, st_down = sim.run(blocking.down, h_t, ud, vd, target=target)
+    if target == "trn2":
+        assert st_up.dma_transpose_count == H // 128 and st_up.pe_transpose_count == 0
+    else:
+        assert st_up.dma_transpose_count == 0
+        assert st_up.pe_transpose_count == (H // 128) * (S // 128)
     assert st_down.dma_transpose_count == 0 and st_down.pe_transpose_count == 0
     assert st_up.hbm_write_bytes == 2 * I * S
     assert st_down.hbm_write_bytes == 2 * S * H
@@ -93,7 +99,10 @@ def test_silu_and_product_run_on_chip():
     _, st = sim.run(blocking.up_gate, x, ug, vg, uu, vu)
     tiles = 3 * 2
     assert st.instructions["scalar"] == tiles
-    # vector: the products, plus PSUM evacuations of stage 1 (2 ranks x 2 chunks)
+    # vector: the products, plus PSUM evacuations of stage 1 (2 ranks x 2 chunks), plus
+    # on trn1 one copy of transposed x per 128 tokens (5 groups for 600 tokens)
+    assert st.instructions["vector"] == tiles + 2 * 2 + 5
+    _, st = sim.run(blocking.up_gate, x, ug, vg, uu, vu, target="trn2")
     assert st.instructions["vector"] == tiles + 2 * 2
 
 

@@ -111,20 +111,27 @@ def test_transposed_output_is_the_transpose():
     np.testing.assert_allclose(y_t, y.T, rtol=1e-5, atol=1e-5)
 
 
-def test_hand_computed_counts():
+@pytest.mark.parametrize("target", ["trn1", "trn2"])
+def test_hand_computed_counts(target):
     """S=256, K=256, r=128, N=512, bf16, one strip:
     reads x 256*256*2 + u 256*128*2 + v 128*512*2; writes y 256*512*2;
-    DMAs: 2 x^T transposes + 2 u tiles + 1 v block + 2 output tiles = 7;
-    matmuls: stage 1 (1 r tile x 2 k tiles x 1 chunk) + stage 2 (2 token tiles x 1 r tile)."""
+    DMAs: x^T (trn2: 2 transposing DMAs, one per K tile; trn1: 2 row blocks of 128 tokens
+    x 256 columns, then 2 x 2 tensor-engine transposes) + 2 u tiles + 1 v block + 2
+    output tiles = 7; matmuls: stage 1 (1 r tile x 2 k tiles x 1 chunk) + stage 2 (2 token
+    tiles x 1 r tile). Between the stages no transpose at all (implicit transposition)."""
     x, u, v = make(256, 256, 128, 512, BF16, seed=4)
-    y, st = sim.run(blocking.fused_xuv, x, u, v)
+    y, st = sim.run(blocking.fused_xuv, x, u, v, target=target)
     assert_close(y, reference(x, u, v), BF16)
     assert st.hbm_read_bytes == 131072 + 65536 + 131072
     assert st.hbm_write_bytes == 262144
-    assert st.dma_count == 7 and st.dma_transpose_count == 2
+    assert st.dma_count == 7
     assert st.matmul_count == 4
     assert st.flops == 2 * 256 * 256 * 128 + 2 * 256 * 128 * 512
-    assert st.pe_transpose_count == 0          # implicit transposition: no PE transposes
+    if target == "trn2":
+        assert st.dma_transpose_count == 2 and st.pe_transpose_count == 0
+    else:     # trn1: no DMA transpose ("much lower" bandwidth, undocumented)
+        assert st.dma_transpose_count == 0 and st.pe_transpose_count == 4
+        assert st.transpose_flops == 4 * 2 * 128 ** 3
     # SBUF/partition: (xu)^T strip 1*256*2 + x^T 2*256*2 + two u tiles 2*128*2 = 2048
     # in stage 1; stage 2: strip 512 + v block 1*512*2 + two output tiles 2*512*2 = 3584
     assert st.sbuf_peak_bytes == 3584
@@ -167,8 +174,23 @@ def test_shape_errors():
         sim.run(blocking.fused_xuv, x, u, v[:31])
 
 
-def test_block_too_large_for_sbuf_is_rejected():
-    """(x u)^T for 4096 tokens at rank 4096 needs 256 KiB per partition: no plan fits."""
+def test_block_too_large_for_sbuf_spills():
+    """(x u)^T for 4096 tokens at rank 4096 needs 256 KiB per partition: no plan fits
+    trn1's 192 KiB. The emulator charges the spill (saved and reloaded by DMA) instead of
+    refusing; strict mode (spill=False) refuses."""
+    args = (sim.spec((4096, 256)), sim.spec((256, 4096)), sim.spec((4096, 256)))
     with pytest.raises(sim.SbufCapacityError, match="nl.ndarray"):
-        sim.run(xuv.fused_xuv, sim.spec((4096, 256)), sim.spec((256, 4096)),
-                sim.spec((4096, 256)), block_m=4096, count_only=True)
+        sim.run(xuv.fused_xuv, *args, block_m=4096, count_only=True, spill=False)
+    _, st = sim.run(xuv.fused_xuv, *args, block_m=4096, count_only=True)
+    _, fits = sim.run(xuv.fused_xuv, *args, block_m=2048, count_only=True)
+    assert fits.spill_bytes == 0 and fits.sbuf_spilled_bytes == 0
+    assert st.sbuf_peak_bytes <= sim.TRN1.sbuf_bytes_per_partition
+    assert st.sbuf_spilled_bytes >= 256 * 1024 - sim.TRN1.sbuf_bytes_per_partition
+    # every spilled byte is saved once when its piece is written, and reloaded when read
+    assert st.spill_write_bytes >= 128 * (256 * 1024 - sim.TRN1.sbuf_bytes_per_partition)
+    assert st.spill_read_bytes >= st.spill_write_bytes
+    # the kernel's own traffic is the plan's; the spill traffic comes on top
+    ks = strip_plan.xuv_shape(4096, 256, 4096, 256)
+    assert (st.hbm_read_bytes - st.spill_read_bytes,
+            st.hbm_write_bytes - st.spill_write_bytes) == strip_plan.hbm_bytes(ks, 4096)
+    assert st.modeled_latency_s > fits.modeled_latency_s

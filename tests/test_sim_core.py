@@ -182,7 +182,8 @@ def test_scalar_vector_and_transpose_values_and_cycles():
     assert st.engine_cycles["scalar"] == 120 + 100
     # multiply: two input tiles, ~2N cycles; PSUM copy F=100
     assert st.engine_cycles["vector"] == (2 * 120 + 100) + (100 + 100)
-    assert st.engine_cycles["tensor"] == 4 * max(64, 100)   # fp32 transpose: 4 passes
+    # fp32 transpose of [100, 120]: 4 passes of max(64, 100 moving, 120 stationary columns)
+    assert st.engine_cycles["tensor"] == 4 * max(64, 100, 120)
     assert st.pe_transpose_count == 1 and st.flops == 0
 
 
@@ -240,12 +241,16 @@ def test_latency_model_by_hand(target):
 
 
 def test_small_matmuls_waste_the_array():
-    """A 64-wide moving operand costs the 64-cycle floor; a 32-row contraction still
-    occupies the whole array: MFU falls accordingly."""
+    """A 16-column moving operand is LoadStationary-bound (the 128 stationary columns);
+    a 64-column stationary with 16 moving columns costs the 64-cycle floor; a 32-row
+    contraction still occupies the whole array: MFU falls accordingly."""
     _, st = sim.run(k_many_matmuls, sim.spec((32, 128)), sim.spec((32, 16)), n=100,
                     count_only=True)
-    assert st.engine_cycles["tensor"] == 100 * 64
+    assert st.engine_cycles["tensor"] == 100 * 128
     assert st.flops == 100 * 2 * 32 * 128 * 16
+    _, st = sim.run(k_many_matmuls, sim.spec((32, 64)), sim.spec((32, 16)), n=100,
+                    count_only=True)
+    assert st.engine_cycles["tensor"] == 100 * 64
 
 
 def test_trn2_has_more_sbuf_than_trn1():
@@ -256,7 +261,9 @@ def test_trn2_has_more_sbuf_than_trn1():
     _, st = sim.run(k, np.zeros((1, 1), np.float32), target="trn2")
     assert st.sbuf_peak_bytes == 200_000 and st.sbuf_capacity_bytes == 224 * 1024
     with pytest.raises(sim.SbufCapacityError):
-        sim.run(k, np.zeros((1, 1), np.float32), target="trn1")
+        sim.run(k, np.zeros((1, 1), np.float32), target="trn1", spill=False)
+    _, st = sim.run(k, np.zeros((1, 1), np.float32), target="trn1")
+    assert st.sbuf_spilled_bytes == 200_000 - 192 * 1024 and st.spill_bytes == 0   # never used
 
 
 def test_targets_numbers():

@@ -10,12 +10,12 @@ from vllm_neuronmlp.kernels.sim import language as nl
 X = np.zeros((128, 128), dtype=np.float32)
 
 
-def run_body(body, target="trn1"):
+def run_body(body, target="trn1", **kw):
     """Run `body(x)` as a kernel on a [128, 128] fp32 HBM input."""
     def kernel(x):
         body(x)
         return None
-    return sim.run(kernel, X, target=target)
+    return sim.run(kernel, X, target=target, **kw)
 
 
 def expect(exc, *fragments, target="trn1"):
@@ -128,12 +128,33 @@ def test_sbuf_capacity_trn1_and_trn2():
         return a, b, c
 
     with pytest.raises(sim.SbufCapacityError) as info:
-        run_body(body, "trn1")
+        run_body(body, "trn1", spill=False)          # strict mode: refuse instead of spilling
     msg = str(info.value)
     assert "nl.ndarray[128, 25600] float32 in SBUF needs 102400 B/partition" in msg
     assert "98304 B/partition are live" in msg and "trn1 capacity 196608" in msg
     _, st = run_body(body, "trn2")
-    assert st.sbuf_peak_bytes == 200704
+    assert st.sbuf_peak_bytes == 200704 and st.sbuf_spilled_bytes == 0
+    # by default trn1 spills the excess (4 KiB per partition of the largest tensor)
+    _, st = run_body(body, "trn1")
+    assert st.sbuf_peak_bytes == 196608 and st.sbuf_spilled_bytes == 200704 - 196608
+
+
+def test_an_instruction_wider_than_a_partition_is_refused_even_with_spills():
+    """A 200000 B/partition tensor spills when used piecewise; one instruction on all of
+    it cannot run (its operand must be on chip at once)."""
+    @expect(sim.SbufCapacityError, "nl.ndarray[128, 50000]", "200000 B/partition of SBUF in "
+            "one instruction", "nothing can be spilled")
+    def body(x):
+        nisa.memset(dst=sb(128, 50000), value=0.0)
+
+    def halves(x):
+        t = sb(128, 50000)
+        nisa.memset(dst=t[:, 0:25000], value=0.0)
+        nisa.memset(dst=t[:, 25000:50000], value=1.0)
+    _, st = run_body(halves)
+    spilled = 200000 - 196608
+    assert st.sbuf_spilled_bytes == spilled
+    assert st.spill_write_bytes == 128 * spilled and st.spill_read_bytes == 0
 
 
 def test_tiles_past_their_last_use_make_room():

@@ -226,6 +226,6 @@ def test_buffer_count_that_does_not_fit():
         for b in bufs:
             nisa.memset(dst=b, value=1.0)
     with pytest.raises(sim.SbufCapacityError, match="229376 B/partition > trn1 capacity"):
-        _run(body, (1, 1))
+        sim.run(body, sim.spec((1, 1), "float32"), count_only=True, spill=False)
     _, st = sim.run(body, sim.spec((1, 1), "float32"), target="trn2", count_only=True)
     assert st.sbuf_peak_bytes == 4 * 56 * 1024

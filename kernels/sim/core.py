@@ -19,8 +19,18 @@ Memory model (compile-time allocation)
   lifetimes play no part: multi-buffering is explicit (a kernel allocates as many
   buffers as it wants in flight).
   The peak is the largest sum of live bytes per partition at any point of the static
-  program; the run fails with SbufCapacityError / PsumCapacityError when it exceeds the
-  target's capacity. Fragmentation and alignment are not modelled.
+  program. PSUM beyond its 8 banks fails with PsumCapacityError (DMA cannot reach PSUM,
+  so nothing can be spilled from it).
+* SBUF spills: when the live SBUF bytes exceed the capacity, the run is not refused; as
+  a compiler's allocator does, the largest live tensor gives up its trailing bytes per
+  partition until the peak fits (`spill_plan`), and the run is executed again with that
+  plan: every instruction that reads spilled bytes first reloads them from HBM by DMA,
+  every one that writes them saves them afterwards ("saved and reloaded on each reuse";
+  a reload is skipped when the previous instruction on that tensor left exactly those
+  bytes staged). The traffic is counted as HBM bytes (and `spill_*_bytes`) and scheduled
+  on the timeline like any DMA. Only an instruction whose SBUF operands together exceed
+  a partition is refused (SbufCapacityError): they must be on chip at once.
+  Fragmentation and alignment are not modelled.
 * In count-only mode no values exist: views carry shapes only, arithmetic is skipped,
   every count is still exact; a dynamic loop's body is traced once and its instruction
   stream replayed through the timeline for the remaining iterations.
@@ -34,7 +44,7 @@ import ml_dtypes
 
 from .errors import (IndirectViewError, LoopScopeError, PartitionDimError, PsumCapacityError, PsumPlacementError,
                      SbufCapacityError, UnsupportedError)
-from .targets import Target
+from .targets import Target, dma_chunk_efficiency
 from .timeline import CELL_BYTES, HBM_CELLS
 from .timeline import Event as _Event
 
@@ -80,6 +90,7 @@ class Counters:
 
     SUMMED = ("hbm_read_bytes", "hbm_write_bytes", "dma_count", "dma_transpose_count",
               "dma_bytes", "matmul_count", "matmul_flops", "pe_transpose_count",
+              "pe_transpose_flops", "spill_read_bytes", "spill_write_bytes",
               "dynamic_instructions")
 
     def __init__(self):
@@ -95,6 +106,9 @@ class Counters:
         self.matmul_count = 0
         self.matmul_flops = 0
         self.pe_transpose_count = 0
+        self.pe_transpose_flops = 0      # identity-matmul FLOPs of tensor-engine transposes
+        self.spill_read_bytes = 0        # SBUF spill reloads (HBM -> SBUF)
+        self.spill_write_bytes = 0       # SBUF spill saves (SBUF -> HBM)
         self.static_instructions = 0     # as the compiler sees them (dynamic loop bodies once)
         self.dynamic_instructions = 0    # as the engines execute them
         self.cycles = {"tensor": 0, "vector": 0, "scalar": 0, "gpsimd": 0}
@@ -129,10 +143,19 @@ class DynamicLoop:
         self.tape = None
 
 
+class SpillNeeded(Exception):
+    """Internal: the static program needs more SBUF than the target has; `plan` says
+    which tensors keep how many bytes per partition (the run is repeated with it)."""
+
+    def __init__(self, plan):
+        super().__init__(f"spill plan {plan}")
+        self.plan = plan
+
+
 class Context:
     """Everything one emulated kernel launch owns."""
 
-    def __init__(self, target: Target, count_only: bool, sync_latency_s=0.0):
+    def __init__(self, target: Target, count_only: bool, sync_latency_s=0.0, spill_plan=None):
         from .timeline import Timeline
         self.target = target
         self.count_only = count_only
@@ -144,6 +167,9 @@ class Context:
         self.active = True
         self.sbuf_peak = 0
         self.psum_peak_banks = 0
+        self.spill_plan = dict(spill_plan or {})   # on-chip allocation index -> kept bytes
+        self.sbuf_spilled_bytes = 0                # per partition, summed over tensors
+        self.widest_access = (0, "")               # most SBUF bytes/partition one instruction touches
 
     def update_tracing(self):
         """`tracing`: True while the instruction stream is the static program (every
@@ -175,6 +201,9 @@ class Context:
         for loop in self.loops:
             loop.allocs.append(alloc)
         if alloc.buffer.on_chip:
+            keep = self.spill_plan.get(len(self.allocations))
+            if keep is not None and alloc.buffer is SBUF and keep < alloc.bytes_pp:
+                alloc.keep = keep
             self.allocations.append(alloc)
 
     def use(self, alloc):
@@ -202,7 +231,7 @@ class Context:
         return (alloc.uid, first // c, last // c)
 
     def issue(self, engine, cost_s, reads=(), writes=(), psum_port=False, queue=None,
-              occupancy_s=0.0):
+              occupancy_s=0.0, dge_s=0.0, dge_engine=None):
         """One instruction: liveness/scope checks, counts, and the timeline."""
         c = self.counters
         use, span = self.use, self.span
@@ -210,6 +239,8 @@ class Context:
         for t in reads:
             a = t._alloc
             use(a)
+            if a.keep is not None:
+                self._spill_move(t, reload=True)
             if a.buffer.on_chip or a.hbm_written:
                 rspans.append(span(t))
         wspans = []
@@ -221,10 +252,55 @@ class Context:
             wspans.append(span(t))
         if self.tracing:
             c.static_instructions += 1
+            touched = sum(t.free_size() * t.itemsize for t in reads + writes
+                          if t._alloc.buffer is SBUF)
+            if touched > self.widest_access[0]:
+                self.widest_access = (touched, f"a {engine} instruction on "
+                                      + ", ".join(t._alloc.describe() for t in reads + writes))
         c.dynamic_instructions += 1
         c.instructions[engine] = c.instructions.get(engine, 0) + 1
         self.timeline.schedule(_Event(engine, cost_s, tuple(rspans), tuple(wspans), psum_port,
-                                      queue, occupancy_s))
+                                      queue, occupancy_s, dge_s, dge_engine))
+        for t in writes:
+            if t._alloc.keep is not None:
+                self._spill_move(t, reload=False)
+
+    def _spill_move(self, t, reload):
+        """The DMA that reloads (before a read) or saves (after a write) the spilled bytes
+        of view `t` (its bytes per partition beyond the tensor's kept size)."""
+        a = t._alloc
+        first, last = t.byte_span()
+        lo = max(first, a.keep)
+        if lo > last:
+            return
+        if reload and a.staged == (lo, last):
+            return                     # still staged from the previous use
+        a.staged = (lo, last)
+        per_part = max(1, (last + 1 - lo) * t.free_size() * t.itemsize // (last + 1 - first))
+        parts = t.partitions()
+        payload = per_part * parts
+        tgt = self.target
+        eff = min(1.0, dma_chunk_efficiency(min(per_part, t.contiguous_run_bytes()))
+                  * tgt.dma_efficiency_scale)
+        rate = tgt.dma_cost_bytes_per_s * eff
+        engines = min(tgt.dma_engines, max(1, -(-parts // tgt.dma_partitions_per_engine)))
+        occupancy = max(payload / (rate * tgt.dma_engines), payload / tgt.hbm_bytes_per_s)
+        c = self.counters
+        if reload:
+            c.hbm_read_bytes += payload
+            c.spill_read_bytes += payload
+        else:
+            c.hbm_write_bytes += payload
+            c.spill_write_bytes += payload
+        c.dma_count += 1
+        c.dma_bytes += payload
+        c.dynamic_instructions += 1
+        c.instructions["dma"] = c.instructions.get("dma", 0) + 1
+        home = (("spill", a.uid), 0, 0)
+        s = self.span(t)
+        self.timeline.schedule(_Event("dma", payload / (rate * engines),
+                                      (home,) if reload else (s,), (s,) if reload else (home,),
+                                      False, ("spill", a.uid), occupancy))
 
     def close_loop(self, loop):
         end = self.counters.static_instructions - 1
@@ -232,40 +308,42 @@ class Context:
             alloc.last_use = max(alloc.last_use, end)
         loop.closed = True
 
-    def check_capacity(self):
-        """Peak live bytes of the static program, checked against the target."""
+    def check_capacity(self, allow_spill=True):
+        """Peak live bytes of the static program, checked against the target. SBUF beyond
+        capacity: raises SpillNeeded with a spill plan (or SbufCapacityError when a single
+        tensor exceeds a partition, or allow_spill is False); PSUM: PsumCapacityError."""
         t = self.target
-        for buffer, size, cap, err in (
-                (SBUF, lambda a: a.bytes_pp, t.sbuf_bytes_per_partition, SbufCapacityError),
-                (PSUM, lambda a: a.banks, t.psum_banks, PsumCapacityError)):
-            allocs = [a for a in self.allocations if a.buffer is buffer]
-            events = []
-            for a in allocs:
-                events.append((a.first_use, 1, a))
-                events.append((max(a.last_use, a.first_use) + 1, 0, a))
-            events.sort(key=lambda e: (e[0], e[1]))
-            live, peak, peak_set, cur = 0, 0, None, set()
-            for _, kind, a in events:
-                if kind:
-                    live += size(a)
-                    cur.add(a)
-                    if live > peak:
-                        peak, peak_set = live, (a, list(cur))
-                else:
-                    live -= size(a)
-                    cur.discard(a)
-            if buffer is SBUF:
-                self.sbuf_peak = peak
-            else:
-                self.psum_peak_banks = peak
-            if peak > cap:
-                last, live_set = peak_set
+        cap = t.sbuf_bytes_per_partition
+        sbuf = [a for a in self.allocations if a.buffer is SBUF]
+        size = lambda a: a.bytes_pp if a.keep is None else a.keep   # noqa: E731
+        peak, live_set = _peak(sbuf, size)
+        self.sbuf_peak = peak
+        self.sbuf_spilled_bytes = sum(a.bytes_pp - a.keep for a in sbuf if a.keep is not None)
+        if self.widest_access[0] > cap:
+            nbytes, instr = self.widest_access
+            raise SbufCapacityError(
+                f"{instr} touches {nbytes} B/partition of SBUF in one instruction: more than "
+                f"{t.name}'s {cap} B/partition (an instruction's operands must be on chip "
+                f"at once; nothing can be spilled)")
+        if peak > cap:
+            if not allow_spill or self.spill_plan:
+                last = live_set[-1]
                 others = ", ".join(x.describe() for x in live_set if x is not last)
-                unit = "B/partition" if buffer is SBUF else "banks"
-                raise err(
-                    f"nl.ndarray{_fmt_shape(last.shape)} {last.dtype.name} in "
-                    f"{buffer.name.upper()} needs {size(last)} {unit} while {peak - size(last)} "
-                    f"{unit} are live ({others}): {peak} {unit} > {t.name} capacity {cap} {unit}")
+                raise SbufCapacityError(
+                    f"nl.ndarray{_fmt_shape(last.shape)} {last.dtype.name} in SBUF needs "
+                    f"{size(last)} B/partition while {peak - size(last)} B/partition are live "
+                    f"({others}): {peak} B/partition > {t.name} capacity {cap} B/partition")
+            raise SpillNeeded(spill_plan(self.allocations, cap))
+        psum = [a for a in self.allocations if a.buffer is PSUM]
+        peak, live_set = _peak(psum, lambda a: a.banks)
+        self.psum_peak_banks = peak
+        if peak > t.psum_banks:
+            last = live_set[-1]
+            others = ", ".join(x.describe() for x in live_set if x is not last)
+            raise PsumCapacityError(
+                f"nl.ndarray{_fmt_shape(last.shape)} {last.dtype.name} in PSUM needs "
+                f"{last.banks} banks while {peak - last.banks} banks are live ({others}): "
+                f"{peak} banks > {t.name} capacity {t.psum_banks} banks")
         self.check_psum_placement()
 
     def check_psum_placement(self):
@@ -279,6 +357,44 @@ class Context:
                         raise PsumPlacementError(
                             f"{a.describe()} at PSUM byte {a.address} and {b.describe()} at "
                             f"byte {b.address} overlap while both are live")
+
+
+def _peak(allocs, size):
+    """(peak of the summed sizes of live allocations, the live set at the peak, in
+    allocation order with the one that made the peak last)."""
+    events = []
+    for a in allocs:
+        events.append((a.first_use, 1, a))
+        events.append((max(a.last_use, a.first_use) + 1, 0, a))
+    events.sort(key=lambda e: (e[0], e[1]))
+    live, peak, peak_set, cur = 0, 0, [], {}
+    for _, kind, a in events:
+        if kind:
+            live += size(a)
+            cur[a] = True
+            if live > peak:
+                peak = live
+                peak_set = [x for x in cur if x is not a] + [a]
+        else:
+            live -= size(a)
+            cur.pop(a, None)
+    return peak, peak_set
+
+
+def spill_plan(allocations, capacity):
+    """{index in `allocations`: bytes per partition kept on chip}: while the SBUF peak
+    exceeds `capacity`, the largest live tensor at the peak gives up the excess (its
+    trailing bytes per partition)."""
+    sbuf = [a for a in allocations if a.buffer is SBUF]
+    keep = {a: a.bytes_pp for a in sbuf}
+    for _ in range(10 * len(sbuf) + 10):
+        peak, live = _peak(sbuf, keep.__getitem__)
+        if peak <= capacity:
+            break
+        victim = max(live, key=lambda a: keep[a])
+        keep[victim] -= min(keep[victim], peak - capacity)
+    index = {a: i for i, a in enumerate(allocations)}
+    return {index[a]: k for a, k in keep.items() if k < a.bytes_pp}
 
 
 _state = threading.local()
@@ -311,7 +427,7 @@ class Allocation:
 
     __slots__ = ("buffer", "dtype", "shape", "array", "written", "bytes_pp", "banks", "name",
                  "uid", "address", "first_use", "last_use", "loop", "depth", "cell",
-                 "hbm_written", "strides")
+                 "hbm_written", "strides", "keep", "staged")
 
     def __init__(self, ctx: Context, shape, dtype, buffer: Buffer, name="", array=None,
                  address=None):
@@ -325,6 +441,8 @@ class Allocation:
         self.banks = 0
         self.address = None
         self.hbm_written = False
+        self.keep = None               # bytes per partition kept on chip when spilled
+        self.staged = None             # spilled byte range staged by the last reload/save
         self.strides = tuple(math.prod(self.shape[d + 1:]) for d in range(len(self.shape)))
         if buffer.on_chip:
             if len(self.shape) == 0:
@@ -580,6 +698,17 @@ class NkiTensor:
             elif shape[d] != 1:
                 break                          # a fixed index into a longer dim
         return run * self.itemsize
+
+    def element_stride_bytes(self):
+        """Bytes between consecutive elements of the view's innermost varying dim (the
+        partition dim of an on-chip tile excluded): the itemsize when it is contiguous."""
+        alloc = self._alloc
+        lo = 1 if alloc.buffer.on_chip else 0
+        for d in range(len(alloc.shape) - 1, lo - 1, -1):
+            r = self._index[d]
+            if r.__class__ is range and len(r) > 1:
+                return r.step * alloc.strides[d] * alloc.dtype.itemsize
+        return alloc.dtype.itemsize
 
     def partitions(self):
         """Number of partitions the view spans (dim 0 of an on-chip tile)."""

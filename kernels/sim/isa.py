@@ -3,11 +3,13 @@
 their cost.
 
 Cost figures (per instruction; `timeline` schedules them, see docs/kernels.md):
-* nc_matmul: max(64, N) tensor-engine cycles for 2-byte inputs, 4x that for 4-byte
-  inputs, N = moving free size; 2*K*M*N FLOPs. The stationary load is assumed hidden
-  behind the previous multiply (background LoadStationary).
-* nc_transpose (tensor engine): a matmul against an identity, max(64, P) cycles (x4
-  for 4-byte data); counted as a transpose, not as FLOPs.
+* nc_matmul: max(64, N, M) tensor-engine cycles for 2-byte inputs, 4x that for 4-byte
+  inputs, N = moving free size, M = stationary free size (LoadStationary-bound when N is
+  small), plus the target's per-instruction access overhead, over the target's
+  `pe_efficiency` (1 unless calibrated); 2*K*M*N FLOPs.
+* nc_transpose (tensor engine): a matmul of the data against an identity, max(64, P, F)
+  cycles (x4 for 4-byte data) + access overhead; counted as a transpose
+  (`pe_transpose_flops` = 2 P F P), not as matmul FLOPs.
 * vector / scalar / gpsimd instructions: F cycles of their engine, F = elements per
   partition, 2F for VectorE instructions with two input tiles (tensor_tensor; "roughly
   2N cycles", trainium_inferentia2_arch.rst, Vector Engine cost model), plus the
@@ -20,7 +22,11 @@ Cost figures (per instruction; `timeline` schedules them, see docs/kernels.md):
   bandwidth are the timeline's. Efficiency: for a copy, the documented
   throughput-vs-bytes-per-partition curve at the copy's smallest contiguous run
   (`targets.dma_chunk_efficiency`: 256 B -> 0.105, 1 KiB -> 0.43, 2 KiB -> 0.84,
-  >= 4 KiB -> 1); for a DMA transpose, 0.9 ("up to 90%" of a copy). See `targets`.
+  >= 4 KiB -> 1), halved for element strides over 16 B; for a DMA transpose, the
+  target's `dma_transpose_efficiency` (trn2: 0.9, "up to 90%" of a copy; trn1:
+  undocumented, bracketed). Descriptor generation: trn2 ~600 ns per DMA on the issuing
+  engine; trn1 software DGE on GpSimd for register-addressed DMAs (bracketed). See
+  `targets`.
 """
 import enum
 
@@ -28,7 +34,7 @@ import numpy as np
 
 from . import core
 from .core import FP32, PSUM, SBUF, NkiTensor, _fmt_shape
-from .targets import DMA_TRANSPOSE_EFFICIENCY, dma_chunk_efficiency
+from .targets import dma_chunk_efficiency
 from .errors import (DmaPsumError, DmaTransposeError, EngineAccessError, MatmulMemoryError,
                      MovingFreeError, PartitionDimError, PsumBankError, ShapeMismatchError,
                      StationaryFreeError, UnsupportedError)
@@ -101,7 +107,8 @@ def _charge(ctx, eng: str, free_elems: int, reads, writes, inputs: int = 1):
     t = ctx.target
     n = int(free_elems)
     work = n * t.vector_two_input_factor if (eng == "vector" and inputs >= 2) else n
-    cycles = work + (t.engine_static_overhead_cycles if n < t.pe_rows else 0)
+    cycles = work + (t.engine_static_overhead_cycles if n < t.pe_rows else 0) \
+        + t.access_overhead_cycles
     ctx.counters.cycles[eng] += cycles
     port = (t.psum_shared_vector_scalar and eng in ("vector", "scalar")
             and any(o.buffer is PSUM for o in reads + writes))
@@ -206,12 +213,13 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
 
     c = ctx.counters
     factor = tgt.fp32_matmul_factor if max(stationary.itemsize, moving.itemsize) >= 4 else 1
-    cycles = max(tgt.matmul_min_cycles, n) * factor
+    # LoadStationary-bound when few moving columns: at least the stationary's columns
+    cycles = max(tgt.matmul_min_cycles, n, m) * factor + tgt.access_overhead_cycles
     c.cycles["tensor"] += cycles
     c.matmul_count += 1
     c.matmul_flops += 2 * k * m * n
     # (an accumulating matmul also reads dst: ordered by the write-after-write on dst)
-    ctx.issue("tensor", cycles / tgt.pe_hz, (stationary, moving), (dst,))
+    ctx.issue("tensor", cycles / (tgt.pe_hz * tgt.pe_efficiency), (stationary, moving), (dst,))
     if ctx.count_only:
         return
     prod = _fp32(stationary).reshape(k, m).T @ _fp32(moving).reshape(k, n)
@@ -269,10 +277,12 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
     _check_bank(instr, dst, tgt, shapes)
     c = ctx.counters
     factor = tgt.fp32_matmul_factor if data.itemsize >= 4 else 1
-    cycles = max(tgt.matmul_min_cycles, p) * factor
+    # a matmul of data [p, f] (stationary) against a p x p identity (moving)
+    cycles = max(tgt.matmul_min_cycles, p, f) * factor + tgt.access_overhead_cycles
     c.cycles["tensor"] += cycles
     c.pe_transpose_count += 1
-    ctx.issue("tensor", cycles / tgt.pe_hz, (data,), (dst,))
+    c.pe_transpose_flops += 2 * p * f * p
+    ctx.issue("tensor", cycles / (tgt.pe_hz * tgt.pe_efficiency), (data,), (dst,))
     if ctx.count_only:
         return
     dst.write(_fp32(data).reshape(p, f).T.reshape(dst.shape))
@@ -411,11 +421,13 @@ def _account_dma(ctx, dst: NkiTensor, src: NkiTensor, transpose=False):
     tgt = ctx.target
     payload = max(src.nbytes, dst.nbytes)
     if transpose:
-        eff = DMA_TRANSPOSE_EFFICIENCY
+        eff = tgt.dma_transpose_efficiency
     else:
         run = max(1, min(src.contiguous_run_bytes(), dst.contiguous_run_bytes()))
         c.dma_min_run_bytes = run if c.dma_min_run_bytes is None else min(c.dma_min_run_bytes, run)
         eff = dma_chunk_efficiency(run)
+        if max(src.element_stride_bytes(), dst.element_stride_bytes()) > tgt.dma_stride_limit_bytes:
+            eff *= 0.5                 # "half bandwidth" for strides over 16 B
     eff = min(1.0, eff * tgt.dma_efficiency_scale)
     hbm = None
     if _is_hbm(src):
@@ -438,8 +450,13 @@ def _account_dma(ctx, dst: NkiTensor, src: NkiTensor, transpose=False):
     if tgt.hbm_bytes_per_s < tgt.dma_cost_bytes_per_s * tgt.dma_engines and hbm is not None:
         occupancy = max(occupancy, payload / tgt.hbm_bytes_per_s)
     queue = ("hbm", hbm._alloc.uid) if hbm is not None else ("sbuf",)
+    # descriptor generation: trn2's hardware DGE on the issuing engine for every DMA; on
+    # trn1 (no hardware DGE) software DGE on GpSimd for a register-addressed DMA
+    dge_s, dge_engine = tgt.hwdge_s, "sync"
+    if not dge_s and (src.is_indirect() or dst.is_indirect()):
+        dge_s, dge_engine = tgt.swdge_dynamic_s, "gpsimd"
     ctx.issue("dma", payload / (rate * engines), (src,), (dst,), queue=queue,
-              occupancy_s=occupancy)
+              occupancy_s=occupancy, dge_s=dge_s, dge_engine=dge_engine)
 
 
 def _no_psum(instr, dst, src):

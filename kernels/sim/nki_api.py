@@ -51,16 +51,18 @@ class _SdkNamesPointedAtTheEmulator:
         return False
 
 
-def run(kernel, *arrays, target="trn1", count_only=False, **kernel_kwargs):
+def run(kernel, *arrays, target="trn1", count_only=False, spill=True, **kernel_kwargs):
     """Execute `kernel` in the emulator.
 
     arrays: numpy float32 / bfloat16 arrays (or `sim.spec` placeholders when
-    count_only); kernel_kwargs are passed to the kernel unchanged.
+    count_only); kernel_kwargs are passed to the kernel unchanged. spill=False refuses
+    SBUF overflow (SbufCapacityError) instead of charging spill traffic.
     Returns (outputs, stats): outputs as numpy arrays (a tuple when the kernel returns
     several; None in count-only mode), stats a `Stats`.
     """
     with _SdkNamesPointedAtTheEmulator():
-        return execute(kernel, *arrays, target=target, count_only=count_only, **kernel_kwargs)
+        return execute(kernel, *arrays, target=target, count_only=count_only, spill=spill,
+                       **kernel_kwargs)
 
 
 class SimKernel:

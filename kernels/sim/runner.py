@@ -69,23 +69,32 @@ class Stats:
     dynamic_instructions: int = 0   # what the engines execute
     engine_busy_s: dict = field(default_factory=dict)
     engine_stall_s: dict = field(default_factory=dict)
+    transpose_flops: int = 0        # identity-matmul FLOPs of tensor-engine transposes
+    spill_read_bytes: int = 0       # SBUF spill reloads (part of hbm_read_bytes)
+    spill_write_bytes: int = 0      # SBUF spill saves (part of hbm_write_bytes)
+    sbuf_spilled_bytes: int = 0     # bytes per partition the spill plan moved to HBM
 
     @property
     def hbm_bytes(self) -> int:
         return self.hbm_read_bytes + self.hbm_write_bytes
 
     @property
+    def spill_bytes(self) -> int:
+        return self.spill_read_bytes + self.spill_write_bytes
+
+    @property
     def arithmetic_intensity(self) -> float:
         return self.flops / self.hbm_bytes if self.hbm_bytes else float("inf")
 
     def __getitem__(self, key):
-        if key in ("hbm_bytes", "arithmetic_intensity"):
+        if key in ("hbm_bytes", "arithmetic_intensity", "spill_bytes"):
             return getattr(self, key)
         return asdict(self)[key]
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["hbm_bytes"] = self.hbm_bytes
+        d["spill_bytes"] = self.spill_bytes
         d["arithmetic_intensity"] = self.arithmetic_intensity
         d["dma_size_hist"] = {str(k): v for k, v in sorted(self.dma_size_hist.items())}
         return d
@@ -120,6 +129,8 @@ def model_stats(ctx: core.Context) -> Stats:
         modeled_latency_s=latency, mfu=mfu, bound_by=bound, peak_flops=t.peak_flops,
         static_instructions=c.static_instructions, dynamic_instructions=c.dynamic_instructions,
         engine_busy_s=dict(busy), engine_stall_s=dict(tl.stall),
+        transpose_flops=c.pe_transpose_flops, spill_read_bytes=c.spill_read_bytes,
+        spill_write_bytes=c.spill_write_bytes, sbuf_spilled_bytes=ctx.sbuf_spilled_bytes,
     )
 
 
@@ -162,24 +173,32 @@ def _from_hbm(ctx, out):
     return None if ctx.count_only else out.numpy()
 
 
-def execute(kernel, *arrays, target="trn1", count_only=False, **kernel_kwargs):
+def execute(kernel, *arrays, target="trn1", count_only=False, spill=True, **kernel_kwargs):
     """Execute `kernel` in a fresh emulator context.
 
     arrays: numpy float32 / bfloat16 arrays (or `spec` placeholders when count_only);
-    kernel_kwargs are passed to the kernel unchanged.
+    kernel_kwargs are passed to the kernel unchanged. spill: SBUF beyond capacity is
+    spilled (saved and reloaded by DMA, `core`); spill=False refuses it instead
+    (SbufCapacityError).
     Returns (outputs, stats): outputs as numpy arrays (a tuple when the kernel returns
     several; None in count-only mode), stats a `Stats`. `sim.run` (nki_api.run) is this
     with the real SDK's module names pointed at the emulator for the duration.
     """
     t = get_target(target)
-    ctx = core.Context(t, bool(count_only), t.sync_latency_s)
-    prev = core.push(ctx)
-    try:
-        args = [_to_hbm(ctx, a, i) for i, a in enumerate(arrays)]
-        out = python_function(kernel)(*args, **kernel_kwargs)
-        outputs = _from_hbm(ctx, out)
-        del args, out
-        ctx.check_capacity()
-    finally:
-        core.pop(prev)
-    return outputs, model_stats(ctx)
+    plan = None
+    while True:
+        ctx = core.Context(t, bool(count_only), t.sync_latency_s, spill_plan=plan)
+        prev = core.push(ctx)
+        try:
+            args = [_to_hbm(ctx, a, i) for i, a in enumerate(arrays)]
+            out = python_function(kernel)(*args, **kernel_kwargs)
+            outputs = _from_hbm(ctx, out)
+            del args, out
+            ctx.check_capacity(allow_spill=spill)
+        except core.SpillNeeded as need:
+            # SBUF overflows: run again, the spilled bytes saved and reloaded by DMA
+            plan = need.plan
+            continue
+        finally:
+            core.pop(prev)
+        return outputs, model_stats(ctx)

@@ -23,8 +23,21 @@ github.com/aws-neuron/aws-neuron-sdk, the same text as awsdocs-neuron.readthedoc
 * DMA transpose: "up to 90% DMA throughput utilization ... compared to up to 100% for a
   DMA copy" -- nki/guides/architecture/trainium2_arch.rst, section "DMA Transpose".
   For trn1 the perf guide only says "much lower DMA bandwidth" than a plain load
-  (nki/deep-dives/nki_perf_guide.rst, Opt #10) without a number, so the trn2 figure is
-  used as an upper bound there too (optimistic for trn1).
+  (nki/deep-dives/nki_perf_guide.rst, Opt #10) and recommends the tensor engine's
+  transpose instead, without a number: trn1's figure is BRACKETED (`bracket`) between
+  trn2's 0.9 (optimistic) and the documented efficiency of 2-byte runs, one element per
+  descriptor (the curve's floor, pessimistic).
+* SBUF/PSUM access overhead of ~60 cycles per instruction, which the engines "can
+  typically hide" (trainium_inferentia2_arch.rst / nki_perf_guide.rst): BRACKETED between
+  0 (hidden) and 60 cycles on every compute instruction (not hidden).
+* LoadStationary: a matmul whose moving free size is small is bound by loading its
+  stationary operand (trainium_inferentia2_arch.rst, Tensor Engine "Cost Model"): charged
+  as max(moving free size, stationary free size, 64) cycles.
+* DMA with an element stride over 16 B runs at half bandwidth (nki-dma-bandwidth-guide.rst).
+* Descriptor generation (nki/deep-dives/nki-dge.rst): trn2 generates descriptors in
+  hardware, ~600 ns per DMA on the issuing engine; trn1 has no hardware DGE, so DMAs
+  with a register (dynamic) address get their descriptors from GpSimd software, cost
+  unstated: BRACKETED between 0 and the documented 1.3 us fixed DMA cost.
 * VectorE: "If there are two input tiles, the instruction can execute in roughly 2N
   cycles (example: nki.isa.tensor_tensor)" -- nki/guides/architecture/
   trainium_inferentia2_arch.rst, Vector Engine "Cost Model".
@@ -32,6 +45,7 @@ github.com/aws-neuron/aws-neuron-sdk, the same text as awsdocs-neuron.readthedoc
   "Data Movement"; lifted on NeuronCore-v3 per trainium2_arch.rst): their PSUM-touching
   instructions share one port and serialize.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -46,6 +60,7 @@ DMA_CHUNK_EFFICIENCY = (
     (1024, 0.43), (2048, 0.84), (4096, 1.0),
 )
 DMA_TRANSPOSE_EFFICIENCY = 0.9     # trainium2_arch.rst "DMA Transpose": up to 90% vs 100%
+ACCESS_OVERHEAD_CYCLES = 60        # per-instruction SBUF/PSUM access overhead (hidden: 0)
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,22 @@ class Target:
     # Multiplier on the DMA efficiency curve (capped at 1). 1 = the documented curve; a
     # calibration knob only (docs/kernels.md, "Calibration").
     dma_efficiency_scale: float = 1.0
+    # DMA transpose throughput relative to a copy; None: undocumented (trn1), `bracket`
+    # gives the extremes and the nominal model uses the optimistic one
+    dma_transpose_efficiency: float = DMA_TRANSPOSE_EFFICIENCY
+    dma_transpose_documented: bool = True
+    # SBUF/PSUM access overhead per compute instruction (cycles of its engine); 0 = hidden
+    access_overhead_cycles: int = 0
+    # hardware descriptor generation per DMA on the issuing engine (trn2: ~600 ns)
+    hwdge_s: float = 0.0
+    # software descriptor generation on GpSimd for a DMA with a dynamic (register)
+    # address (trn1: no hardware DGE; cost unstated, bracketed)
+    swdge_dynamic_s: float = 0.0
+    # half DMA bandwidth for element strides over this many bytes
+    dma_stride_limit_bytes: int = 16
+    # the one calibration knob: the tensor engine's efficiency while busy (1 = the
+    # documented instruction costs); fitted on the paper's Table 3 only
+    pe_efficiency: float = 1.0
 
     @property
     def psum_bank_bytes(self) -> int:
@@ -117,6 +148,7 @@ TRN1 = Target(
     psum_bytes_per_partition=16 * KIB, psum_banks=8, hbm_bytes_per_s=410e9,
     dma_engines=16, dma_engine_bytes_per_s=27.2e9, dma_fixed_s=1.3e-6,
     dma_engine_sustained_bytes_per_s=17e9, psum_shared_vector_scalar=True,
+    dma_transpose_documented=False,
 )
 
 TRN2 = Target(
@@ -125,6 +157,7 @@ TRN2 = Target(
     psum_bytes_per_partition=16 * KIB, psum_banks=8, hbm_bytes_per_s=362e9,
     dma_engines=16, dma_engine_bytes_per_s=27.2e9, dma_fixed_s=1.3e-6,
     dma_engine_sustained_bytes_per_s=23e9, psum_shared_vector_scalar=False,
+    hwdge_s=600e-9,
 )
 
 TARGETS = {"trn1": TRN1, "trn2": TRN2}
@@ -143,6 +176,35 @@ def dma_chunk_efficiency(run_bytes: int) -> float:
             x0, x1 = math.log2(b0), math.log2(b1)
             return e0 + (e1 - e0) * (x - x0) / (x1 - x0)
     return pts[-1][1]
+
+
+# The undocumented constants at their plausible extremes (docs/kernels.md, "Brackets").
+# "optimistic" is the nominal model: each unknown at its cheapest plausible value.
+SWDGE_PESSIMISTIC_S = 1.3e-6
+
+
+def bracket_end(target, end: str) -> Target:
+    """`target` with every undocumented constant at one end of its bracket:
+    end="optimistic" (the nominal model) or "pessimistic"."""
+    t = get_target(target)
+    if end == "optimistic":
+        return dataclasses.replace(
+            t, access_overhead_cycles=0,
+            dma_transpose_efficiency=DMA_TRANSPOSE_EFFICIENCY if not t.dma_transpose_documented
+            else t.dma_transpose_efficiency,
+            swdge_dynamic_s=0.0)
+    if end == "pessimistic":
+        return dataclasses.replace(
+            t, access_overhead_cycles=ACCESS_OVERHEAD_CYCLES,
+            dma_transpose_efficiency=DMA_CHUNK_EFFICIENCY[0][1] if not t.dma_transpose_documented
+            else t.dma_transpose_efficiency,
+            swdge_dynamic_s=SWDGE_PESSIMISTIC_S if t.nc_version == 2 else 0.0)
+    raise ValueError(f"bracket end must be 'optimistic' or 'pessimistic', got {end!r}")
+
+
+def bracket(target):
+    """(optimistic, pessimistic) variants of `target` (see `bracket_end`)."""
+    return bracket_end(target, "optimistic"), bracket_end(target, "pessimistic")
 
 
 def get_target(target) -> Target:

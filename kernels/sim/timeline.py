@@ -38,6 +38,7 @@ CELL_BYTES = 512            # dependency granularity within one partition of a t
 HBM_CELLS = 4096            # an HBM tensor is tracked in at most this many cells
 
 COMPUTE_ENGINES = ("tensor", "vector", "scalar", "gpsimd")
+DGE_ENGINES = ("sync",)      # trn2's hardware DGE runs on the issuing (Sync/Scalar) sequencer
 
 
 class Calendar:
@@ -95,6 +96,8 @@ class Event:
     reads / writes: tuples of (storage key, first cell, last cell)
     psum_port: holds NC-v2's shared VectorE/ScalarE PSUM port
     queue: DMA queue key; occupancy_s: DMA time on the shared aggregate bandwidth
+    dge_s / dge_engine: descriptor generation before a DMA, booked on that engine (trn2's
+    hardware DGE on the issuing engine, trn1's software DGE on GpSimd)
     """
     engine: str
     cost_s: float
@@ -103,6 +106,8 @@ class Event:
     psum_port: bool = False
     queue: object = None
     occupancy_s: float = 0.0
+    dge_s: float = 0.0
+    dge_engine: str = None
 
 
 class Timeline:
@@ -111,10 +116,11 @@ class Timeline:
     def __init__(self, target, sync_latency_s=0.0):
         self.t = target
         self.free = {e: 0.0 for e in COMPUTE_ENGINES}
-        self.busy = {e: 0.0 for e in COMPUTE_ENGINES + ("dma",)}
-        self.stall = {e: 0.0 for e in COMPUTE_ENGINES + ("dma",)}
+        self.busy = {e: 0.0 for e in COMPUTE_ENGINES + ("dma",) + DGE_ENGINES}
+        self.stall = {e: 0.0 for e in COMPUTE_ENGINES + ("dma",) + DGE_ENGINES}
         self.port = Calendar()
         self.bw = Calendar()
+        self.dge = {}            # engine -> Calendar of descriptor generation
         self.queue_free = {}
         self.last_write = {}     # storage key -> list of end times per cell
         self.last_read = {}
@@ -187,6 +193,13 @@ class Timeline:
         t = self.t
         qfree = self.queue_free.get(ev.queue, 0.0)
         earliest = max(ready + t.dma_fixed_s, qfree)
+        if ev.dge_s > 0.0:
+            cal = self.dge.get(ev.dge_engine)
+            if cal is None:
+                cal = self.dge[ev.dge_engine] = Calendar()
+            generated = cal.book(ready, ev.dge_s) + ev.dge_s
+            self.busy[ev.dge_engine] += ev.dge_s
+            earliest = max(earliest, generated)
         if earliest > qfree:
             self.stall["dma"] += earliest - qfree
         start = self.bw.book(earliest, ev.occupancy_s)
@@ -233,6 +246,8 @@ class Timeline:
             self.free[e] += shift
         self.port.shift(shift)
         self.bw.shift(shift)
+        for cal in self.dge.values():
+            cal.shift(shift)
         for q in self.queue_free:
             self.queue_free[q] += shift
         for table, attr in ((self.last_read, "reads"), (self.last_write, "writes")):
