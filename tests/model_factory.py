@@ -1,4 +1,4 @@
-"""Tiny random Llama, Mistral, Qwen2, Qwen3 and Gemma checkpoints built by the tests (nothing downloaded).
+"""Tiny random Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 3 checkpoints built by the tests (nothing downloaded).
 
 `make_dense_and_factored` writes a factored `svd_neuron` checkpoint and its dense
 twin whose MLP weights are exactly `W = U V` (the product computed in float64,
@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp import mlp_families
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # one per MLP family of mlp_families
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")  # one per MLP family of mlp_families
 
 TOKENIZER_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -28,6 +28,9 @@ TOKENIZER_TEXT = [
     "One two three four five six seven eight nine ten.",
 ] * 4
 HEAD_DIM = 32  # vLLM's CPU attention supports only some head sizes (24 is refused)
+# Gemma 3's sliding-window layers see this many tokens (the query's own included): smaller than the
+# tests' sequences, so the window changes the result. Every second layer is global (Gemma 3 270M: every sixth).
+GEMMA3_SLIDING_WINDOW = 8
 
 
 def make_tokenizer(path: str, vocab_size: int) -> None:
@@ -49,8 +52,8 @@ def make_tokenizer(path: str, vocab_size: int) -> None:
 def make_config(arch: str, hidden: int, intermediate: int, layers: int, vocab: int, dtype: torch.dtype,
                 heads: Optional[int] = None, kv_heads: int = 2):
     """`heads` defaults to hidden / HEAD_DIM; with another count, only the families with an
-    explicit head_dim (Qwen3, Gemma) keep heads * HEAD_DIM != hidden."""
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    explicit head_dim (Qwen3, Gemma, Gemma 3) keep heads * HEAD_DIM != hidden."""
+    from transformers import GemmaConfig, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=heads or hidden // HEAD_DIM, num_key_value_heads=kv_heads, vocab_size=vocab,
@@ -66,6 +69,16 @@ def make_config(arch: str, hidden: int, intermediate: int, layers: int, vocab: i
         return MistralConfig(sliding_window=None, **common)
     if arch == "gemma":  # GELU-tanh MLP; embeddings scaled by sqrt(hidden)
         return GemmaConfig(head_dim=HEAD_DIM, hidden_activation="gelu_pytorch_tanh", **common)
+    if arch == "gemma3_text":  # Gemma 3: GELU-tanh, norms before and after attention and MLP, q/k norms,
+        # embeddings scaled by sqrt(hidden), sliding-window and global layers with their own rotary bases,
+        # tied embeddings (as Gemma 3 270M)
+        common.update(tie_word_embeddings=True)
+        layer_types = ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
+        return Gemma3TextConfig(head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, sliding_window=GEMMA3_SLIDING_WINDOW,
+                                layer_types=layer_types, hidden_activation="gelu_pytorch_tanh",
+                                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                                 "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
+                                **common)
     raise ValueError(f"no tiny config for {arch!r}; choose one of {ARCHS}")
 
 
@@ -96,6 +109,8 @@ def write_random_model(path: str, arch: str = "llama", hidden: int = 192, interm
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, config.initializer_range)
+            elif arch == "gemma3_text" and name.endswith("norm.weight"):  # zero (a scale of 1 + w) would hide
+                param.normal_(0.0, 0.3)                                    # a norm that is skipped or misplaced
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer:

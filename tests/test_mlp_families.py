@@ -5,7 +5,8 @@ from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.mlp_families import DOWN, GATE, UP
 
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gemma"}
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text"}
+GELU_TANH_TYPES = {"gemma", "gemma3_text"}
 
 
 def test_each_supported_model_type_has_one_family():
@@ -13,14 +14,14 @@ def test_each_supported_model_type_has_one_family():
     for model_type in SUPPORTED:
         family = mlp_families.family_for_config({"model_type": model_type})
         assert model_type in family.model_types
-        assert family.activation == (mlp_families.GELU_TANH if model_type == "gemma" else mlp_families.SILU)
+        assert family.activation == (mlp_families.GELU_TANH if model_type in GELU_TANH_TYPES else mlp_families.SILU)
 
 
 def test_transformers_configs_and_nested_text_config():
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import GemmaConfig, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     for cls, name in ((LlamaConfig, "llama"), (MistralConfig, "mistral"), (Qwen2Config, "qwen2"),
-                      (Qwen3Config, "qwen3"), (GemmaConfig, "gemma")):
+                      (Qwen3Config, "qwen3"), (GemmaConfig, "gemma"), (Gemma3TextConfig, "gemma3")):
         assert mlp_families.family_for_config(cls()).name == name
     # a multimodal config.json: the text model's type decides
     assert mlp_families.family_for_config({"model_type": "llava", "text_config": {"model_type": "qwen2"}}).name == "qwen2"

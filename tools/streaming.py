@@ -11,6 +11,7 @@ pieces here.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
@@ -50,6 +51,20 @@ class Skeleton:
     family: fam.MLPFamily
     device: torch.device = torch.device("cpu")  # where layers are materialized and the passes compute
     roles: Tuple[str, ...] = ROLES  # the targeted projections: the MLP's, plus attention's with --scope all
+    # what the model's embedding module multiplies the looked-up rows by (Gemma, Gemma 3: sqrt(hidden))
+    embed_scale: float = 1.0
+
+    def layer_type(self, i: int) -> Optional[str]:
+        """config.layer_types[i] ("sliding_attention", "full_attention"), or None for a
+        model whose layers are all alike."""
+        types = getattr(self.config, "layer_types", None)
+        return types[i] if types else None
+
+    def sliding_window(self, i: int) -> Optional[int]:
+        """How many tokens (itself included) a query of layer i sees, or None for full causal attention."""
+        if self.layer_type(i) != "sliding_attention":
+            return None
+        return getattr(self.config, "sliding_window", None)
 
     def attr(self, role: str) -> str:
         """Attribute name of a role's projection in its parent (`mlp` or the attention module)."""
@@ -102,7 +117,8 @@ def build_skeleton(src: SourceCheckpoint, device: str = "cpu", attention: bool =
         config = AutoConfig.from_pretrained(src.path, trust_remote_code=False)
     except Exception as e:
         raise UserError(f"{os.path.join(src.path, cf.CONFIG_FILE)}: transformers cannot read this config ({e})") from None
-    config._attn_implementation = "sdpa"  # causal attention with no mask tensor
+    config._attn_implementation = "sdpa"  # causal attention (sliding-window layers get a mask, LayerRunner)
+    _refuse_unstreamed_features(src, config)
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
@@ -146,8 +162,24 @@ def build_skeleton(src: SourceCheckpoint, device: str = "cpu", attention: bool =
     dev = torch.device(device)
     if rotary is not None:
         rotary = rotary.to(dev)
+    # Gemma's embedding module scales the rows it looks up (its `scalar_embed_scale`); models that scale
+    # in the config instead (Granite-style `embedding_multiplier`) say so there
+    embed_scale = float(getattr(embed_module, "scalar_embed_scale", 1.0)) * float(
+        getattr(config, "embedding_multiplier", None) or 1.0)
     return Skeleton(config, model, layers, prefix, embed_name, rotary, len(layers), int(config.hidden_size),
-                    int(config.intermediate_size), family, dev, ROLES + (ATTENTION_ROLES if attention else ()))
+                    int(config.intermediate_size), family, dev, ROLES + (ATTENTION_ROLES if attention else ()),
+                    embed_scale)
+
+
+def _refuse_unstreamed_features(src: SourceCheckpoint, config) -> None:
+    """Config settings the streamed forward does not reproduce: refused by name, never run wrongly."""
+    where = os.path.join(src.path, cf.CONFIG_FILE)
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(config, key, None):
+            raise UserError(f"{where}: {key} = {getattr(config, key)} is not supported (the streamed forward "
+                            f"computes plain logits and attention scores)")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UserError(f"{where}: use_bidirectional_attention is not supported; compress a causal LM")
 
 
 def materialize_layer(sk: Skeleton, src: SourceCheckpoint, i: int) -> nn.Module:
@@ -202,12 +234,12 @@ def materialize_head(sk: Skeleton, src: SourceCheckpoint) -> Tuple[nn.Module, to
 
 
 def embed(sk: Skeleton, src: SourceCheckpoint, ids: torch.Tensor) -> torch.Tensor:
-    """Input hidden states [n, S, hidden] (float32, on the skeleton's device) of token windows `ids` [n, S]."""
+    """Input hidden states [n, S, hidden] (float32, on the skeleton's device) of token windows `ids` [n, S],
+    scaled as the model's embedding scales them (`Skeleton.embed_scale`)."""
     w = src.get(sk.embed_name)
     x = torch.nn.functional.embedding(ids, w).to(sk.device, torch.float32)
-    scale = getattr(sk.config, "embedding_multiplier", None)  # e.g. Granite-style scaling; Llama has none
-    if scale:
-        x = x * float(scale)
+    if sk.embed_scale != 1.0:
+        x = x * sk.embed_scale
     return x
 
 
@@ -221,23 +253,47 @@ class _Stop(Exception):
     pass
 
 
+def sliding_window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, S, S] boolean, True where query q may read key k: causal, and at most `window`
+    tokens back, itself included (k > q - window, as transformers' and vLLM's sliding windows)."""
+    q = torch.arange(seq_len, device=device).unsqueeze(1)
+    k = torch.arange(seq_len, device=device).unsqueeze(0)
+    return ((k <= q) & (k > q - window)).view(1, 1, seq_len, seq_len)
+
+
 class LayerRunner:
     """Runs one materialized decoder layer over chunks of hidden states and
-    captures the inputs of the MLP (shared by gate and up) and of down."""
+    captures the inputs of the MLP (shared by gate and up) and of down.
+
+    A model with several layer kinds (Gemma 3: sliding-window layers between
+    global ones, `config.layer_types`) gets each kind's rotary embedding (its own
+    base) and mask, as the transformers model hands them to its layers; full
+    causal attention needs no mask tensor (sdpa's causal flag)."""
 
     def __init__(self, sk: Skeleton, seq_len: int):
         self.sk = sk
         self.position_ids = torch.arange(seq_len, device=sk.device).unsqueeze(0)
-        self.position_embeddings = None
+        self.layer_index = {id(layer): i for i, layer in enumerate(sk.layers)}
+        kinds = sorted({sk.layer_type(i) for i in range(sk.num_layers)}, key=str)
+        self.position_embeddings: Dict[Optional[str], object] = {}
         if sk.rotary is not None:
             dummy = torch.zeros(1, seq_len, sk.hidden, device=sk.device)
+            per_kind = "layer_type" in inspect.signature(sk.rotary.forward).parameters
             with torch.no_grad():
-                self.position_embeddings = sk.rotary(dummy, self.position_ids)
+                for kind in kinds:
+                    self.position_embeddings[kind] = (sk.rotary(dummy, self.position_ids, kind) if per_kind
+                                                      else sk.rotary(dummy, self.position_ids))
+        self.masks: Dict[int, torch.Tensor] = {}
+        for i in range(sk.num_layers):
+            window = sk.sliding_window(i)
+            if window is not None and window < seq_len:
+                self.masks[i] = sliding_window_mask(seq_len, window, sk.device)
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(attention_mask=None, position_ids=self.position_ids.expand(x.shape[0], -1))
-        if self.position_embeddings is not None:
-            kwargs["position_embeddings"] = self.position_embeddings
+        i = self.layer_index[id(layer)]
+        kwargs = dict(attention_mask=self.masks.get(i), position_ids=self.position_ids.expand(x.shape[0], -1))
+        if self.position_embeddings:
+            kwargs["position_embeddings"] = self.position_embeddings[self.sk.layer_type(i)]
         out = layer(x, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 

@@ -79,6 +79,9 @@ FAMILIES: Tuple[MLPFamily, ...] = (
     MLPFamily("qwen3", ("qwen3",)),
     # Gemma (1st generation): GELU, tanh approximation (hidden_activation gelu_pytorch_tanh)
     MLPFamily("gemma", ("gemma",), activation=GELU_TANH),
+    # Gemma 3 (text-only Gemma3ForCausalLM): GELU-tanh as Gemma; its q/k norms, the norms after attention
+    # and MLP and the sliding-window layers change nothing in how the projections are named or factored
+    MLPFamily("gemma3", ("gemma3_text",), activation=GELU_TANH),
 )
 
 
