@@ -296,11 +296,12 @@ class Context:
         c.dma_bytes += payload
         c.dynamic_instructions += 1
         c.instructions["dma"] = c.instructions.get("dma", 0) + 1
-        home = (("spill", a.uid), 0, 0)
         s = self.span(t)
+        home = (("spill", a.uid), s[1], s[2])      # the bytes' HBM home, cell for cell
+        # reloads and saves each stream through their own in-order queue
         self.timeline.schedule(_Event("dma", payload / (rate * engines),
                                       (home,) if reload else (s,), (s,) if reload else (home,),
-                                      False, ("spill", a.uid), occupancy))
+                                      False, ("spill", a.uid, reload), occupancy))
 
     def close_loop(self, loop):
         end = self.counters.static_instructions - 1
