@@ -161,13 +161,13 @@ def fused_xuv(x, u, v, transpose_out=False):
 
 
 @jit
-def up_gate(x, u_gate, v_gate, u_up, v_up):
+def up_gate(x, u_gate, v_gate, u_up, v_up, activation="silu"):
     """`mlp.up_gate` with `block_m = select_block_m(...)` and the transposing load of
-    `x_transpose_choice`, for the target being traced."""
+    `x_transpose_choice`, for the target being traced (activation: `mlp.ACTIVATIONS`)."""
     shape = mlp.up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up)
     bm = select_block_m(shape, target_name())
     return mlp.up_gate.inline(x, u_gate, v_gate, u_up, v_up, bm,
-                              x_transpose_choice(shape, bm, target_name()))
+                              x_transpose_choice(shape, bm, target_name()), activation)
 
 
 @jit

@@ -89,9 +89,10 @@ def fused_xuv_sim(x, u, v, target="trn1", transpose_out=False, block_m=None):
 
 
 def svd_mlp_sim(x, u_gate, v_gate, u_up, v_up, u_down, v_down, target="trn1",
-                return_stats=False):
-    """The SVD MLP (silu(x Ug Vg) * (x Uu Vu)) Ud Vd through the two NKI kernels
-    (`mlp.up_gate` then `mlp.down`) in the CPU emulator.
+                return_stats=False, activation="silu"):
+    """The SVD MLP (act(x Ug Vg) * (x Uu Vu)) Ud Vd through the two NKI kernels
+    (`mlp.up_gate` then `mlp.down`) in the CPU emulator; act is `activation`
+    ("silu" or "gelu_tanh", `mlp.ACTIVATIONS`).
 
     x [..., H] float32 or bfloat16 (the kernels compute in x's dtype; factors of
     another dtype are cast on load); u_gate [H, rg], v_gate [rg, I], u_up [H, ru],
@@ -109,7 +110,7 @@ def svd_mlp_sim(x, u_gate, v_gate, u_up, v_up, u_down, v_down, target="trn1",
     if x2.shape[0] == 0:
         y = np.zeros((*lead, H), dtype=np.float32)
         return (y, None) if return_stats else y
-    h_t, st_up = run(blocking.up_gate, x2, u_gate, v_gate, u_up, v_up, target=target)
+    h_t, st_up = run(blocking.up_gate, x2, u_gate, v_gate, u_up, v_up, target=target, activation=activation)
     y, st_down = run(blocking.down, h_t, u_down, v_down, target=target)
     y = np.asarray(y, dtype=np.float32).reshape(*lead, H)
     return (y, (st_up, st_down)) if return_stats else y
@@ -262,7 +263,7 @@ def fused_xuv_nki(x, u, v):
     return y.reshape(*lead, v.shape[1])
 
 
-def svd_mlp_nki(x, u_gate, v_gate, u_up, v_up, u_down, v_down):
+def svd_mlp_nki(x, u_gate, v_gate, u_up, v_up, u_down, v_down, activation="silu"):
     """`mlp.up_gate` then `mlp.down` on the Neuron device.
 
     x [..., H] and the factors are torch tensors on the Neuron device (normally bf16).
@@ -271,8 +272,10 @@ def svd_mlp_nki(x, u_gate, v_gate, u_up, v_up, u_down, v_down):
     runtime = _torch_neuron_api()
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, x.shape[-1])
+    # the activation is a trace-time constant; SiLU, the kernel's default, is not passed
+    act = {} if activation == "silu" else {"activation": activation}
     h_t = runtime.kernel(blocking.up_gate)[runtime.grid](x=x2, u_gate=u_gate, v_gate=v_gate, u_up=u_up,
-                                                          v_up=v_up)          # [I, S]: no transpose between
+                                                          v_up=v_up, **act)  # [I, S]: no transpose between
     y = runtime.kernel(blocking.down)[runtime.grid](h_t=h_t, u_down=u_down, v_down=v_down)   # [S, H]
     return y.reshape(*lead, y.shape[-1])
 
@@ -289,11 +292,11 @@ def log_fallback_once(what: str, reason: str) -> None:
                        what, reason)
 
 
-def svd_mlp(x, u_gate, v_gate, u_up, v_up, u_down, v_down, *, fallback):
+def svd_mlp(x, u_gate, v_gate, u_up, v_up, u_down, v_down, *, fallback, activation="silu"):
     """The MLP through the device kernels when they can run on these tensors, else
     `fallback()` (the caller's torch implementation), said once in the log."""
     ok, reason = device_support(x, u_gate, v_gate, u_up, v_up, u_down, v_down)
     if not ok:
         log_fallback_once("svd_mlp", reason)
         return fallback()
-    return svd_mlp_nki(x, u_gate, v_gate, u_up, v_up, u_down, v_down)
+    return svd_mlp_nki(x, u_gate, v_gate, u_up, v_up, u_down, v_down, activation)

@@ -1,6 +1,6 @@
 """The SVD-compressed MLP as two kernels (NeuronMM section 4.2.2):
 
-    h^T = up_gate(x, u_gate, v_gate, u_up, v_up)   # [I, S] = (silu(x Ug Vg) * (x Uu Vu))^T
+    h^T = up_gate(x, u_gate, v_gate, u_up, v_up)   # [I, S] = (act(x Ug Vg) * (x Uu Vu))^T
     y   = down(h^T, u_down, v_down)                 # [S, H] = h Ud Vd
 
 Kernel 1 writes its result transposed so that kernel 2 can read it with no transpose
@@ -13,14 +13,26 @@ transposition, fp32 PSUM accumulation, V streamed by blocks):
 * up_gate: stage 1 loads each x^T sub-strip once and projects it through both U_gate
   and U_up (one pass over x for the two GEMMs; the ranks may differ); stage 2 streams
   V_gate and V_up blocks side by side, so each output tile's gate and up products
-  meet on chip: SiLU on the scalar engine (reading PSUM), the product on the vector
-  engine, then the store -- the activation never touches HBM;
+  meet on chip: the activation (SiLU, or Gemma's tanh-approximated GELU) on the scalar
+  engine (reading PSUM), the product on the vector engine, then the store -- the
+  activation never touches HBM;
 * down: stage 1 reads h^T directly (no transposing DMA needed), stage 2 uses the
   normal-layout path.
 """
 from . import strip_plan
 from .nki_compat import jit, nl
 from .xuv import check_dims, elem_bytes, plan_on_target, run_strips, x_transpose_for
+
+# The gate activations `up_gate` computes on the scalar engine, by the names the model
+# families use: SiLU (Llama, Qwen, Mistral) and GELU with the tanh approximation (Gemma).
+ACTIVATIONS = {"silu": nl.silu, "gelu_tanh": nl.gelu_apprx_tanh}
+
+
+def activation_op(activation):
+    """The scalar-engine function of a gate activation name."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"up_gate: activation {activation!r} is not one of {tuple(ACTIVATIONS)}")
+    return ACTIVATIONS[activation]
 
 
 def up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up, x_transpose=None):
@@ -48,18 +60,20 @@ def down_kernel_shape(h_t, u_down, v_down):
 
 
 @jit
-def up_gate(x, u_gate, v_gate, u_up, v_up, block_m, x_transpose=None):
-    """h^T [I, S] = (silu(x @ u_gate @ v_gate) * (x @ u_up @ v_up))^T.
+def up_gate(x, u_gate, v_gate, u_up, v_up, block_m, x_transpose=None, activation="silu"):
+    """h^T [I, S] = (act(x @ u_gate @ v_gate) * (x @ u_up @ v_up))^T, act = `activation`
+    ("silu" or "gelu_tanh", `ACTIVATIONS`).
 
     x [S, H]; u_gate [H, rg], v_gate [rg, I]; u_up [H, ru], v_up [ru, I] (rg != ru
     allowed). Output dtype = x's. block_m: tokens per row strip (`blocking.up_gate` is
     this kernel with the block-size selector's choice). x_transpose: how x^T is made
     ("dma" or "pe", `xuv.load_transposed`); None: the target's default.
     """
+    act = activation_op(activation)
     shape = up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up, x_transpose)
     plan = plan_on_target(shape, block_m)
     h_t = nl.ndarray((shape.N, shape.S), dtype=x.dtype, buffer=nl.shared_hbm)
-    run_strips(x, (u_gate, u_up), (v_gate, v_up), h_t, plan, False, "silu_cols")
+    run_strips(x, (u_gate, u_up), (v_gate, v_up), h_t, plan, False, "silu_cols", act)
     return h_t
 
 

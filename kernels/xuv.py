@@ -342,14 +342,14 @@ def _stage2_rows(parts, v, y, block_n, strip, columns=None):
                 nisa.dma_copy(dst=strip.rows(y, t0 + g0, gp, n0, nb), src=o[0:gp, 0:nb])
 
 
-def _stage2_cols(parts, vs, yT, block_n, silu_mul, strip):
+def _stage2_cols(parts, vs, yT, block_n, gate_act, strip):
     """y^T[n, t] for the strip: V tiles [r, 128 n] stationary, the cached (x u)^T moving
     -> PSUM [n, tokens], which is already the transposed output layout. Each 128-row
     output tile spans the whole strip ([128 n, bm tokens] in SBUF) and leaves as one DMA
     of bm-wide rows.
 
-    silu_mul (MLP gate/up, vs = (v_gate, v_up)): the two products meet on chip as
-    silu(gate) on the scalar engine times up on the vector engine, before the store.
+    gate_act (MLP gate/up, vs = (v_gate, v_up)): the two products meet on chip as
+    gate_act(gate) on the scalar engine times up on the vector engine, before the store.
     """
     N = vs[0].shape[1]
     bm = strip.height
@@ -360,7 +360,7 @@ def _stage2_cols(parts, vs, yT, block_n, silu_mul, strip):
     vbs = [Buffers(f"v_block{i}_", (P, _cdiv(v.shape[0], P), block_n), dtype,
                    n_buffers(len(blocks))) for i, v in enumerate(vs)]
     outs = Buffers("yT_tile", (P, bm), yT.dtype, n_buffers(n_out))
-    gs = Buffers("silu", (P, MM_N), nl.float32, n_buffers(n_g)) if silu_mul else None
+    gs = Buffers("silu", (P, MM_N), nl.float32, n_buffers(n_g)) if gate_act is not None else None
     accs = [Buffers(f"yT_acc{i}_", (P, MM_N), nl.float32, 2, buffer=nl.psum, bank=2 * i)
             for i in range(len(vs))]
     for n0, nb in blocks:
@@ -384,9 +384,9 @@ def _stage2_cols(parts, vs, yT, block_n, silu_mul, strip):
                                            accumulate=(rt > 0))
                         acc.append(ps)
                     off = t0 + c0
-                    if silu_mul:
+                    if gate_act is not None:
                         g = gs.next()
-                        nisa.activation(dst=g[0:jp, 0:cw], op=nl.silu, data=acc[0][0:jp, 0:cw])
+                        nisa.activation(dst=g[0:jp, 0:cw], op=gate_act, data=acc[0][0:jp, 0:cw])
                         nisa.tensor_tensor(dst=o[0:jp, off:off + cw], data1=g[0:jp, 0:cw],
                                            data2=acc[1][0:jp, 0:cw], op=nl.multiply)
                     else:
@@ -394,20 +394,22 @@ def _stage2_cols(parts, vs, yT, block_n, silu_mul, strip):
             nisa.dma_copy(dst=strip.cols(yT, n0 + j0, jp, 0, bm), src=o[0:jp, 0:bm])
 
 
-def run_strips(x, us, vs, y, plan, x_transposed, out):
+def run_strips(x, us, vs, y, plan, x_transposed, out, act=None):
     """The fused kernels' outer loop: one row strip of BM tokens at a time (a hardware
-    loop over the full strips, see `over_strips`)."""
+    loop over the full strips, see `over_strips`). act: the MLP gate's activation (an
+    `nl` function) for out "silu_cols"; nl.silu when not given."""
     S = plan.shape.S
     bm = min(plan.block_m, S)
-    over_strips(S, bm, lambda strip: _strip(x, us, vs, y, strip, plan, x_transposed, out))
+    over_strips(S, bm, lambda strip: _strip(x, us, vs, y, strip, plan, x_transposed, out, act))
 
 
-def _strip(x, us, vs, y, strip, plan, x_transposed, out):
+def _strip(x, us, vs, y, strip, plan, x_transposed, out, act=None):
     parts = _stage1(x, us, strip, plan, x_transposed)     # (x u)^T strip cached in SBUF
     if out == "rows":
         _stage2_rows(parts, vs[0], y, plan.block_n, strip)
     else:
-        _stage2_cols(parts, vs, y, plan.block_n, out == "silu_cols", strip)
+        gate_act = (act or nl.silu) if out == "silu_cols" else None
+        _stage2_cols(parts, vs, y, plan.block_n, gate_act, strip)
 
 
 def check_dims(name, **dims):

@@ -25,8 +25,8 @@ import torch
 from vllm_neuronmlp import mlp_families
 
 FUSED_MLP_ENV = "VLLM_NEURONMLP_FUSED_MLP"
-# Activations `ops.svd_mlp` computes (act(gate) * up).
-FUSED_ACTIVATIONS = (mlp_families.SILU,)
+# Activations `ops.svd_mlp` computes (act(gate) * up), on every backend.
+FUSED_ACTIVATIONS = (mlp_families.SILU, mlp_families.GELU_TANH)
 
 _installed = False
 # Every vLLM module name the hook reacts to, over all families.
@@ -94,12 +94,14 @@ def _on_submodule_registered(parent: torch.nn.Module, name: str, submodule):
 
 
 def fused_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`down(silu(gate(x)) * up(x))` as one `svd_mlp` op, all-reduced like the row-parallel down."""
+    """`down(act(gate(x)) * up(x))` (the family's activation) as one `svd_mlp` op, all-reduced like the
+    row-parallel down."""
     from vllm_neuronmlp.ops import svd_mlp
 
     family = self._svd_family
     gate_up, down = getattr(self, family.vllm_gate_up), getattr(self, family.down)
-    y = svd_mlp(x, gate_up.svd_u, gate_up.svd_v, down.svd_u, down.svd_v, gate_up.svd_ranks[0], gate_up.svd_backend)
+    y = svd_mlp(x, gate_up.svd_u, gate_up.svd_v, down.svd_u, down.svd_v, gate_up.svd_ranks[0], gate_up.svd_backend,
+                family.activation)
     if down.reduce_results and down.tp_size > 1:
         from vllm.distributed import tensor_model_parallel_all_reduce
 

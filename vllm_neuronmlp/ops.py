@@ -1,6 +1,9 @@
 """The fused SVD MLP op, `svd_mlp`, and the one place that picks its backend.
 
-    y = ( silu(x U_g V_g) * (x U_u V_u) ) U_d V_d
+    y = ( act(x U_g V_g) * (x U_u V_u) ) U_d V_d
+
+act is the family's gate activation (mlp_families): SiLU, or GELU with the tanh
+approximation (Gemma, Gemma 3); every backend computes both.
 
 Backends:
 - `torch`:   PyTorch GEMMs on whatever device vLLM runs on (CPU here). The first
@@ -27,6 +30,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from vllm_neuronmlp.mlp_families import ACTIVATIONS, SILU  # the activation names the fused op computes
 
 BACKEND_ENV = "VLLM_NEURONMLP_BACKEND"
 BACKENDS = ("torch", "nki", "nki-sim")
@@ -66,12 +71,21 @@ def select_backend(device: torch.device, requested: Optional[str] = None) -> str
 
 
 # ---------------------------------------------------------------- backends
+
+
+def _gate_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(h), in place where torch allows it."""
+    if activation == SILU:
+        return F.silu(h, inplace=True)
+    return F.gelu(h, approximate="tanh")
+
+
 def _mlp_torch(x: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tensor,
-               down_u: torch.Tensor, down_v: torch.Tensor, gate_rank: int) -> torch.Tensor:
+               down_u: torch.Tensor, down_v: torch.Tensor, gate_rank: int, activation: str = SILU) -> torch.Tensor:
     t = x @ gate_up_u                       # [S, r_g + r_u]: both first stages in one GEMM
     h = t[:, :gate_rank] @ gate_up_v[:gate_rank]
     up = t[:, gate_rank:] @ gate_up_v[gate_rank:]
-    h = F.silu(h, inplace=True).mul_(up)    # [S, I_local]
+    h = _gate_activation(h, activation).mul_(up)    # [S, I_local]
     return (h @ down_u) @ down_v
 
 
@@ -85,23 +99,25 @@ def _to_numpy(t: torch.Tensor):
     return t.detach().contiguous().numpy()
 
 
-def _mlp_nki_sim(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank: int) -> torch.Tensor:
+def _mlp_nki_sim(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank: int, activation: str = SILU) -> torch.Tensor:
     from vllm_neuronmlp.kernels import launch
 
     a = [_to_numpy(t) for t in (x, gate_up_u, gate_up_v, down_u, down_v)]
     xs, guu, guv, du, dv = a
-    y = launch.svd_mlp_sim(xs, guu[:, :gate_rank], guv[:gate_rank], guu[:, gate_rank:], guv[gate_rank:], du, dv)
+    y = launch.svd_mlp_sim(xs, guu[:, :gate_rank], guv[:gate_rank], guu[:, gate_rank:], guv[gate_rank:], du, dv,
+                           activation=activation)
     return torch.from_numpy(y).to(x.dtype)
 
 
-def _mlp_nki(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank: int) -> torch.Tensor:
+def _mlp_nki(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank: int, activation: str = SILU) -> torch.Tensor:
     """The kernels on the Neuron device through the one launcher (kernels/launch.py), which
     falls back to `_mlp_torch` (saying so once in the log) when they cannot run."""
     from vllm_neuronmlp.kernels import launch
 
     return launch.svd_mlp(x, gate_up_u[:, :gate_rank].contiguous(), gate_up_v[:gate_rank],
                           gate_up_u[:, gate_rank:].contiguous(), gate_up_v[gate_rank:], down_u, down_v,
-                          fallback=lambda: _mlp_torch(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank))
+                          fallback=lambda: _mlp_torch(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank, activation),
+                          activation=activation)
 
 
 _BACKEND_FUNCS = {"torch": _mlp_torch, "nki-sim": _mlp_nki_sim, "nki": _mlp_nki}
@@ -109,27 +125,32 @@ _BACKEND_FUNCS = {"torch": _mlp_torch, "nki-sim": _mlp_nki_sim, "nki": _mlp_nki}
 
 @torch.library.custom_op("vllm_neuronmlp::svd_mlp", mutates_args=())
 def svd_mlp_op(x: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tensor, down_u: torch.Tensor,
-               down_v: torch.Tensor, gate_rank: int, backend: str) -> torch.Tensor:
+               down_v: torch.Tensor, gate_rank: int, backend: str, activation: str) -> torch.Tensor:
     shape = x.shape
-    y = _BACKEND_FUNCS[backend](x.reshape(-1, shape[-1]), gate_up_u, gate_up_v, down_u, down_v, gate_rank)
+    y = _BACKEND_FUNCS[backend](x.reshape(-1, shape[-1]), gate_up_u, gate_up_v, down_u, down_v, gate_rank,
+                                activation)
     return y.reshape(*shape[:-1], down_v.shape[1])
 
 
 @svd_mlp_op.register_fake
-def _svd_mlp_fake(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank, backend):
+def _svd_mlp_fake(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank, backend, activation):
     return x.new_empty(*x.shape[:-1], down_v.shape[1])
 
 
 def svd_mlp(x: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tensor, down_u: torch.Tensor,
-            down_v: torch.Tensor, gate_rank: int, backend: Optional[str] = None) -> torch.Tensor:
+            down_v: torch.Tensor, gate_rank: int, backend: Optional[str] = None,
+            activation: str = SILU) -> torch.Tensor:
     """The factored MLP of one (tensor-parallel shard of a) layer.
 
     x [.., H]; gate_up_u [H, r_g + r_u] (= [U_g | U_u]); gate_up_v [r_g + r_u, I]
-    (= [V_g ; V_u]); down_u [I, r_d]; down_v [r_d, H]. Returns [.., H], the
-    shard's partial sum under tensor parallelism (the caller all-reduces).
+    (= [V_g ; V_u]); down_u [I, r_d]; down_v [r_d, H]; activation "silu" or
+    "gelu_tanh" (the family's, mlp_families). Returns [.., H], the shard's partial
+    sum under tensor parallelism (the caller all-reduces).
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"svd_mlp: activation {activation!r} is not one of {ACTIVATIONS}")
     return svd_mlp_op(x, gate_up_u, gate_up_v, down_u, down_v, gate_rank,
-                      backend or select_backend(x.device))
+                      backend or select_backend(x.device), activation)
 
 
 # ---------------------------------------------------------------- one factored linear
