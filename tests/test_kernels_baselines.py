@@ -103,3 +103,108 @@ def test_dense_m_blocks_are_one_hardware_loop():
         counts[S] = (st.static_instructions, st.dynamic_instructions)
     assert counts[2048][0] == counts[8192][0]
     assert counts[8192][1] == 4 * counts[2048][1]
+
+
+# -- the paper's baselines as it measured them ---------------------------------------------
+
+def paper_tensors(S, K, r, N, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((S, K)).astype(dtype)
+    u = (rng.standard_normal((K, r)) / np.sqrt(K)).astype(dtype)
+    v = (rng.standard_normal((r, N)) / np.sqrt(r)).astype(dtype)
+    w = (d(u) @ d(v)).astype(dtype)
+    return {"x": x, "u": u, "v": v, "w": w}
+
+
+@pytest.mark.parametrize("target", ["trn1", "trn2"])
+@pytest.mark.parametrize("name", ["dense_xw", "sequential_xuv", "fused_xuv"])
+def test_paper_sequences_compute_y_transposed(name, target):
+    """Each launch sequence the paper timed ends in y^T = (x w)^T or (x u v)^T, on both
+    targets (the tutorial's accumulators are bf16: a looser tolerance)."""
+    S, K, r, N = 300, 384, 256, 1100
+    t = paper_tensors(S, K, r, N, BF16, seed=1)
+    out, st = baselines.run_launches(baselines.paper_launches(name, block_m=256), t, target)
+    ref = d(t["x"]) @ d(t["w"]) if name == "dense_xw" else d(t["x"]) @ d(t["u"]) @ d(t["v"])
+    y_t = d(out["yT"])
+    assert y_t.shape == (N, S)
+    assert np.abs(y_t - ref.T).max() / np.abs(ref).max() < 2e-2
+    assert st.latency_s == pytest.approx(sum(s.modeled_latency_s for _, s in st.launches))
+
+
+def test_transpose_launch_is_exact_and_moves_each_byte_twice():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1100, 300)).astype(BF16)
+    y, st = sim.run(baselines.transpose, x)
+    assert np.array_equal(d(y), d(x).T)
+    assert st.hbm_read_bytes == st.hbm_write_bytes == 2 * 1100 * 300
+    assert st.pe_transpose_count == 9 * 3            # 128 x 128 blocks, edges masked
+    assert st.matmul_count == 0 and st.flops == 0
+
+
+def test_paper_structure_hbm_and_transpose_flops():
+    """No spills at this size: the HBM bytes of each sequence are its launches' by hand
+    (transposes read and write their tensor once; the tutorial reads lhsT once per N
+    block of 1024 columns, rhs once, writes the result once; the fused kernel reads x
+    once and U, V once per strip, writes y^T once), and the transpose FLOPs are
+    2 x 128 per element transposed, so their ratio XW / XUV is (K + N) / (K + r + N) --
+    exactly the ratio of the paper's measured 68.01 / 78.92 G."""
+    S, K, r, N = 2048, 1024, 512, 2048
+    e = 2
+    shapes = {"x": (S, K), "w": (K, N), "u": (K, r), "v": (r, N)}
+    _, xw = baselines.run_launches(baselines.paper_launches("dense_xw"), shapes, count_only=True)
+    _, xuv = baselines.run_launches(baselines.paper_launches("sequential_xuv"), shapes,
+                                    count_only=True)
+    _, fused = baselines.run_launches(baselines.paper_launches("fused_xuv", block_m=1024), shapes,
+                                      count_only=True)
+    nb = lambda n: -(-n // 1024)   # noqa: E731  (tutorial N blocks)
+    assert xw.hbm_bytes == e * (2 * S * K + (nb(N) * S * K + K * N + S * N) + 2 * S * N)
+    assert xuv.hbm_bytes == e * (2 * S * K + (nb(r) * S * K + K * r + S * r) + 2 * S * r
+                                 + (nb(N) * S * r + r * N + S * N) + 2 * S * N)
+    assert fused.hbm_bytes == e * (S * K + 2 * (K * r + r * N) + S * N)
+    assert xw.spill_bytes == xuv.spill_bytes == fused.spill_bytes == 0
+    assert xw.transpose_flops == 2 * 128 * S * (K + N)
+    assert xuv.transpose_flops == 2 * 128 * S * (K + r + N)
+    assert fused.transpose_flops == 0
+    assert xw.transpose_flops / xuv.transpose_flops == pytest.approx((K + N) / (K + r + N))
+    # (the paper rounds to 0.01 G: 0.8618 against 0.8621)
+    assert 68.01 / 78.92 == pytest.approx((7168 + 18432) / (7168 + 4096 + 18432), rel=5e-4)
+
+
+def test_tutorial_accumulators_spill_and_are_saved_and_reloaded_on_each_reuse():
+    """All-M bf16 accumulators: 16 bytes per partition per token. At M = 8192 with two K
+    blocks they need 128 KiB next to 100 KiB of double-buffered lhsT/rhs/packed tiles:
+    the excess spills. Each spilled byte is saved after the zeroing and after each K
+    block's addition (1 + 2 writes) and reloaded before each addition and before the final
+    copy out (2 + 1 reads); strict mode refuses instead."""
+    M, K, N = 8192, 2048, 1024
+    args = (sim.spec((K, M)), sim.spec((K, N)))
+    _, st = sim.run(baselines.tutorial_matmul, *args, count_only=True)
+    spilled = st.sbuf_spilled_bytes
+    assert spilled == 16 * M + 100 * 1024 - 192 * 1024
+    assert st.spill_write_bytes == 3 * 128 * spilled
+    assert st.spill_read_bytes == 3 * 128 * spilled
+    assert st.hbm_bytes - st.spill_bytes == 2 * (K * M + K * N + M * N)
+    with pytest.raises(sim.SbufCapacityError, match="result_tiles"):
+        sim.run(baselines.tutorial_matmul, *args, count_only=True, spill=False)
+    # trn2's 224 KiB partitions spill only 4 KiB of them
+    _, st2 = sim.run(baselines.tutorial_matmul, *args, count_only=True, target="trn2")
+    assert st2.sbuf_spilled_bytes == 16 * M + 100 * 1024 - 224 * 1024
+    assert st2.spill_bytes == 6 * 128 * st2.sbuf_spilled_bytes
+
+
+def test_tutorial_matmul_values_with_spills():
+    """Spills change the cost, never the values: a spilling tutorial matmul (small K so
+    it runs in seconds) equals numpy within bf16 accumulation error."""
+    rng = np.random.default_rng(4)
+    M, K, N = 8192, 128, 1024
+    lhsT = rng.standard_normal((K, M)).astype(BF16)
+    rhs = rng.standard_normal((K, N)).astype(BF16)
+    y, st = sim.run(baselines.tutorial_matmul, lhsT, rhs)
+    assert st.spill_bytes > 0
+    ref = d(lhsT).T @ d(rhs)
+    assert np.abs(d(y) - ref).max() / np.abs(ref).max() < 1e-2
+
+
+def test_unknown_paper_sequence_is_refused():
+    with pytest.raises(ValueError, match="no paper launch sequence named 'dense'"):
+        baselines.paper_launches("dense")

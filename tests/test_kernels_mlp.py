@@ -81,7 +81,13 @@ def test_no_transpose_between_the_kernels(target):
     S, H, rg, ru, I, rd = 256, 256, 128, 128, 384, 128
     x, ug, vg, uu, vu, ud, vd = factors(S, H, rg, ru, I, rd, BF16, seed=2)
     h_t, st_up = sim.run(blocking.up_gate, x, ug, vg, uu, vu, target=target)
-    _, st_down = sim.run(blocking.down, h_t, ud, vd, target=target)
+    y, st_down = sim.run(blocking.down, h_t, ud, vd, target=target)
+    # the values on both targets, whichever transposing load
+    h_ref = silu(d(x) @ d(ug) @ d(vg)) * (d(x) @ d(uu) @ d(vu))
+    rel, worst = rel_err(h_t, h_ref.T)
+    assert rel <= TOL[BF16][0] and worst <= TOL[BF16][1], (rel, worst)
+    rel, worst = rel_err(y, d(h_t).T @ d(ud) @ d(vd))
+    assert rel <= TOL[BF16][0] and worst <= TOL[BF16][1], (rel, worst)
     if target == "trn2":
         assert st_up.dma_transpose_count == H // 128 and st_up.pe_transpose_count == 0
     else:

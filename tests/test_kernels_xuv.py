@@ -194,3 +194,50 @@ def test_block_too_large_for_sbuf_spills():
     assert (st.hbm_read_bytes - st.spill_read_bytes,
             st.hbm_write_bytes - st.spill_write_bytes) == strip_plan.hbm_bytes(ks, 4096)
     assert st.modeled_latency_s > fits.modeled_latency_s
+
+
+@pytest.mark.parametrize("target", ["trn1", "trn2"])
+@pytest.mark.parametrize("how", ["pe", "dma"])
+@pytest.mark.parametrize("K", [700, 2300])
+def test_both_transposing_loads_give_the_values(K, how, target):
+    """x^T by DMA transposes or by tensor-engine transposes of 4 KiB row blocks (K = 2300:
+    two row blocks per 128 tokens; K = 700 and 2300: a partial last K tile copied on its
+    own), on both targets: the same values as numpy."""
+    S, r, N = 300, 256, 384
+    x, u, v = make(S, K, r, N, BF16, seed=11)
+    y, st = sim.run(xuv.fused_xuv, x, u, v, block_m=256, x_transpose=how, target=target)
+    assert_close(y, reference(x, u, v), BF16)
+    k_tiles, token_groups = -(-K // 128), 3      # 256 + 44 tokens: groups of 128
+    if how == "pe":
+        assert st.dma_transpose_count == 0 and st.pe_transpose_count == k_tiles * token_groups
+    else:
+        assert st.pe_transpose_count == 0 and st.dma_transpose_count == k_tiles * 2
+    ks = strip_plan.xuv_shape(S, K, r, N, x_transpose=how)
+    assert st.sbuf_peak_bytes == strip_plan.sbuf_peak_bytes(ks, 256, target)
+
+
+def test_unknown_transposing_load_is_refused():
+    x, u, v = make(8, 64, 32, 16, BF16)
+    with pytest.raises(ValueError, match="x_transpose must be one of"):
+        sim.run(xuv.fused_xuv, x, u, v, block_m=128, x_transpose="vector")
+
+
+def test_trn1_takes_the_tensor_engine_transpose_trn2_the_dma_one():
+    """trn1's DMA transpose throughput is undocumented ("much lower"): at the pessimistic
+    end of its bracket the model cannot show it cheaper than the tensor engine's identity
+    transpose, so the kernels use the latter; trn2 documents 90% of a copy and uses DMA."""
+    from dataclasses import replace
+    ks = strip_plan.xuv_shape(2048, 7168, 1024, 4096)
+    assert strip_plan.default_x_transpose("trn1") == "pe"
+    assert strip_plan.default_x_transpose("trn2") == "dma"
+    assert blocking.x_transpose_choice(ks, 1024, "trn1") == "pe"
+    assert blocking.x_transpose_choice(ks, 1024, "trn2") == "dma"
+    worst = sim.targets.bracket_end("trn1", "pessimistic")
+    pe = blocking.modeled_time(ks, 1024, worst)
+    dma = blocking.modeled_time(replace(ks, x_transpose="dma"), 1024, worst)
+    assert dma > 1.5 * pe
+    # and the selector's kernel on trn1 indeed runs no DMA transpose
+    x, u, v = make(300, 256, 128, 200, BF16, seed=12)
+    y, st = sim.run(blocking.fused_xuv, x, u, v, target="trn1")
+    assert_close(y, reference(x, u, v), BF16)
+    assert st.dma_transpose_count == 0 and st.pe_transpose_count > 0

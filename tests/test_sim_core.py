@@ -424,3 +424,82 @@ def test_psum_port_shared_by_vector_and_scalar_on_trn1_only():
     t2 = sim.TRN2
     assert lat["trn2", True] - lat["trn2", False] == pytest.approx(
         max(0.0, 512 / t2.scalar_hz - 512 / t2.vector_hz), abs=1e-15)
+
+
+# -- documented effects and the brackets of undocumented constants ---------------------------
+
+def test_brackets_move_only_the_undocumented_constants():
+    """trn1's DMA transpose throughput is undocumented: 0.9 (trn2's figure) at the
+    optimistic end, the curve's floor for 2-byte runs at the pessimistic one; trn2's is
+    documented (0.9 at both ends). The access overhead is 0 or 60 cycles; trn1's software
+    descriptor generation 0 or 1.3 us; everything documented stays put."""
+    from vllm_neuronmlp.kernels.sim.targets import bracket
+    lo1, hi1 = bracket("trn1")
+    lo2, hi2 = bracket("trn2")
+    assert (lo1.dma_transpose_efficiency, hi1.dma_transpose_efficiency) == (0.9, 0.015)
+    assert lo2.dma_transpose_efficiency == hi2.dma_transpose_efficiency == 0.9
+    assert (lo1.access_overhead_cycles, hi1.access_overhead_cycles) == (0, 60)
+    assert (lo1.swdge_dynamic_s, hi1.swdge_dynamic_s) == (0.0, 1.3e-6)
+    assert hi2.swdge_dynamic_s == 0.0 and hi2.hwdge_s == lo2.hwdge_s == 600e-9
+    for lo, hi, t in ((lo1, hi1, sim.TRN1), (lo2, hi2, sim.TRN2)):
+        for f in ("pe_hz", "dma_fixed_s", "hbm_bytes_per_s", "sbuf_bytes_per_partition"):
+            assert getattr(lo, f) == getattr(hi, f) == getattr(t, f)
+    with pytest.raises(ValueError, match="bracket end must be 'optimistic' or 'pessimistic'"):
+        sim.targets.bracket_end("trn1", "typical")
+
+
+def test_access_overhead_is_charged_per_instruction():
+    """60 cycles on top of each matmul (here 512 moving columns) and each vector copy."""
+    import dataclasses
+    t = dataclasses.replace(sim.TRN1, access_overhead_cycles=60)
+    _, st = sim.run(k_many_matmuls, sim.spec((128, 128)), sim.spec((128, 512)), n=10,
+                    count_only=True, target=t)
+    assert st.engine_cycles["tensor"] == 10 * (512 + 60)
+
+
+def test_trn1_dma_transpose_bracket_changes_its_cost():
+    """The same DMA transpose at both ends of trn1's bracket: 0.9 / 0.015 of a copy."""
+    from vllm_neuronmlp.kernels.sim.targets import bracket
+    lo, hi = bracket("trn1")
+    _, a = sim.run(k_dma_t, sim.spec((2048, 128)), target=lo, count_only=True)
+    _, b = sim.run(k_dma_t, sim.spec((2048, 128)), target=hi, count_only=True)
+    nbytes = 2048 * 128 * 2
+    store = nbytes / (16 * 17e9)
+    assert a.engine_busy_s["dma"] - store == pytest.approx(nbytes / (16 * 17e9 * 0.9))
+    assert b.engine_busy_s["dma"] - store == pytest.approx(nbytes / (16 * 17e9 * 0.015))
+
+
+def k_strided(x, step):
+    t = nl.ndarray((128, 64), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x[:, 0:64 * step:step])
+    return None
+
+
+def test_dma_with_element_stride_over_16_bytes_runs_at_half_bandwidth():
+    """64 fp32 elements per partition, 4-byte runs either way: a 16-byte stride is
+    charged the curve's rate, a 32-byte stride half of it."""
+    _, s16 = sim.run(k_strided, sim.spec((128, 512), "float32"), step=4, count_only=True)
+    _, s32 = sim.run(k_strided, sim.spec((128, 512), "float32"), step=8, count_only=True)
+    assert s32.engine_busy_s["dma"] == pytest.approx(2 * s16.engine_busy_s["dma"])
+
+
+def k_dynamic_loads(x):
+    t = nl.ndarray((128, 512), dtype=x.dtype, buffer=nl.sbuf)
+    for i in nl.dynamic_range(0, x.shape[0], 128):
+        nisa.dma_copy(dst=t, src=x.ap([[512, 128], [1, 512]], scalar_offset=i, indirect_dim=0))
+    return None
+
+
+def test_descriptor_generation_trn2_hardware_trn1_software_for_dynamic_addresses():
+    """trn2: every DMA costs its issuing engine ~600 ns of descriptor generation. trn1 has
+    no hardware DGE: a register-addressed DMA gets its descriptors from GpSimd software,
+    0 at the optimistic end of the bracket, 1.3 us at the pessimistic end."""
+    from vllm_neuronmlp.kernels.sim.targets import bracket
+    x = sim.spec((1024, 512))
+    _, st2 = sim.run(k_dynamic_loads, x, target="trn2", count_only=True)
+    assert st2.dma_count == 8 and st2.engine_busy_s["sync"] == pytest.approx(8 * 600e-9)
+    lo, hi = bracket("trn1")
+    _, a = sim.run(k_dynamic_loads, x, target=lo, count_only=True)
+    _, b = sim.run(k_dynamic_loads, x, target=hi, count_only=True)
+    assert a.engine_busy_s["gpsimd"] == 0.0
+    assert b.engine_busy_s["gpsimd"] == pytest.approx(8 * 1.3e-6)
