@@ -24,7 +24,7 @@ from neuron_standins import (FakeGroup, StandinLlamaForCausalLM, StandinQwen3For
                              pretend_neuron_host, read_config)
 from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp import ops
-from vllm_neuronmlp.neuron import integrate, names
+from vllm_neuronmlp.neuron import integrate
 from vllm_neuronmlp.neuron.sharding import fingerprint, shard_tensor
 
 HIDDEN, INTER = 64, 128

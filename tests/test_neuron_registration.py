@@ -65,6 +65,7 @@ def _vllm_config(architectures=("LlamaForCausalLM",), quant=True, tp=1, intermed
     qc = fmt.QuantizationConfig(block_size=4, ranks=dict(ranks or {}), widths=dict(widths or {})).to_dict()
     hf = SimpleNamespace(architectures=list(architectures),
                          to_dict=lambda: {"hidden_size": 64, "intermediate_size": intermediate, "num_hidden_layers": 2,
+                                          "num_attention_heads": 8, "num_key_value_heads": 2,
                                           **({fmt.QUANTIZATION_CONFIG_KEY: qc} if quant else {})})
     if quant:
         hf.quantization_config = qc
@@ -229,13 +230,30 @@ def test_a_registry_without_the_architecture_is_refused(on_path):
     NeuronPlatform.check_and_update_config(_vllm_config())
 
 
-def test_factored_attention_is_refused_by_the_platform_check(on_path):
+def test_factored_attention_is_served_where_the_tp_degree_splits_its_heads(on_path):
+    """Format v3 (factored q/k/v/o) passes the platform check (issue 22); a degree that cannot
+    split the heads the way vllm-neuron's attention does (heads divisible by it, KV heads
+    divisible by it or dividing it) is refused before anything is built, naming the counts."""
     NeuronPlatform = _native(on_path)
-    v3 = _vllm_config(ranks={"model.layers.0.mlp.down_proj": 4, **{f"model.layers.1.self_attn.{p}_proj": 4 for p in "vkq"}})
-    with pytest.raises(stack.NeuronStackError, match=r"ckpt: config\.json quantization_config\.ranks factors attention "
-                                                     r"projection\(s\), the first 'model\.layers\.1\.self_attn\.q_proj' "
-                                                     r"\(format version 3\).*CPU/GPU vLLM plugin"):
+    ranks = {"model.layers.0.mlp.down_proj": 4, **{f"model.layers.1.self_attn.{p}_proj": 4 for p in "qkvo"}}
+    for tp in (1, 2, 4, 8):                       # 8 heads, 2 KV heads: at 4 and 8 each KV head is replicated
+        v3 = _vllm_config(ranks=ranks, tp=tp, intermediate=64)
         NeuronPlatform.check_and_update_config(v3)
+        assert NeuronPlatform.checked[-1] is v3
+    with pytest.raises(SVDShardingError, match=r"ckpt: the factored attention: 8 attention heads and 2 KV heads cannot "
+                                               r"be split over tensor-parallel degree 16 the way vllm-neuron's "
+                                               r"attention splits them"):
+        NeuronPlatform.check_and_update_config(_vllm_config(ranks=ranks, tp=16, intermediate=64))
+
+
+def test_gemma3_is_refused_by_name(on_path):
+    """vllm-neuron has no Gemma 3 model, so neither has the variant: a Gemma 3 svd_neuron
+    checkpoint (`Gemma3ForCausalLM`, model type gemma3_text) is refused before anything is
+    built, the message naming the architecture and what is supported."""
+    NeuronPlatform = _native(on_path)
+    with pytest.raises(stack.NeuronStackError, match=r"architecture \['Gemma3ForCausalLM'\] has no svd_neuron variant; "
+                                                     r"supported: \['LlamaForCausalLM', 'Qwen3ForCausalLM'\]"):
+        NeuronPlatform.check_and_update_config(_vllm_config(architectures=["Gemma3ForCausalLM"]))
     assert NeuronPlatform.checked == []
 
 

@@ -6,7 +6,7 @@ loads ITS shard (found from the group the stock MLP really holds), a model compi
 before its weights (`load_weights_lite`) reads every factor as a parameter or buffer, a
 wrong checkpoint is refused by name before anything is served. Format v2: every narrowed
 layer becomes our MLP at its width; at TP 1, 2 and 4 the ranks' partial sums equal the
-dense twin. Format v3 (factored attention) is refused: the variant serves MLPs only.
+dense twin. Format v3 (factored attention): tests/test_neuron_attention.py.
 
 UNIT tests of our hooks against the upstream classes; vllm-neuron itself cannot be
 installed here."""
@@ -27,7 +27,7 @@ from vllm_neuronmlp.neuron import integrate, names
 from vllm_neuronmlp.neuron import stack as stack_mod
 from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP
 
-HIDDEN, INTER = 64, 128
+HIDDEN, INTER = 128, 128   # 4 heads of 32 (2 KV heads): the stock attention splits them up to TP 4
 STOCK = {"llama": (StandinLlamaForCausalLM, StandinLlamaMLP), "qwen3": (StandinQwen3ForCausalLM, StandinQwen3MLP)}
 
 
@@ -93,7 +93,7 @@ def test_every_tensor_lands_in_exactly_one_parameter(checkpoints):
     model.load_weights(factored, "cpu", None)
     checkpoint = load_file(f"{factored}/{fmt.SAFETENSORS_SINGLE_FILE}")
     assert _tensor_sources(model) == collections.Counter(list(checkpoint))     # each tensor exactly once
-    ours = names.mlp_param_plan(model)
+    ours = names.param_plan(model)
     assert sorted(ours) == sorted(k for k in checkpoint if k.startswith(("model.layers.0.mlp.", "model.layers.2.mlp.")))
     for name, p in model.named_parameters():
         if name in ours:
@@ -291,30 +291,14 @@ def test_bad_checkpoint_is_refused_by_name_before_loading(tmp_path, edit, match)
 def _built_with_entry(checkpoint: str, key: str, entry: str, value: int, base=StandinLlamaForCausalLM):
     """from_configs on the checkpoint's config with one more `quantization_config[key]` entry."""
     cfg = read_config(checkpoint)
-    cfg[fmt.QUANTIZATION_CONFIG_KEY][key][entry] = value
+    getattr(cfg, fmt.QUANTIZATION_CONFIG_KEY)[key][entry] = value
     return _patched(base).from_configs(cfg, None)
 
 
 def test_ranks_naming_a_module_the_model_lacks(checkpoints):
     with pytest.raises(fmt.CheckpointFormatError, match=r"lists 'model\.layers\.7\.mlp\.down_proj', which is not an "
-                                                        r"MLP projection of this .* model \(3 layers"):
+                                                        r"MLP or attention projection of this .* model \(3 layers"):
         _built_with_entry(checkpoints[2], fmt.KEY_RANKS, "model.layers.7.mlp.down_proj", 32)
-
-
-def test_factored_attention_format_v3_is_refused_before_loading(checkpoints):
-    """Format v3 may factor q/k/v/o; the Trainium variant replaces MLPs only, so it names
-    the first factored attention module and where such a checkpoint is served."""
-    arch, _, factored = checkpoints
-    cfg = read_config(factored)
-    qc = cfg[fmt.QUANTIZATION_CONFIG_KEY]
-    qc[fmt.KEY_FORMAT_VERSION] = fmt.ATTENTION_FORMAT_VERSION
-    qc[fmt.KEY_RANKS].update({"model.layers.2.self_attn.o_proj": 32,
-                              **{f"model.layers.1.self_attn.{p}_proj": 32 for p in "vkq"}})
-    with pytest.raises(stack_mod.NeuronStackError) as err:
-        _patched(STOCK[arch][0]).from_configs(cfg, None)
-    message = str(err.value)
-    assert "'model.layers.1.self_attn.q_proj'" in message and "format version 3" in message
-    assert "CPU/GPU vLLM plugin" in message and "the Trainium variant serves factored MLPs only" in message
 
 
 def test_dense_checkpoint_goes_through_untouched(checkpoints):
@@ -402,7 +386,7 @@ def test_v2_every_tensor_lands_in_exactly_one_parameter_at_its_width(narrowed):
     model.load_weights(v2, "cpu", None)
     checkpoint = load_file(f"{v2}/{fmt.SAFETENSORS_SINGLE_FILE}")
     assert _tensor_sources(model) == collections.Counter(list(checkpoint))   # each tensor exactly once, none missing
-    ours = names.mlp_param_plan(model)
+    ours = names.param_plan(model)
     assert sorted(ours) == sorted(k for k in checkpoint if k.startswith(("model.layers.0.mlp.", "model.layers.1.mlp.")))
     params = dict(model.named_parameters())
     for name in ours:
@@ -446,7 +430,7 @@ def test_v2_tensor_at_the_wrong_width_is_refused_before_loading(tmp_path):
     edit_checkpoint(v2, replace={"model.layers.0.mlp.up_proj.weight": torch.zeros(V2_INTER, HIDDEN)})  # full width
     model = _patched(StandinLlamaForCausalLM).from_configs(read_config(v2), None)
     with pytest.raises(names.CheckpointMappingError,
-                       match=r"model\.layers\.0\.mlp\.up_proj\.weight has shape \[192, 64\], expected \[96, 64\] "
+                       match=r"model\.layers\.0\.mlp\.up_proj\.weight has shape \[192, 128\], expected \[96, 128\] "
                              r"\(model\.layers\.0\.mlp narrowed to width 96 by quantization_config\.widths\)"):
         model.load_weights(v2, "cpu", None)
     assert not model.loaded_state

@@ -11,7 +11,8 @@ native line (0.21+; the sources read are listed in docs/trainium.md)
      without `--quantization svd_neuron`;
   2. wraps the platform's `check_and_update_config` to refuse, before anything compiles, an
      architecture we cannot serve, a class the registry resolves that lacks what we hook
-     (named with its path and the vllm-neuron version), factored attention (format v3), or
+     (named with its path and the vllm-neuron version), a TP degree that cannot split a factored
+     attention's heads the way the stock attention splits them (format v3), or
      an intermediate size (or a format-v2 layer width) the MLP's TP degree does not divide;
   3. patches the classes vllm_neuron/model/registry.py resolves, whichever module defines
      them (registry.py imports them from the packages `llama3` and `qwen3`; qwen3 has two
@@ -24,14 +25,17 @@ native line (0.21+; the sources read are listed in docs/trainium.md)
          vllm_neuron/model/llama3/quantization.py `QuantizationSpec.from_hf_quantization_config`,
          rejects unknown quant methods), then replace the MLP of every layer listed in
          `ranks` or narrowed by `widths` (format v2) by `SVDNeuronMLP` built at that layer's
-         width (layers neither factored nor narrowed stay stock);
-       * `load_weights(checkpoint_path, device, cache_dir)`: check the checkpoint's MLP
-         tensor names against our parameters (names.py), run the stock loader (which fills
-         our parameters through their `ShardLoader`), then refuse a half-loaded model,
-         prepare each MLP's compute path and log this rank's shard checksum;
+         width (layers neither factored nor narrowed stay stock), and the attention of every
+         layer whose q/k/v/o `ranks` lists (format v3) by `SVDNeuronAttention`, sharded like
+         the stock attention, with the stock q/k norm modules (Qwen3);
+       * `load_weights(checkpoint_path, device, cache_dir)`: check the checkpoint's tensor
+         names and shapes for the replaced modules against our parameters (names.py), run
+         the stock loader (which fills our parameters through their `ShardLoader`, on the
+         host), then refuse a half-loaded model, decide each module's compute path (devices
+         and dtypes only: no arithmetic on loaded weights) and log this rank's shard checksum;
        * `load_weights_lite(...)` (the CPU-compile load: KV-cache scales only): run it, then
-         decide each MLP's path without data, so the traced graph reads our parameters and
-         buffers; any other `load_weights*` entry point refuses an svd_neuron model by name.
+         decide each module's path without data, so the traced graph reads our parameters;
+         any other `load_weights*` entry point refuses an svd_neuron model by name.
 0.2.x (NxD Inference) or a layout we do not recognise
   wraps `check_and_update_config` to refuse svd_neuron checkpoints with a message naming
   the stack, the version found and what is supported (stack.py). Its platform turned vLLM's
@@ -130,20 +134,29 @@ def _text_dims(cfg: Mapping[str, Any]) -> Tuple[int, int, int]:
 
 
 def ranks_by_layer(quant: fmt.QuantizationConfig, family: mlp_families.MLPFamily,
-                   num_layers: int) -> Dict[int, Dict[str, int]]:
-    """{layer: {role: rank}} from `ranks`; a named error for a module the model lacks."""
-    out: Dict[int, Dict[str, int]] = {}
+                   num_layers: int) -> Tuple[Dict[int, Dict[str, int]], Dict[int, Dict[str, int]]]:
+    """({layer: {MLP role: rank}}, {layer: {attention role: rank}}) from `ranks`; a named
+    error for a module the model lacks."""
+    mlps: Dict[int, Dict[str, int]] = {}
+    attentions: Dict[int, Dict[str, int]] = {}
     prefix = f"{family.layer_prefix}."
     for module, rank in quant.ranks.items():
-        head, _, proj = module.rpartition(".mlp.")
+        attention_role = mlp_families.attention_role_of(module)
+        owner = f".{family.attention}." if attention_role else ".mlp."
+        head, _, proj = module.rpartition(owner)
         layer = head[len(prefix):] if head.startswith(prefix) else ""
-        if not layer.isdigit() or proj not in family.projections or int(layer) >= num_layers:
+        known = family.attention_projections if attention_role else family.projections
+        if not layer.isdigit() or proj not in known or int(layer) >= num_layers:
             raise fmt.CheckpointFormatError(
                 f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS} lists {module!r}, which is not an "
-                f"MLP projection of this {family.name} model ({num_layers} layers, modules "
-                f"{family.layer_prefix}.<i>.mlp.{{{','.join(family.projections)}}})")
-        out.setdefault(int(layer), {})[mlp_families.role_of(module)] = rank
-    return out
+                f"MLP or attention projection of this {family.name} model ({num_layers} layers, modules "
+                f"{family.layer_prefix}.<i>.mlp.{{{','.join(family.projections)}}} and "
+                f"{family.layer_prefix}.<i>.{family.attention}.{{{','.join(family.attention_projections)}}})")
+        if attention_role:
+            attentions.setdefault(int(layer), {})[attention_role] = rank
+        else:
+            mlps.setdefault(int(layer), {})[mlp_families.role_of(module)] = rank
+    return mlps, attentions
 
 
 def widths_by_layer(quant: fmt.QuantizationConfig, family: mlp_families.MLPFamily,
@@ -163,34 +176,33 @@ def widths_by_layer(quant: fmt.QuantizationConfig, family: mlp_families.MLPFamil
 
 
 # ---------------------------------------------------------------- the model variant
-def first_attention_module(quant: fmt.QuantizationConfig) -> Optional[str]:
-    """The first factored attention projection (by layer, then q, k, v, o), None if none."""
-    def key(module):
-        layer = re.search(r"\.(\d+)\.", module)
-        role = mlp_families.attention_role_of(module)
-        return (int(layer.group(1)) if layer else -1, mlp_families.ATTENTION_ROLES.index(role), module)
-    modules = sorted(quant.attention_ranks(), key=key)
-    return modules[0] if modules else None
+# Where the stock attentions keep their per-head q/k norms (qwen3/model.py `Qwen3Attention`:
+# q_norm / k_norm; qwen3/model_bf16.py: q_layernorm / k_layernorm); Llama has none.
+QK_NORM_NAMES = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+QK_NORM_MODEL_TYPES = ("qwen3",)
 
 
-def refuse_factored_attention(quant: fmt.QuantizationConfig, source: str = "") -> None:
-    """Format v3 may factor q/k/v/o; the variant replaces MLPs only, so such a checkpoint
-    is refused before anything is built or read."""
-    first = first_attention_module(quant)
-    if first is not None:
-        raise stack_mod.AttentionNotServedError(
-            f"{source + ': ' if source else ''}{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS} factors "
-            f"attention projection(s), the first {first!r} (format version {quant.format_version}); the Trainium "
-            f"variant serves factored MLPs only. Serve this checkpoint with the CPU/GPU vLLM plugin (plain `vllm "
-            f"serve` on a CPU or GPU machine), or compress it for Trainium with `vllm-neuronmlp compress ... "
-            f"--scope mlp`")
+def check_attention_split(hf_config: Any, quant: fmt.QuantizationConfig, tp: int, source: str) -> None:
+    """A factored attention is split like the stock one (heads over the TP ranks, KV heads
+    replicated past their count): refuse a degree that cannot, before anything is built."""
+    if not quant.attention_ranks():
+        return
+    from vllm_neuronmlp.neuron.attention import HeadSharding
+
+    cfg = _config_dict(hf_config)
+    text = cfg.get("text_config") or cfg
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    HeadSharding.checked(heads, kv_heads, head_dim, tp, 0, f"{source}: the factored attention")
 
 
 @dataclass
 class VariantInfo:
     quant: fmt.QuantizationConfig
     family: mlp_families.MLPFamily
-    layers: Tuple[int, ...]
+    layers: Tuple[int, ...]           # layers whose MLP the variant replaced
+    attention_layers: Tuple[int, ...] = ()   # layers whose attention it replaced (format v3)
     resolved: str = ""          # the class whose from_configs built the model (what the registry resolves)
     implementation: str = ""    # the model's own class (the same, or a factory's product)
 
@@ -219,10 +231,33 @@ def _stock_slot(layer, i: int):
         f"variant does not know where its MLP goes ({_stack_text()})")
 
 
-def install_svd_mlps(model, quant: fmt.QuantizationConfig, hf_config: Any, resolved: str = "") -> VariantInfo:
+def _svd_attention(layer, i: int, family: mlp_families.MLPFamily, ranks: Dict[str, int], cfg: Mapping[str, Any]):
+    """Our attention in place of layer i's stock one (llama3/model.py, qwen3/model.py and
+    model_bf16.py hold it as `layer.self_attn`), with the stock q/k norm modules (Qwen3)."""
+    from vllm_neuronmlp.neuron.attention import SVDNeuronAttention
+
+    stock = getattr(layer, family.attention, None)
+    if stock is None:
+        raise stack_mod.HookTargetError(f"{class_path(layer)} at {family.layer_prefix}.{i} has no "
+                                        f"`{family.attention}`, where the svd_neuron variant puts the factored "
+                                        f"attention ({_stack_text()})")
+    qk = next((pair for pair in QK_NORM_NAMES if all(hasattr(stock, n) for n in pair)), ())
+    model_type = str((cfg.get("text_config") or cfg).get("model_type", ""))
+    if not qk and model_type in QK_NORM_MODEL_TYPES:
+        raise stack_mod.HookTargetError(
+            f"{class_path(stock)} (the stock attention of {family.layer_prefix}.{i}) has none of the q/k norm modules "
+            f"{[list(p) for p in QK_NORM_NAMES]} a {model_type} attention applies after its projections "
+            f"({_stack_text()})")
+    try:
+        return SVDNeuronAttention.from_stock(stock, layer=i, family=family, ranks=ranks, qk_norm_names=qk)
+    except stack_mod.HookTargetError as e:
+        raise stack_mod.HookTargetError(f"{e} ({_stack_text()})") from None
+
+
+def install_variant(model, quant: fmt.QuantizationConfig, hf_config: Any, resolved: str = "") -> VariantInfo:
     """Replace the MLP of every layer listed in `ranks` or narrowed by `widths`, each built
-    at its own width (layers neither factored nor narrowed stay stock)."""
-    refuse_factored_attention(quant)
+    at its own width, and the attention of every layer whose q/k/v/o `ranks` lists (format
+    v3); other modules stay stock."""
     cfg = _config_dict(hf_config)
     family = mlp_families.family_for_config(cfg)
     hidden, intermediate, _ = _text_dims(cfg)
@@ -230,7 +265,7 @@ def install_svd_mlps(model, quant: fmt.QuantizationConfig, hf_config: Any, resol
     if layers is None:
         raise stack_mod.HookTargetError(f"{class_path(model)} has no `model.layers`, where the svd_neuron variant "
                                         f"replaces MLPs ({_stack_text()})")
-    plan = ranks_by_layer(quant, family, len(layers))
+    plan, attention_plan = ranks_by_layer(quant, family, len(layers))
     widths = widths_by_layer(quant, family, len(layers))
     replaced = sorted(set(plan) | set(widths))
     for i in replaced:
@@ -241,16 +276,20 @@ def install_svd_mlps(model, quant: fmt.QuantizationConfig, hf_config: Any, resol
                                             narrowed=i in widths, stock_intermediate_size=intermediate)
         except stack_mod.HookTargetError as e:
             raise stack_mod.HookTargetError(f"{e} ({_stack_text()})") from None
-    info = VariantInfo(quant, family, tuple(replaced), resolved or class_path(model), class_path(model))
+    for i, attention_ranks in sorted(attention_plan.items()):
+        layers[i].self_attn = _svd_attention(layers[i], i, family, attention_ranks, cfg)
+    info = VariantInfo(quant, family, tuple(replaced), tuple(sorted(attention_plan)), resolved or class_path(model),
+                       class_path(model))
     model._svd_neuron = info
     # Per rank, factors beat the dense shard only while r < H (I/tp) / (H + I/tp) (docs/trainium.md);
     # each layer is compared with its dense shard at its own width.
     ours = sum(p.numel() for i in replaced for p in layers[i].mlp.parameters())
     dense = sum(3 * hidden * layers[i].mlp.intermediate_size_per_rank for i in replaced)
     SERVING_LOG.info("vllm-neuronmlp: %d of %d %s MLPs replaced by the svd_neuron variant (%d factored, %d narrowed "
-                     "by format-v2 widths) in %s (registry class %s); their parameters per rank: %.1f M (dense at the "
-                     "same widths: %.1f M)", len(replaced), len(layers), family.name, len(plan), len(widths),
-                     info.implementation, info.resolved, ours / 1e6, dense / 1e6)
+                     "by format-v2 widths) and %d attentions (factored q/k/v/o) in %s (registry class %s); the MLPs' "
+                     "parameters per rank: %.1f M (dense at the same widths: %.1f M)", len(replaced), len(layers),
+                     family.name, len(plan), len(widths), len(attention_plan), info.implementation, info.resolved,
+                     ours / 1e6, dense / 1e6)
     if ours > dense:
         SERVING_LOG.warning("vllm-neuronmlp: at this tensor-parallel degree the factored MLPs hold more parameters "
                             "per rank than the dense ones would (%d > %d); a lower degree or lower ranks would save "
@@ -311,11 +350,11 @@ def _wrap_load_weights(cls, original):
             return original(self, checkpoint_path, *args, **kwargs)
         tensors = _checkpoint_tensor_shapes(checkpoint_path)
         if tensors is not None:
-            names.check_mlp_tensors(tensors, self, source=str(checkpoint_path))
+            names.check_tensors(tensors, self, source=str(checkpoint_path))
         result = original(self, checkpoint_path, *args, **kwargs)
         names.check_loaded(self)
-        for mlp in names.svd_mlps(self).values():
-            mlp.finalize()
+        for module in names.variant_modules(self).values():
+            module.finalize()
         SERVING_LOG.info(SHARD_LINE.format(implementation=info.implementation, resolved=info.resolved,
                                            **names.shard_checksums(self)))
         return result
@@ -330,10 +369,10 @@ def _wrap_load_weights_lite(cls, original):
         result = original(self, checkpoint_path, *args, **kwargs)
         if getattr(self, "_svd_neuron", None) is not None:
             device = args[0] if args else kwargs.get("device")
-            mlps = names.svd_mlps(self).values()
-            for mlp in mlps:
-                mlp.prepare_weightless(device)
-            paths = {mlp.compute_path for mlp in mlps}
+            modules = names.variant_modules(self).values()
+            for module in modules:
+                module.prepare_weightless(device)
+            paths = {module.compute_path for module in modules}
             SERVING_LOG.info("vllm-neuronmlp: %s compiled before its weights (load_weights_lite): the svd_neuron MLPs "
                              "trace their %s path, reading factors as parameters and buffers", class_path(self),
                              "/".join(sorted(paths)))
@@ -401,10 +440,9 @@ def patch_model_class(cls) -> None:
             quant = svd_quant_config(hf_config)
             if quant is None:
                 return original_from_configs(klass, hf_config, *args, **kwargs)
-            refuse_factored_attention(quant)
             model = original_from_configs(klass, without_quantization(hf_config), *args, **kwargs)
             patch_load_entry_points(type(model))
-            install_svd_mlps(model, quant, hf_config, resolved=class_path(klass))
+            install_variant(model, quant, hf_config, resolved=class_path(klass))
             return model
 
         from_configs.__doc__ = f"{original_from_configs.__doc__ or ''}\n(vllm-neuronmlp: svd_neuron MLPs)"
@@ -508,8 +546,8 @@ def refuse_check(stack: stack_mod.NeuronStack) -> Callable:
 
 def native_check(stack: stack_mod.NeuronStack) -> Callable:
     """check_and_update_config guard on the native line: our architecture, the class the
-    registry resolves for it patched (or refused by name), no factored attention, an
-    intermediate size the MLP TP degree divides."""
+    registry resolves for it patched (or refused by name), an intermediate size the MLP TP
+    degree divides, a TP degree that splits a factored attention like the stock one."""
     def check(vllm_config) -> None:
         model_config = getattr(vllm_config, "model_config", None)
         if model_config is None or not _svd_requested(model_config):
@@ -526,13 +564,13 @@ def native_check(stack: stack_mod.NeuronStack) -> Callable:
                 f"--quantization {fmt.QUANT_METHOD} was given, but the model's {fmt.CONFIG_FILE} has no "
                 f"'{fmt.QUANTIZATION_CONFIG_KEY}' with quant_method '{fmt.QUANT_METHOD}': it is a dense checkpoint")
         quant = svd_quant_config(hf_config)
-        refuse_factored_attention(quant, source=str(model_config.model))
         resolve(hooks[0].architecture)
         tp = int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1) or 1)
         additional = getattr(vllm_config, "additional_config", None) or {}
         mlp_dp = int((additional.get("neuron_config") or {}).get("mlp_dp_size", 1) or 1)
         _, intermediate, _ = _text_dims(_config_dict(hf_config))
         intermediate_shard(intermediate, tp * mlp_dp, f"{model_config.model}: the MLP")
+        check_attention_split(hf_config, quant, tp, str(model_config.model))
         # format v2: every narrowed layer is split by its own width (the CPU path's check and error)
         fmt.check_tensor_parallel(quant, tp * mlp_dp,
                                   source=f"{model_config.model}: {fmt.CONFIG_FILE} (the MLP's tensor-parallel degree "

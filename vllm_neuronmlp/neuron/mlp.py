@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from vllm_neuronmlp import checkpoint_format as fmt
 from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.neuron import compute
-from vllm_neuronmlp.neuron.sharding import ShardLoader, full_shape, intermediate_shard, shard_index
+from vllm_neuronmlp.neuron.sharding import ShardLoader, full_shape, intermediate_shard
 from vllm_neuronmlp.neuron.stack import HookTargetError, class_path
 
 
@@ -92,24 +92,27 @@ def stock_parallelism(stock: torch.nn.Module, where: str, intermediate_size: Opt
 
 
 class FactoredProjection(torch.nn.Module):
-    """One projection's shard on this rank: `svd_u`/`svd_v` (rank given) or `weight`."""
+    """One projection's shard on this rank: `svd_u`/`svd_v` (rank given) or `weight`, each
+    a parameter filled by its `ShardLoader` (the loaders say which part of the checkpoint
+    tensor this rank holds; they stay here, since the reader's load_state_dict(assign=True)
+    replaces the parameter objects)."""
 
-    def __init__(self, tensor_prefix: str, role: str, hidden: int, intermediate: int, rank: Optional[int],
-                 tp_rank: int, tp_size: int, dtype: torch.dtype):
+    def __init__(self, tensor_prefix: str, rank: Optional[int], loaders: Dict[str, ShardLoader], dtype: torch.dtype):
         super().__init__()
-        self.tensor_prefix, self.role, self.rank = tensor_prefix, role, rank
-        leaves = (fmt.U_SUFFIX, fmt.V_SUFFIX) if rank else (fmt.WEIGHT_SUFFIX,)
-        # the loaders stay here: the reader's load_state_dict(assign=True) replaces the parameters
-        self.loaders: Dict[str, ShardLoader] = {}
-        for leaf in leaves:
-            shape = full_shape(role, leaf, hidden, intermediate, rank)
-            index, transpose = shard_index(role, leaf, shape, tp_rank, tp_size)
-            local = [len(range(*s.indices(n))) for s, n in zip(index, shape)]
-            local = local[::-1] if transpose else local
-            param = torch.nn.Parameter(torch.empty(*local, dtype=dtype), requires_grad=False)
-            param.weight_loader = ShardLoader(f"{tensor_prefix}.{leaf}", role, leaf, shape, tp_rank, tp_size, dtype)
-            self.loaders[leaf] = param.weight_loader
+        self.tensor_prefix, self.rank, self.loaders = tensor_prefix, rank, dict(loaders)
+        for leaf, loader in self.loaders.items():
+            param = torch.nn.Parameter(torch.empty(*loader.local_shape(), dtype=dtype), requires_grad=False)
+            param.weight_loader = loader
             self.register_parameter(leaf, param)
+
+    @classmethod
+    def for_mlp(cls, tensor_prefix: str, role: str, hidden: int, intermediate: int, rank: Optional[int],
+                tp_rank: int, tp_size: int, dtype: torch.dtype) -> "FactoredProjection":
+        leaves = (fmt.U_SUFFIX, fmt.V_SUFFIX) if rank else (fmt.WEIGHT_SUFFIX,)
+        loaders = {leaf: ShardLoader.for_mlp(f"{tensor_prefix}.{leaf}", role, leaf,
+                                             full_shape(role, leaf, hidden, intermediate, rank), tp_rank, tp_size,
+                                             dtype) for leaf in leaves}
+        return cls(tensor_prefix, rank, loaders, dtype)
 
     @property
     def factored(self) -> bool:
@@ -154,8 +157,8 @@ class SVDNeuronMLP(torch.nn.Module):
         self.act = _ACTIVATIONS[family.activation]
         for role, proj in zip(mlp_families.ROLES, family.projections):
             module = mlp_families.module_name(family, layer, proj)
-            self.add_module(proj, FactoredProjection(module, role, hidden_size, intermediate_size,
-                                                     ranks.get(role), mlp_tp_rank, mlp_tp_size, dtype))
+            self.add_module(proj, FactoredProjection.for_mlp(module, role, hidden_size, intermediate_size,
+                                                               ranks.get(role), mlp_tp_rank, mlp_tp_size, dtype))
         self.where = f"{family.layer_prefix}.{layer}.mlp"
         self._path = None      # decided once by a load entry point: "kernels", "torch", "nki-sim" or "per-projection"
 

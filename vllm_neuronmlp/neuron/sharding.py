@@ -106,12 +106,13 @@ def fingerprint(t: torch.Tensor) -> float:
 
 
 class ShardLoader:
-    """Loads one parameter of our MLP from its checkpoint tensor.
+    """Loads one parameter of the variant (an MLP's or an attention's) from its checkpoint tensor.
 
     Duck-types vllm-neuron's `SafetensorsWeightLoader` (vllm_neuron/utils/weight_loader.py,
     0.21): its checkpoint reader calls `load(slices, rank)` with one lazy safetensors slice
-    per checkpoint key. Like the stock MLP's `with_rank_override`, the rank used is the
-    MLP group's own (`tp_rank` here), not the one passed in.
+    per checkpoint key. Like the stock modules' `with_rank_override`, the shard read is the
+    one this loader was built for (`index`, from the module's own tensor-parallel rank), not
+    the rank passed in. `split` says whether ranks hold different parts of the tensor.
 
     Everything derived from the tensor is computed here, on the host copy the reader hands
     over, before the reader moves the result to the device: the finiteness check and this
@@ -119,11 +120,22 @@ class ShardLoader:
     runner does not support eager ops on device tensors, so nothing reads the loaded
     parameter afterwards. `loaded` says the reader called this loader."""
 
-    def __init__(self, tensor_name: str, role: str, leaf: str, shape: Tuple[int, int],
-                 tp_rank: int, tp_size: int, dtype: torch.dtype):
-        self.tensor_name, self.role, self.leaf = tensor_name, role, leaf
-        self.shape, self.tp_rank, self.tp_size, self.dtype = tuple(shape), tp_rank, tp_size, dtype
+    def __init__(self, tensor_name: str, shape: Sequence[int], index: Tuple[slice, ...], transpose: bool,
+                 split: bool, dtype: torch.dtype, where: str = ""):
+        self.tensor_name, self.shape, self.index, self.transpose = tensor_name, tuple(shape), index, transpose
+        self.split, self.dtype, self.where = split, dtype, where
         self.loaded, self.fingerprint = False, None
+
+    @classmethod
+    def for_mlp(cls, tensor_name: str, role: str, leaf: str, shape: Tuple[int, int], tp_rank: int, tp_size: int,
+                dtype: torch.dtype) -> "ShardLoader":
+        index, transpose = shard_index(role, leaf, shape, tp_rank, tp_size)
+        return cls(tensor_name, shape, index, transpose, is_split(role, leaf), dtype, f"rank {tp_rank}/{tp_size}")
+
+    def local_shape(self) -> Tuple[int, ...]:
+        """The shape of this rank's parameter."""
+        local = [len(range(*s.indices(n))) for s, n in zip(self.index, self.shape)]
+        return tuple(local[::-1] if self.transpose else local)
 
     def load(self, slices, rank: int = 0) -> torch.Tensor:
         if len(slices) != 1:
@@ -135,13 +147,12 @@ class ShardLoader:
             raise fmt.CheckpointFormatError(
                 f"tensor {self.tensor_name} has shape {list(shape)}, expected {list(self.shape)} "
                 f"(from config.json and its {fmt.QUANTIZATION_CONFIG_KEY} {fmt.KEY_RANKS} / {fmt.KEY_WIDTHS})")
-        index, transpose = shard_index(self.role, self.leaf, shape, self.tp_rank, self.tp_size)
-        part = source[index]
+        part = source[self.index]
         if not torch.isfinite(part).all():
             raise fmt.CheckpointFormatError(f"tensor {self.tensor_name} has non-finite values (NaN or Inf)")
-        part = (part.t() if transpose else part).to(self.dtype).contiguous()
+        part = (part.t() if self.transpose else part).to(self.dtype).contiguous()
         self.loaded, self.fingerprint = True, fingerprint(part)
         return part
 
     def __repr__(self) -> str:
-        return (f"ShardLoader({self.tensor_name}, {self.role}.{self.leaf}, rank {self.tp_rank}/{self.tp_size})")
+        return f"ShardLoader({self.tensor_name}, {self.where}, {'split' if self.split else 'replicated'})"

@@ -54,11 +54,6 @@ class HookTargetError(NeuronStackError):
     the vllm-neuron found, so a renamed upstream method fails loudly, never silently."""
 
 
-class AttentionNotServedError(NeuronStackError):
-    """A format-v3 checkpoint factors attention projections; the Trainium variant
-    replaces MLPs only (the CPU/GPU vLLM plugin serves such checkpoints)."""
-
-
 @dataclass(frozen=True)
 class NeuronStack:
     line: str                       # ABSENT, NXDI, NATIVE or UNKNOWN
