@@ -31,8 +31,8 @@ fisher, whiten with uniform allocation, plain) count every decoder linear
 factor the attention projections too, the hybrid choosing per block where a
 parameter is cheapest to remove (checkpoint format version 3); nystrom,
 error-aware and whiten's adaptive mode count and cut the MLPs only, as
---scope mlp does for every method (needed for the Trainium variant, which
-serves MLP factors only).
+--scope mlp does for every method. Both formats serve on vLLM and on the
+Trainium variant.
 
 --rank-allocation adaptive (default): with hybrid and fisher, one greedy
 allocation by estimated loss per parameter, not scored; with nystrom, widths
@@ -66,7 +66,7 @@ EPILOG = """\
 examples:
   vllm-neuronmlp default-model smollm2
   vllm-neuronmlp compress smollm2 smollm2-svd20 --ratio 0.2                # 20 % of the decoder linears
-  vllm-neuronmlp compress smollm2 smollm2-trn --ratio 0.2 --scope mlp      # MLP only (Trainium serves this)
+  vllm-neuronmlp compress smollm2 smollm2-mlp --ratio 0.2 --scope mlp      # the MLP projections only
   vllm-neuronmlp compress smollm2 out --ratio 0.05 --rank-allocation uniform --method whiten
   vllm-neuronmlp compress smollm2 out --ratio 0.2 --lora-steps 100 --lora-batch 1 --lora-lr 3e-4
   vllm-neuronmlp compress llama-8b llama-8b-svd --ratio 0.2 --dry-run     # memory and work, nothing written
@@ -93,8 +93,7 @@ def add_parser(subparsers) -> None:
                    help="what --ratio counts and compress may cut: mlp (gate/up/down) or all (also the attention "
                         "projections q/k/v/o, factored; embeddings and the LM head are never counted); auto = all "
                         "for the methods that can factor attention (hybrid, fisher, plain, whiten with uniform "
-                        "allocation), mlp for the others. The Trainium variant serves MLP factors only: compress "
-                        "for it with --scope mlp (default %(default)s)")
+                        "allocation), mlp for the others (default %(default)s)")
     p.add_argument("--block-size", type=int, default=cf.DEFAULT_BLOCK_SIZE,
                    help="every rank is a multiple of this (the kernels' tile); positive multiple of 32 "
                         "(default %(default)s)")
