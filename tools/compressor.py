@@ -140,8 +140,8 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
         method.check_budget(Context(sk, src, opts, None))
     except alloc.BudgetError as e:
         raise UserError(f"--ratio: {e}") from None
-    estimate = memory_estimate.estimate(memory_estimate.model_shape(sk, src), opts, method.name,
-                                        method.needs_calibration, str(sk.device), sk.targets_attention)
+    estimate = memory_estimate.estimate(memory_estimate.model_shape(sk, src), opts, method.name, str(sk.device),
+                                        sk.targets_attention)
     if opts.dry_run:
         return DryRun(estimate.to_dict(), memory_estimate.planned_work(sk, opts, method, out_path),
                       *memory_estimate.available_memory(opts.memory_limit_gib))
@@ -149,7 +149,7 @@ def _compress(src_path: str, out_path: str, opts: CompressOptions, on_layer, cac
     meter = pg.StageMeter()
     with meter.measure("total"):
         calib = None
-        if method.needs_calibration or opts.lora_steps > 0:
+        if method.capabilities.needs_calibration or opts.lora_steps > 0:
             with meter.measure("calibration"), pg.stage("calibration: tokenize the text and draw the windows",
                                                            opts.progress):
                 calib = calibration.load(src_path, opts.calib_text, opts.calib_samples, opts.calib_seq_len, opts.seed)
@@ -215,7 +215,7 @@ def _compress_planned(ctx: Context, method, out_path: str, cache, on_layer, guar
     stats, all_ranks, selection = plan(ctx, method, cache)
 
     mats = ctx.matrices()
-    if isinstance(all_ranks, alloc.Plan):  # channel-selecting methods also narrow layers (format v2)
+    if method.capabilities.narrows:  # its allocation is a Plan: ranks, and the narrowed layers' widths (format v2)
         ctx.widths = dict(all_ranks.widths)
         all_ranks = {m.name: all_ranks.ranks.get(m.name, alloc.DENSE) for m in mats}
     widths = ctx.widths
@@ -367,7 +367,7 @@ def factor_pass(ctx: Context, method, stats, ranks: Dict[str, int], writer: Shar
     factorizer = method.factorizer(ctx, stats)
     done = list(state.get("layers_done", [])) if state is not None else []
     if done:
-        if hasattr(factorizer, "restore_stream"):
+        if method.capabilities.streams_state:
             factorizer.restore_stream(state.load("layers", f"stream-{done[-1]:05d}.pt"))
         ctx.jitter_modules[:] = state.get("jitter_modules", [])
     for i in pg.bar(range(len(done), sk.num_layers), ctx.opts.progress, desc=f"factor ({method.name})",
@@ -384,7 +384,7 @@ def factor_pass(ctx: Context, method, stats, ranks: Dict[str, int], writer: Shar
         st.release_layer(sk, i)
         writer.flush()
         if state is not None:  # the layer's shard and stream first, then the state that lists them
-            if hasattr(factorizer, "stream_state"):
+            if method.capabilities.streams_state:
                 state.put(factorizer.stream_state(), "layers", f"stream-{i:05d}.pt")
             state.set(layers_done=done + [i], writer=writer.state(), jitter_modules=list(ctx.jitter_modules))
             if done:

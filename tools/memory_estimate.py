@@ -90,14 +90,15 @@ def model_shape(sk, src) -> ModelShape:
                       source_bytes=int(src.nbytes()))
 
 
-STAT_METHODS = ("fisher", "nystrom", "hybrid")  # the methods with the streamed Fisher pass
-
-
-def estimate(shp: ModelShape, opts, method_name: str, needs_calibration: bool = True, device: str = "cpu",
-             attention: bool = False) -> Estimate:
-    """The memory a run of `method_name` with `opts` needs on a model of shape
-    `shp` (see the module docstring); `attention` when --scope all targets the
+def estimate(shp: ModelShape, opts, method_name: str, device: str = "cpu", attention: bool = False) -> Estimate:
+    """The memory a run of the registered method `method_name` with `opts` needs
+    on a model of shape `shp` (see the module docstring), from the stages its
+    `capabilities.memory` declare; `attention` when --scope all targets the
     attention projections too. Stage names are those of the run's StageMeter."""
+    from vllm_neuronmlp.tools import methods
+
+    caps = methods.get(method_name).capabilities
+    terms, needs_calibration = caps.memory, caps.needs_calibration
     h, i_, n_layers, vocab = shp.hidden, shp.intermediate, shp.layers, shp.vocab
     p_layer, b_src = shp.layer_params, shp.source_bytes_per_param
     seq = opts.calib_seq_len
@@ -118,17 +119,18 @@ def estimate(shp: ModelShape, opts, method_name: str, needs_calibration: bool = 
     factor_work = 8 * (2 * i_ * i_ + 3 * i_ * h)  # Nystrom refit / whitened targets of one projection
 
     dev: Dict[str, int] = {}
-    if method_name in STAT_METHODS:
+    with_spectra = opts.rank_allocation in terms.spectra_allocations
+    if terms.fisher_pass:
         x_f = 4 * n_fisher * h
         dev["fisher_forward"] = max(layer + x_f + fwd_act, head + 2 * x_f)  # the layers, then the LM head
         dev["fisher_backward"] = layer + 2 * x_f + bwd_act + grams
-        if method_name == "hybrid" or opts.rank_allocation == "adaptive":
+        if with_spectra:
             dev["spectra"] = layer + x_f + spectra
-        if method_name in ("nystrom", "hybrid"):
+        if terms.channel_order:
             dev["channel_order"] = layer + x_f + order + grams
-    elif needs_calibration and opts.rank_allocation == "adaptive":
+    elif needs_calibration and with_spectra:
         dev["spectra"] = layer + 4 * n_calib * h + fwd_act + spectra
-    x_c = 4 * n_calib * h * (2 if method_name == "error-aware" else 1)
+    x_c = 4 * n_calib * h * terms.hidden_streams
     dev["factor_pass"] = layer + x_c + fwd_act + grams + factor_work
     host_only = {"calibration": embed + 4 * max(n_calib, n_fisher) * h}
 
@@ -141,7 +143,7 @@ def estimate(shp: ModelShape, opts, method_name: str, needs_calibration: bool = 
         device_stages = {}
     stages = {k: BASE_BYTES + v for k, v in stages.items()}
     peak_stage = max(stages, key=stages.get)
-    disk = {"fisher_inputs": 4 * n_fisher * h * (n_layers + 1) if method_name in STAT_METHODS else 0,
+    disk = {"fisher_inputs": 4 * n_fisher * h * (n_layers + 1) if terms.fisher_pass else 0,
             "layers": shp.source_bytes}
     return Estimate(stages=stages, device_stages=device_stages, peak_stage=peak_stage, peak_bytes=stages[peak_stage],
                     device_peak_bytes=max(device_stages.values(), default=0), device=device,
@@ -253,17 +255,17 @@ def planned_work(sk, opts, method, out_path: str) -> List[str]:
     lines = [f"model: {sk.num_layers} decoder layers, hidden {sk.hidden}, intermediate {sk.intermediate}, "
              f"vocab {sk.config.vocab_size} ({sk.family.name} family); computing on {sk.device}",
              f"method {method.name}, ratio {opts.ratio} of {scope}, block size {opts.block_size}"]
-    if method.needs_calibration:
+    caps = method.capabilities
+    if caps.needs_calibration:
         lines.append(f"calibration: {opts.calib_samples} windows x {seq} tokens of {', '.join(opts.calib_text)}")
-    if method.name in ("fisher", "nystrom", "hybrid"):
+    if caps.memory.fisher_pass:
         k = min(opts.fisher_samples, opts.calib_samples)
         lines.append(f"pass 1, Fisher: forward over {k} windows storing each layer's input on disk, then backward "
                      f"layer by layer from the top" + (" with the channel order of every layer"
-                                                       if method.name in ("nystrom", "hybrid") else ""))
-    elif method.needs_calibration and opts.rank_allocation == "adaptive":
+                                                       if caps.memory.channel_order else ""))
+    elif caps.needs_calibration and opts.rank_allocation in caps.memory.spectra_allocations:
         lines.append("pass 1: whitened spectra of every projection")
-    lines.append("allocation: " + ("one greedy over channel and rank blocks" if method.name == "hybrid"
-                                   else f"{opts.rank_allocation}"))
+    lines.append("allocation: " + (caps.allocation_summary or opts.rank_allocation))
     lines.append("pass 2, factor: every layer narrowed and/or factored, written as it finishes")
     lines.append(f"resume state: {state_dir_for(out_path)} (kept if the run is interrupted)")
     lines.append(f"output: {out_path}")

@@ -9,16 +9,15 @@ from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools.data import text_data
 from vllm_neuronmlp.tools.errors import UserError
-from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD, METHODS
+from vllm_neuronmlp.tools import methods
+from vllm_neuronmlp.tools.methods import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_METHOD
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")  # where the passes compute; auto = a CUDA GPU when torch sees one
 # what --ratio counts: the MLP projections, or every decoder linear; auto = all where the method
-# can factor the attention projections (it measured better than the MLP alone at the same parameter
-# count on SmolLM2, README "Whole-model budgets"), mlp otherwise
+# can factor the attention projections (its capabilities.attention_allocations; it measured better
+# than the MLP alone at the same parameter count on SmolLM2, README "Whole-model budgets"), mlp otherwise
 SCOPES = ("auto", "mlp", "all")
-# the methods that can factor attention projections (channel selection cannot narrow them)
-ALL_SCOPE_METHODS = ("hybrid", "fisher", "whiten", "plain")
 EXPORTS = ("svd_neuron", "dense")  # dense: a plain smaller model of the same architecture (tools/export.py)
 DEFAULT_CALIB_TEXT = text_data.BUILTIN_PREFIX + "calibration"
 DEFAULT_FISHER_SAMPLES = 32  # windows of the Fisher pass (its stored activations grow with them)
@@ -67,10 +66,6 @@ class CompressOptions:
                             f"or auto")
         return self.device
 
-    def factors_attention(self) -> bool:
-        """Whether the method (with its rank allocation) can factor the attention projections."""
-        return self.method in ALL_SCOPE_METHODS and not (self.method == "whiten" and self.rank_allocation != "uniform")
-
     def validate(self) -> None:
         """Checks every option (UserError naming the flag) and resolves --scope auto."""
         try:
@@ -92,32 +87,31 @@ class CompressOptions:
             raise UserError(f"--lora-lr must be positive, got {self.lora_lr}")
         if self.rank_allocation not in ALLOCATIONS:
             raise UserError(f"--rank-allocation must be one of {', '.join(ALLOCATIONS)}, got {self.rank_allocation!r}")
-        if self.method not in METHODS:
-            raise UserError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in methods.REGISTRY:
+            raise UserError(f"--method must be one of {', '.join(methods.REGISTRY)}, got {self.method!r}")
+        caps = methods.get(self.method).capabilities
         if self.export not in EXPORTS:
             raise UserError(f"--export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
-        if self.export == "dense" and self.method != "nystrom":
-            raise UserError(f"--export dense needs --method nystrom (only channel selection keeps the model's "
+        if self.export == "dense" and not caps.keeps_architecture:
+            keepers = " or ".join(methods.names_where(lambda c: c.keeps_architecture))
+            raise UserError(f"--export dense needs --method {keepers} (only channel selection keeps the model's "
                             f"architecture), got --method {self.method}")
-        if self.method == "hybrid" and self.rank_allocation != "adaptive":
-            raise UserError(f"--rank-allocation {self.rank_allocation}: the hybrid has one allocation (adaptive, one "
-                            f"greedy over channels and ranks); for the same width in every layer use --method "
-                            f"nystrom --rank-allocation uniform")
+        if self.rank_allocation not in caps.allocations:
+            note = caps.allocations_note or f"--method {self.method} accepts {' or '.join(caps.allocations)}"
+            raise UserError(f"--rank-allocation {self.rank_allocation}: {note}")
         if self.memory_limit_gib is not None and not self.memory_limit_gib > 0:
             raise UserError(f"--memory-limit must be positive (GiB), got {self.memory_limit_gib}")
         if self.scope not in SCOPES:
             raise UserError(f"--scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.scope == "auto":
-            self.scope = "all" if self.factors_attention() else "mlp"
-        if self.scope == "all":
-            if self.method not in ALL_SCOPE_METHODS:
-                raise UserError(f"--scope all factors the attention projections, which --method {self.method} "
-                                f"cannot ({'it keeps MLP channels only' if self.method == 'nystrom' else 'it fits MLPs only'}"
-                                f"); use one of {', '.join(ALL_SCOPE_METHODS)}")
-            if self.method == "whiten" and self.rank_allocation != "uniform":
-                raise UserError("--scope all with --method whiten needs --rank-allocation uniform (its adaptive mode "
-                                "scores MLP allocations only); --method fisher or hybrid allocate all seven "
-                                "projections by estimated loss")
+            self.scope = "all" if caps.factors_attention(self.rank_allocation) else "mlp"
+        if self.scope == "all" and not caps.attention_allocations:
+            able = ", ".join(methods.names_where(lambda c: c.attention_allocations))
+            raise UserError(f"--scope all factors the attention projections, which --method {self.method} cannot "
+                            f"({caps.scope_note}); use one of {able}")
+        if self.scope == "all" and not caps.factors_attention(self.rank_allocation):
+            raise UserError(f"--scope all with --method {self.method} needs --rank-allocation "
+                            f"{' or '.join(caps.attention_allocations)} ({caps.scope_note})")
         if self.device not in DEVICES:
             raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPE_CHOICES:

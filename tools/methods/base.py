@@ -1,29 +1,55 @@
-"""What a compression method is (docs/architecture.md).
+"""What a compression method is (docs/architecture.md, "Compression methods").
 
-A method is one class in its own module, registered once in
-`methods/__init__.py`. The orchestrator (compressor.py) asks it, in order:
+A method is one class in its own module (`METHOD = ThatClass()` at the end),
+registered by one line in `methods/__init__.py`. It declares what it can do
+in one `Capabilities` object, `capabilities`, and the rest of the tool reads
+that object; nothing outside methods/ tests a method's name or attributes:
 
-1. `statistics(ctx)`: ratio-independent numbers from a streamed pass over the
-   dense model (spectra, Fisher weights, ...), cached across calls under
-   `statistics_key(opts)`; None when the method needs none.
-2. `candidates(ctx, stats)`: allocations {module: rank} that meet the budget.
-3. `choose(ctx, stats, candidates)`: the one to use, and a record of why.
-4. `factorizer(ctx, stats)`: a callable run once per decoder layer, in order,
-   on the materialized layer, returning the factors of the projections to
-   compress; it may keep streaming state (hidden states) across layers, and
-   then has `stream_state()` / `restore_stream(state)` so that an interrupted
-   factor pass resumes after its last finished layer.
-5. `layer_tensors(names, factors)`: the tensors that replace the layer's dense
-   weights in the output (by default the `svd_u`/`svd_v` pairs of format v1).
+- `needs_calibration`: whether it reads calibration text at all;
+- `allocations`: the `--rank-allocation` modes it accepts (`allocations_note`
+  says why, when it accepts fewer than all);
+- `attention_allocations`: the modes with which it can factor the attention
+  projections, i.e. `--scope all` (empty: the MLP only; `scope_note` says why);
+  `--scope auto` resolves to `all` exactly where the mode is listed;
+- `narrows`: its allocation is an `alloc.Plan` (ranks and per-layer MLP
+  widths: format v2 narrowing), not bare ranks;
+- `keeps_architecture`: its output can be written as a plain smaller model of
+  the same architecture (`--export dense`);
+- `streams_state`: its factorizer carries hidden states from layer to layer,
+  with `stream_state()` / `restore_stream(state)`, so an interrupted factor
+  pass saves them and resumes after its last finished layer;
+- `factorizer_returns`: what the factorizer gives for one layer, `Factors`
+  ({role: (U, V)}) or `LayerWeights` (kept channels, narrowed dense weights
+  and factors); `layer_tensors` turns either into the layer's output tensors;
+- `memory`: the stages its passes add to the memory estimate
+  (`MemoryTerms`, read by memory_estimate.py);
+- `allocation_summary`: how the dry run describes its allocation (None: the
+  `--rank-allocation` mode).
+
+The orchestrator (compressor.py) then asks it, in order:
+
+1. `check_budget(ctx)`: BudgetError when --ratio is out of reach (shapes only).
+2. `statistics(ctx)`: ratio-independent numbers from a streamed pass over the
+   dense model (spectra, Fisher weights, ...), cached across calls and kept
+   for --resume under `statistics_key(opts)`; None when the method needs none.
+3. `candidates(ctx, stats)`: allocations that meet the budget ({module: rank},
+   or an `alloc.Plan` when it `narrows`).
+4. `choose(ctx, stats, candidates)`: the one to use, and a record of why.
+5. `factorizer(ctx, stats)`: a callable run once per decoder layer, in order,
+   on the materialized layer, returning `factorizer_returns` for the
+   projections to compress.
+6. `layer_tensors(names, output)`: the tensors that replace the layer's dense
+   weights in the output (`svd_u`/`svd_v` pairs, narrowed `.weight`s).
 
 The defaults below give the whitened-spectrum behaviour; a method overrides
-what it does differently.
+what it does differently. Adding a method is its module plus its registry
+line (tests/test_methods.py does it with a method defined in the test).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -44,7 +70,51 @@ ADAPTIVE_POWERS = (1.0, 2.0, 4.0)  # greedy candidates on (relative truncation e
 
 Ranks = Dict[str, int]
 Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # {role: (U [in, r], V [r, out])}, float32
-LayerFactorizer = Callable[[int, nn.Module, Dict[str, int]], Factors]  # (layer index, layer, {role: rank})
+
+
+@dataclass
+class LayerWeights:
+    """What one layer becomes: kept channels `keep` (None: all), dense weights
+    {role: W [out, in]} and factors {role: (U [in, r], V [r, out])}."""
+
+    keep: Optional[torch.Tensor]
+    dense: Dict[str, torch.Tensor]
+    factors: Factors
+
+
+# (layer index, layer, {role: rank}) -> the method's `capabilities.factorizer_returns`
+LayerFactorizer = Callable[[int, nn.Module, Dict[str, int]], Union[Factors, LayerWeights]]
+
+
+@dataclass(frozen=True)
+class MemoryTerms:
+    """The stages a method's passes add to the memory estimate (memory_estimate.py)."""
+
+    fisher_pass: bool = False  # statistics from the streamed Fisher pass (sensitivity.py), layer inputs on disk
+    spectra_allocations: Tuple[str, ...] = ("adaptive",)  # --rank-allocation modes whose statistics hold spectra
+    channel_order: bool = False  # each layer's channel order and loss curve (float64 I x I work arrays)
+    hidden_streams: int = 1  # copies of the calibration hidden states the factor pass carries
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method supports, writes and costs (the module docstring says what each field steers)."""
+
+    needs_calibration: bool = True
+    allocations: Tuple[str, ...] = ("uniform", "adaptive")
+    allocations_note: str = ""
+    attention_allocations: Tuple[str, ...] = ()
+    scope_note: str = "it fits MLPs only"
+    narrows: bool = False
+    keeps_architecture: bool = False
+    streams_state: bool = True
+    factorizer_returns: type = dict  # Factors; or LayerWeights
+    memory: MemoryTerms = MemoryTerms()
+    allocation_summary: Optional[str] = None
+
+    def factors_attention(self, allocation: str) -> bool:
+        """Whether, with --rank-allocation `allocation`, it can factor the attention projections."""
+        return allocation in self.attention_allocations
 
 
 @dataclass
@@ -97,7 +167,7 @@ class Context:
 
 class Method:
     name = ""  # as registered in methods/__init__.py
-    needs_calibration = True
+    capabilities = Capabilities()
 
     def statistics_key(self, opts) -> Optional[Tuple]:
         """Cache key of `statistics` (with the calibration's), None when there are none."""
@@ -156,15 +226,27 @@ class Method:
     def factorizer(self, ctx: Context, stats: Any) -> LayerFactorizer:
         raise NotImplementedError
 
-    def layer_tensors(self, names: Mapping[str, str], factors: Factors) -> Tuple[Set[str], Dict[str, torch.Tensor]]:
-        """(source tensor names not written, new tensors) for one layer: format v1
-        replaces each factored `.weight` by its `svd_u` and `svd_v`."""
-        drop = {cf.weight_name(names[role]) for role in factors}
-        add = {}
-        for role, (u, v) in factors.items():
-            add[cf.u_name(names[role])] = u
-            add[cf.v_name(names[role])] = v
-        return drop, add
+    def layer_tensors(self, names: Mapping[str, str], output) -> Tuple[Set[str], Dict[str, torch.Tensor]]:
+        """(source tensor names not written, new tensors) for one layer, from the
+        factorizer's `output` (`capabilities.factorizer_returns`)."""
+        if self.capabilities.factorizer_returns is not LayerWeights:
+            output = LayerWeights(None, {}, output)
+        return layer_tensors(names, output)
+
+
+def layer_tensors(names: Mapping[str, str], out: LayerWeights) -> Tuple[Set[str], Dict[str, torch.Tensor]]:
+    """(source tensors not written, new tensors) of a narrowed and/or factored
+    layer: each narrowed projection's `.weight` is replaced by its narrowed one,
+    each factored projection's by its `svd_u` and `svd_v`."""
+    drop, add = set(), {}
+    for role, w in out.dense.items():
+        drop.add(cf.weight_name(names[role]))
+        add[cf.weight_name(names[role])] = w
+    for role, (u, v) in out.factors.items():
+        drop.add(cf.weight_name(names[role]))
+        add[cf.u_name(names[role])] = u
+        add[cf.v_name(names[role])] = v
+    return drop, add
 
 
 def weights_io(ctx: Context, layer: nn.Module) -> Dict[str, torch.Tensor]:

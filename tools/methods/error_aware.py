@@ -7,13 +7,14 @@ windows at aggressive ranks), so it is not the default."""
 from __future__ import annotations
 
 from vllm_neuronmlp.tools import streaming as st
-from vllm_neuronmlp.tools.methods.base import Context, Method, weights_io
+from vllm_neuronmlp.tools.methods.base import Capabilities, Context, MemoryTerms, Method, weights_io
 from vllm_neuronmlp.tools.methods.whiten import whitened_spectra
 from vllm_neuronmlp.tools.whitening import GramAccumulator, factorize
 
 
 class ErrorAware(Method):
     name = "error-aware"
+    capabilities = Capabilities(memory=MemoryTerms(hidden_streams=2))  # the original and the compressed path
 
     def statistics_key(self, opts):
         return ("spectra", "whitened") if opts.rank_allocation == "adaptive" else None

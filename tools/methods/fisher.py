@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import sensitivity
-from vllm_neuronmlp.tools.methods.base import Context, Method
+from vllm_neuronmlp.tools.methods.base import Capabilities, Context, MemoryTerms, Method
 from vllm_neuronmlp.tools.methods.whiten import DensePathFactorizer
 
 
 class Fisher(Method):
     name = "fisher"
+    capabilities = Capabilities(attention_allocations=("uniform", "adaptive"), memory=MemoryTerms(fisher_pass=True))
 
     def statistics_key(self, opts):
         return ("fisher", opts.rank_allocation == "adaptive", opts.fisher_samples)

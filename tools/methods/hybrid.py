@@ -13,12 +13,19 @@ from __future__ import annotations
 
 from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import sensitivity
-from vllm_neuronmlp.tools.methods.base import Context
+from vllm_neuronmlp.tools.methods.base import Capabilities, Context, LayerWeights, MemoryTerms
 from vllm_neuronmlp.tools.methods.nystrom import ChannelStats, Nystrom, NystromFactorizer
 
 
 class Hybrid(Nystrom):
     name = "hybrid"
+    capabilities = Capabilities(
+        allocations=("adaptive",),
+        allocations_note="the hybrid has one allocation (adaptive, one greedy over channels and ranks); for the "
+                         "same width in every layer use --method nystrom --rank-allocation uniform",
+        attention_allocations=("adaptive",), narrows=True, factorizer_returns=LayerWeights,
+        memory=MemoryTerms(fisher_pass=True, spectra_allocations=("uniform", "adaptive"), channel_order=True),
+        allocation_summary="one greedy over channel and rank blocks")
     loss_aware = True  # channels ordered by nystrom.loss_aware_order, not by leverage
 
     def check_budget(self, ctx: Context) -> None:

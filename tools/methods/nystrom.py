@@ -28,14 +28,14 @@ the loss estimate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional
 
 import torch
 
 from vllm_neuronmlp.tools import allocation as alloc
 from vllm_neuronmlp.tools import sensitivity
 from vllm_neuronmlp.tools import streaming as st
-from vllm_neuronmlp.tools.methods.base import Context, Method, weights_io
+from vllm_neuronmlp.tools.methods.base import Capabilities, Context, LayerWeights, MemoryTerms, Method, weights_io
 from vllm_neuronmlp.tools.whitening import FactorizationError, factorize
 
 LEVERAGE_RIDGE = 1e-2  # lambda = 1e-2 x mean(diag C): scores of channels below that energy are damped
@@ -277,16 +277,6 @@ def channel_statistics(ctx: Context, with_spectra: bool = False, loss_aware: boo
 
 
 # ---------------------------------------------------------------- the factor pass
-@dataclass
-class LayerWeights:
-    """What one layer becomes: kept channels `keep` (None: all), dense weights
-    {role: W [out, in]} and factors {role: (U [in, r], V [r, out])}."""
-
-    keep: Optional[torch.Tensor]
-    dense: Dict[str, torch.Tensor]
-    factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
-
-
 def pruned_weights(ctx: Context, layer, c: torch.Tensor, keep: torch.Tensor) -> Dict[str, torch.Tensor]:
     """{role: W as [in, out]} of a layer narrowed to the channels `keep` (sorted),
     the down projection Nyström-corrected (attention projections, when targeted, unchanged)."""
@@ -353,7 +343,10 @@ class NystromFactorizer:
 
 class Nystrom(Method):
     name = "nystrom"
-
+    # the factorizer narrows each layer, so its output is a LayerWeights and its allocation a Plan of widths
+    capabilities = Capabilities(attention_allocations=(), scope_note="it keeps MLP channels only", narrows=True,
+                                keeps_architecture=True, factorizer_returns=LayerWeights,
+                                memory=MemoryTerms(fisher_pass=True, channel_order=True))
     loss_aware = False  # MoDeGPT's ridge leverage order; the hybrid orders by the loss
 
     def statistics_key(self, opts):
@@ -387,24 +380,6 @@ class Nystrom(Method):
 
     def factorizer(self, ctx: Context, stats):
         return NystromFactorizer(ctx, stats)
-
-    def layer_tensors(self, names: Mapping[str, str], out: LayerWeights):
-        return layer_tensors(names, out)
-
-
-def layer_tensors(names: Mapping[str, str], out: LayerWeights):
-    """(source tensors not written, new tensors) of a narrowed and/or factored layer."""
-    from vllm_neuronmlp import checkpoint_format as cf
-
-    drop, add = set(), {}
-    for role, w in out.dense.items():
-        drop.add(cf.weight_name(names[role]))
-        add[cf.weight_name(names[role])] = w
-    for role, (u, v) in out.factors.items():
-        drop.add(cf.weight_name(names[role]))
-        add[cf.u_name(names[role])] = u
-        add[cf.v_name(names[role])] = v
-    return drop, add
 
 
 METHOD = Nystrom()

@@ -5,13 +5,15 @@ from typing import Dict, List
 
 from vllm_neuronmlp.tools import progress as pg
 from vllm_neuronmlp.tools import streaming as st
-from vllm_neuronmlp.tools.methods.base import Context, Method, weights_io
+from vllm_neuronmlp.tools.methods.base import Capabilities, Context, MemoryTerms, Method, weights_io
 from vllm_neuronmlp.tools.whitening import factorize, whitened_spectrum
 
 
 class Plain(Method):
     name = "plain"
-    needs_calibration = False
+    # its spectra are the weights' own (no Gram matrices), so they add no stage to the memory estimate
+    capabilities = Capabilities(needs_calibration=False, attention_allocations=("uniform", "adaptive"),
+                                streams_state=False, memory=MemoryTerms(spectra_allocations=()))
 
     def statistics_key(self, opts):
         return ("spectra", "plain") if opts.rank_allocation == "adaptive" else None

@@ -10,12 +10,15 @@ import torch
 
 from vllm_neuronmlp.tools import progress as pg
 from vllm_neuronmlp.tools import streaming as st
-from vllm_neuronmlp.tools.methods.base import Context, Method, weights_io
+from vllm_neuronmlp.tools.methods.base import Capabilities, Context, Method, weights_io
 from vllm_neuronmlp.tools.whitening import factorize, whitened_spectrum
 
 
 class Whiten(Method):
     name = "whiten"
+    capabilities = Capabilities(attention_allocations=("uniform",),
+                                scope_note="its adaptive mode scores MLP allocations only; --method fisher or hybrid "
+                                           "allocate all seven projections by estimated loss")
 
     def statistics_key(self, opts):
         return ("spectra", "whitened") if opts.rank_allocation == "adaptive" else None
