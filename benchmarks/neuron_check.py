@@ -18,15 +18,25 @@ Steps (each reported as ran / skipped, with the reason / failed, with the error)
                      shapes and the block-size sweep, beside the emulator's predictions [Trainium]
   device-attention   fused_xuv at the same attention shapes and ranks, and dense_xw, timed on
                      the device (the S of emulator-attention)                       [Trainium]
-  serve-accuracy     `vllm serve` on vllm-neuron (native line) of the default model compressed;
-                     greedy completions and prompt logprobs against the CPU torch path
-                     (transformers + our SVDLinear, float32)                        [Trainium]
-  serve-variant      `vllm serve` of the compressed model at --tensor-parallel-size 2: prints
-                     the classes the variant's hooks took (registry class, model class) and
-                     each rank's shard checksum from the server log; fails unless both ranks
-                     loaded, with different split shards and equal replicated factors [Trainium]
-  serve-bench        `vllm bench serve` on the dense and the compressed model (input 256,
-                     output 128, concurrency 16, alternating rounds)                 [Trainium]
+  serve-accuracy     the default model compressed twice, with compress's defaults (format v3:
+                     MLPs narrowed, attention factored) and with --scope mlp; the dense model
+                     and both checkpoints each served by `vllm serve` on vllm-neuron (native
+                     line) at TP 1 and the smallest TP > 1 that splits the model's heads the way
+                     vllm-neuron's attention does (2; 3 for SmolLM2's 9 heads); greedy
+                     completions and prompt logprobs against the CPU torch path (transformers
+                     + our SVDLinear, float32), the dense model's own deviation beside them as
+                     the control; prints, per layer and projection, whether the NKI kernel or
+                     the fallback ran (the variant's load logs it)                  [Trainium]
+  serve-variant      from the TP > 1 server logs of serve-accuracy: the classes the variant's
+                     hooks took (registry class, model class) and each rank's shard checksum;
+                     fails unless every rank loaded, with different split shards and equal
+                     replicated factors                                             [Trainium]
+  serve-bench        `vllm bench serve` on the dense and both compressed models (input 256,
+                     output 128, concurrency 16, alternating rounds): decode throughput and
+                     TPOT against dense                                             [Trainium]
+
+The header line says how this process would launch NKI kernels (kernels/launch.py: which
+TorchNeuron runtime's `wrap_nki`, and the grid), or why it cannot.
 
 Writes one JSON and one PNG to benchmarks/results/neuron/ (or --out). Exits non-zero only
 if a step that ran failed; skipped steps are listed with their reason.
@@ -38,7 +48,8 @@ the paper's whole sweep at S=4096 (several minutes on two CPU cores).
 The device and serving steps have NOT run anywhere yet: the Neuron SDK cannot be installed
 on the development machines. Their code follows the documented APIs (docs/trainium.md).
 
-    python benchmarks/neuron_check.py [--quick] [--out DIR] [--dense DIR --compressed DIR]
+    python benchmarks/neuron_check.py [--quick] [--out DIR] [--dense DIR --compressed DIR --compressed-mlp DIR]
+                                      [--tp 1,2]
 """
 from __future__ import annotations
 
@@ -107,7 +118,8 @@ def environment():
     return {
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpus": os.cpu_count(), "neuron_devices": neuron_devices()},
-        "sdk": {"real_nki": nki_compat.REAL_NKI, "vllm_neuron": found.describe() if found.installed else None},
+        "sdk": {"real_nki": nki_compat.REAL_NKI, "vllm_neuron": found.describe() if found.installed else None,
+                "nki_entry_point": launch.entry_point()},
         "device_ok": device_ok, "device_reason": device_reason, "serve_ok": serve_ok, "serve_reason": serve_reason,
     }
 
@@ -401,40 +413,115 @@ def _compare(reference, served):
     return res
 
 
+CHECKPOINTS = ("dense", "compressed-v3", "compressed-mlp")
+
+
 def _checkpoints(args, work):
-    if args.dense and args.compressed:
-        return args.dense, args.compressed
+    """{"dense", "compressed-v3" (compress's defaults: --method hybrid --scope auto), "compressed-mlp"
+    (--scope mlp)} at ratio 0.2, made from the default model unless given."""
     from vllm_neuronmlp.tools import compress, materialize_default_model
 
-    dense, compressed = os.path.join(work, "dense"), os.path.join(work, "compressed-0.2")
+    dense = args.dense or os.path.join(work, "dense")
     if not os.path.isdir(dense):
         materialize_default_model(dense)
-    if not os.path.isdir(compressed):
-        compress(dense, compressed, ratio=0.2, scope="mlp")  # the Trainium variant serves MLP factors only
-    return dense, compressed
+    out = {"dense": dense}
+    for name, given, scope in (("compressed-v3", args.compressed, None),
+                               ("compressed-mlp", args.compressed_mlp, "mlp")):
+        path = given or os.path.join(work, f"{name}-0.2")
+        if not os.path.isdir(path):
+            compress(dense, path, ratio=0.2, **({"scope": scope} if scope else {}))
+        out[name] = path
+    return out
+
+
+def serve_degrees(model_dir: str, requested: str = "auto"):
+    """([degrees], note): 1 and the smallest degree > 1 that splits the model's heads the way
+    vllm-neuron's attention does (heads divisible by it; KV heads divisible by it or
+    dividing it), or the comma-separated `requested` ones."""
+    from vllm_neuronmlp import checkpoint_format as fmt
+    from vllm_neuronmlp.neuron.attention import HeadSharding
+    from vllm_neuronmlp.neuron.sharding import SVDShardingError
+
+    if requested != "auto":
+        return [int(t) for t in requested.split(",")], f"--tp {requested}"
+    cfg = fmt.read_config(model_dir)
+    heads = int(cfg["num_attention_heads"])
+    kv, hd = int(cfg.get("num_key_value_heads") or heads), int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+
+    def splits(tp):
+        try:
+            HeadSharding.checked(heads, kv, hd, tp, 0, model_dir)
+            return True
+        except SVDShardingError:
+            return False
+    second = next(t for t in range(2, heads + 1) if splits(t))
+    note = "" if second == 2 else (f"TP 2 cannot split {heads} heads / {kv} KV heads (vllm-neuron's attention "
+                                   f"refuses it for the dense model too): TP {second} instead")
+    return [1, second], note
+
+
+def _serve_log(work, name, tp):
+    return os.path.join(work, f"serve_{name}_tp{tp}.log")
+
+
+def layer_paths(log_text: str) -> dict:
+    """{rank: {module: {projection: path}}} from the variant's per-layer line in a server log."""
+    from vllm_neuronmlp.neuron import integrate
+
+    out = {}
+    for line in log_text.splitlines():
+        parsed = integrate.parse_paths_line(line)
+        if parsed is not None:
+            out[parsed["rank"]] = parsed["modules"]
+    return out
+
+
+def print_layer_paths(name, tp, paths):
+    for rank in sorted(paths)[:1]:          # the ranks run the same paths; the JSON keeps them all
+        print(f"    {name} TP {tp}, rank {rank}: per layer, what ran (kernels = NKI kernel, torch = fallback)")
+        for module, projections in paths[rank].items():
+            print(f"      {module:28s} {' '.join(f'{k}={v}' for k, v in projections.items())}")
 
 
 def step_serve_accuracy(report, args, work):
     from vllm_neuronmlp.tools.evaluation.serving import VllmServer
 
-    dense, compressed = _checkpoints(args, work)
+    models = _checkpoints(args, work)
+    degrees, note = serve_degrees(models["dense"], args.tp)
     result = {"tolerance": {"logprob_abs_diff_median_nats": LOGPROB_MEDIAN_NATS,
                             "logprob_abs_diff_p99_nats": LOGPROB_P99_NATS, "greedy_tokens": GREEDY_TOKENS,
-                            "greedy_full_agreement_at_least": GREEDY_AGREE, "greedy_first_token_agreement": 1.0}}
-    for name, path in (("dense", dense), ("compressed", compressed)):
-        reference = _cpu_reference(path)
-        with VllmServer(path, os.path.join(work, f"serve_{name}.log"), served_name=name,
-                        extra_args=["--max-model-len", "512"]) as server:
-            result[name] = _compare(reference, _server_outputs(server, reference))
+                            "greedy_full_agreement_at_least": GREEDY_AGREE, "greedy_first_token_agreement": 1.0},
+              "tp": degrees, "tp_note": note, "checkpoints": dict(models), "by_tp": {}}
+    if note:
+        print(f"    {note}")
+    references = {name: _cpu_reference(path) for name, path in models.items()}
+    failures = []
+    for tp in degrees:
+        row = result["by_tp"][str(tp)] = {}
+        served = {}
+        for name, path in models.items():
+            with VllmServer(path, _serve_log(work, name, tp), served_name=name,
+                            extra_args=["--max-model-len", "512", "--tensor-parallel-size", str(tp)]) as server:
+                served[name] = _server_outputs(server, references[name])
+                log_text = server.log_text()
+            row[name] = _compare(references[name], served[name])
+            if name != "dense":
+                row[name]["layer_paths"] = paths = layer_paths(log_text)
+                print_layer_paths(name, tp, paths)
+                if not paths:
+                    failures.append(f"{name} at TP {tp}: no per-layer line in the server log (the variant's "
+                                    f"load_weights hook did not run)")
+                row[name]["greedy_agreement_with_dense_served"] = sum(
+                    a["greedy_ids"] == b["greedy_ids"] for a, b in zip(served[name], served["dense"])) / len(PROMPTS)
+                if not row[name]["ok"]:
+                    failures.append(f"{name} at TP {tp} vs CPU torch beyond tolerance: "
+                                    f"{ {k: v for k, v in row[name].items() if k != 'layer_paths'} }")
     report["serving"]["accuracy"] = result
-    if not result["compressed"]["ok"]:
-        raise AssertionError(f"compressed model on vllm-neuron vs CPU torch beyond tolerance: {result['compressed']}")
-    c = result["compressed"]
-    return (f"compressed: median |dlogprob| {c['logprob_abs_diff_median']:.3f} nats, greedy agreement "
-            f"{c['greedy_full_agreement']:.2f}")
-
-
-VARIANT_TP = 2
+    if failures:
+        raise AssertionError("; ".join(failures))
+    median = {n: max(result["by_tp"][str(tp)][n]["logprob_abs_diff_median"] for tp in degrees) for n in models}
+    return (f"{len(models)} checkpoints at TP {degrees}: compressed median |dlogprob| <= "
+            f"{max(v for n, v in median.items() if n != 'dense'):.3f} nats (dense control {median['dense']:.3f})")
 
 
 def variant_report(log_text: str, tp: int) -> dict:
@@ -465,40 +552,41 @@ def variant_report(log_text: str, tp: int) -> dict:
 
 
 def step_serve_variant(report, args, work):
-    import urllib.request
-
     from vllm_neuronmlp.tools.evaluation.serving import VllmServer
 
-    _, compressed = _checkpoints(args, work)
-    log = os.path.join(work, f"serve_variant_tp{VARIANT_TP}.log")
-    with VllmServer(compressed, log, served_name="compressed",
-                    extra_args=["--max-model-len", "512", "--tensor-parallel-size", str(VARIANT_TP)]) as server:
-        body = json.dumps({"model": "compressed", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}).encode()
-        req = urllib.request.Request(f"{server.url}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            json.load(r)
-        result = variant_report(server.log_text(), VARIANT_TP)
-    report["serving"]["variant"] = result
-    for resolved, implementation in result["classes"]:
-        print(f"    registry class {resolved} -> model class {implementation}")
-    for row in result["ranks"]:
-        print(f"    rank {row['rank']}/{row['tp']}: {row['mlps']} MLPs, checksum split={row['split']!r} "
-              f"replicated={row['replicated']!r}")
-    if not result["ok"]:
-        raise AssertionError(f"the svd_neuron variant at TP {VARIANT_TP}: {'; '.join(result['problems'])} (log {log})")
-    return f"{VARIANT_TP} ranks loaded their own shards into {', '.join(c[1] for c in result['classes'])}"
+    models = _checkpoints(args, work)
+    tp = max(serve_degrees(models["dense"], args.tp)[0])
+    results, problems = {}, []
+    for name in ("compressed-v3", "compressed-mlp"):
+        log = _serve_log(work, name, tp)
+        if not os.path.exists(log):        # serve-accuracy did not serve it at this degree
+            with VllmServer(models[name], log, served_name=name,
+                            extra_args=["--max-model-len", "512", "--tensor-parallel-size", str(tp)]):
+                pass
+        with open(log, errors="replace") as f:
+            result = results[name] = variant_report(f.read(), tp)
+        for resolved, implementation in result["classes"]:
+            print(f"    {name}: registry class {resolved} -> model class {implementation}")
+        for row in result["ranks"]:
+            print(f"    {name}: rank {row['rank']}/{row['tp']}: {row['mlps']} MLPs, checksum split={row['split']!r} "
+                  f"replicated={row['replicated']!r}")
+        problems += [f"{name}: {p} (log {log})" for p in result["problems"]]
+    report["serving"]["variant"] = results
+    if problems:
+        raise AssertionError(f"the svd_neuron variant at TP {tp}: {'; '.join(problems)}")
+    return f"both checkpoints: {tp} ranks loaded their own shards"
 
 
 def step_serve_bench(report, args, work, quick):
     import serving
 
-    dense, compressed = _checkpoints(args, work)
-    result = serving.run(dense, compressed, repeats=2 if quick else 3, num_prompts=64, input_len=256, output_len=128,
+    models = _checkpoints(args, work)
+    result = serving.run(models, repeats=2 if quick else 3, num_prompts=64, input_len=256, output_len=128,
                          concurrency=16, log_dir=work)
     report["serving"]["bench"] = result
-    return (f"output throughput compressed/dense {result['output_throughput_ratio']:.2f}, "
-            f"TPOT {result['tpot_ratio']:.2f}")
+    ratios = result["ratio_to_reference"]
+    return "; ".join(f"{name}: output throughput x{ratios[name]['output_throughput']:.2f}, TPOT "
+                     f"x{ratios[name]['median_tpot_ms']:.2f} of dense" for name in models if name != "dense")
 
 
 # ---------------------------------------------------------------- report
@@ -550,7 +638,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=OUT_DIR, help="where the JSON and PNG go (default benchmarks/results/neuron)")
     ap.add_argument("--work", default=os.path.join("work", "neuron-check"), help="checkpoints and server logs")
     ap.add_argument("--dense", help="dense checkpoint to serve (default: the embedded default model)")
-    ap.add_argument("--compressed", help="its svd_neuron checkpoint (default: compress --ratio 0.2 --scope mlp)")
+    ap.add_argument("--compressed", help="its svd_neuron checkpoint from compress's defaults (default: compress "
+                                         "--ratio 0.2, format v3)")
+    ap.add_argument("--compressed-mlp", help="its svd_neuron checkpoint with the MLP only (default: compress "
+                                             "--ratio 0.2 --scope mlp)")
+    ap.add_argument("--tp", default="auto", help="tensor-parallel degrees to serve at, e.g. 1,2 (default: 1 and the "
+                                                 "smallest degree > 1 that splits the model's attention heads)")
     args = ap.parse_args(argv)
 
     env = environment()
@@ -571,6 +664,7 @@ def main(argv=None) -> int:
     ]
     print(f"neuron-check ({report['mode']} mode"
           f"{': emulator predictions at S=1024 on trn2 only, block sweep at S=1024' if args.quick else ''})")
+    print(f"  NKI kernels are launched through: {env['sdk']['nki_entry_point']}")
     for name, can_run, reason, fn in steps:
         t = time.time()
         if not can_run:

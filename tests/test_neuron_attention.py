@@ -301,3 +301,35 @@ def test_a_misnamed_attention_factor_is_refused_before_loading(synthetic, tmp_pa
                                                            r"\.svd_v'\]"):
         model.load_weights(broken, "cpu", None)
     assert not model.loaded_state
+
+
+# ---------------------------------------------------------------- what the Trainium host's log says
+def test_the_load_logs_per_layer_which_kernel_or_fallback_runs(synthetic, monkeypatch):
+    """`make neuron-check` prints, per layer, whether the NKI kernels or the fallback ran: the
+    line the load logs through vLLM's logger (integrate.PATHS_LINE)."""
+    import logging
+
+    _, v3 = synthetic["llama"]
+    monkeypatch.setenv(ops.BACKEND_ENV, "auto")
+    pretend_neuron_host(monkeypatch)
+    install_runtimes(monkeypatch, "lite")
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = integrate.SERVING_LOG.level
+    integrate.SERVING_LOG.addHandler(handler)
+    integrate.SERVING_LOG.setLevel(logging.INFO)
+    try:
+        model = _patched(StandinLlamaForCausalLM).from_configs(read_config(v3), None)
+        model.load_weights(v3, "cpu", None)
+    finally:
+        integrate.SERVING_LOG.removeHandler(handler)
+        integrate.SERVING_LOG.setLevel(level)
+    parsed = [p for p in map(integrate.parse_paths_line, lines) if p is not None]
+    assert len(parsed) == 1 and parsed[0]["rank"] == 0
+    modules = parsed[0]["modules"]
+    assert modules["model.layers.0.self_attn"] == {"q": "kernels", "k": "kernels", "v": "kernels", "o": "dense"}
+    assert modules["model.layers.1.self_attn"] == {"q": "dense", "k": "dense", "v": "dense", "o": "kernels"}
+    assert modules["model.layers.0.mlp"] == {"gate": "kernels", "up": "kernels", "down": "kernels"}
+    assert modules["model.layers.1.mlp"] == {"gate": "dense", "up": "dense", "down": "dense"}   # narrowed, dense
+    assert "model.layers.2.mlp" not in modules                                                   # stock

@@ -26,6 +26,8 @@ def test_make_neuron_check_without_the_sdk(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "VIRTUAL_ENV": ""})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "quick mode" in proc.stdout
+    assert "NKI kernels are launched through: none: the Neuron SDK's `nki` (with nki.jit) is not importable" \
+        in proc.stdout
     report = json.loads((out / "neuron_check.json").read_text())
     assert (out / "neuron_check.png").stat().st_size > 0
     status = {s["name"]: s for s in report["steps"]}
@@ -87,3 +89,32 @@ def test_serve_variant_reads_the_shard_lines_of_the_server_log():
     assert not one["ok"] and "shard lines from ranks [0], expected ranks 0..1" in one["problems"][0]
     drift = "\n".join([_shard_line(0, 12.5), _shard_line(1, -3.25, replicated=7.0)])
     assert neuron_check.variant_report(drift, 2)["problems"] == ["the replicated factors differ between ranks"]
+
+
+def _config(tmp_path, heads, kv_heads, hidden=576):
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": heads, "num_key_value_heads": kv_heads,
+                                                      "hidden_size": hidden}))
+    return str(tmp_path)
+
+
+def test_serving_degrees_split_the_heads_like_vllm_neuron(tmp_path):
+    """TP 1 and the smallest degree > 1 that vllm-neuron's attention can split the heads over:
+    SmolLM2-135M's 9 heads / 3 KV heads take TP 3 (TP 2 is refused for the dense model too)."""
+    degrees, note = neuron_check.serve_degrees(_config(tmp_path, 9, 3))
+    assert degrees == [1, 3] and "TP 2 cannot split 9 heads / 3 KV heads" in note
+    assert neuron_check.serve_degrees(_config(tmp_path, 32, 8, 4096)) == ([1, 2], "")
+    assert neuron_check.serve_degrees(_config(tmp_path, 9, 3), "1,2")[0] == [1, 2]
+
+
+def test_layer_paths_are_read_from_the_server_log():
+    from vllm_neuronmlp.neuron import integrate
+
+    prefix = "(EngineCore_DP0 pid=1) INFO 01-01 00:00:00 [integrate.py:1] "
+    paths = ("model.layers.0.self_attn: q=kernels k=kernels v=kernels o=dense | "
+             "model.layers.0.mlp: gate=dense up=dense down=dense")
+    log = "\n".join(["startup", prefix + integrate.PATHS_LINE.format(rank=1, paths=paths.replace("kernels", "torch")),
+                     prefix + integrate.PATHS_LINE.format(rank=0, paths=paths)])
+    got = neuron_check.layer_paths(log)
+    assert got[0] == {"model.layers.0.self_attn": {"q": "kernels", "k": "kernels", "v": "kernels", "o": "dense"},
+                      "model.layers.0.mlp": {"gate": "dense", "up": "dense", "down": "dense"}}
+    assert got[1]["model.layers.0.self_attn"]["q"] == "torch"

@@ -205,6 +205,10 @@ class SVDNeuronAttention(torch.nn.Module):
     def prepare_weightless(self, device) -> None:
         self._set_path(compute.choose_path(torch.device(device or "cpu"), None, "the svd_neuron attention"))
 
+    def path_summary(self) -> str:
+        """Per projection, what computes it: the fused XUV kernel ("kernels"), its fallback, or "dense"."""
+        return " ".join(f"{role}={proj.runs()}" for role, proj in self.projections().items())
+
     # ------------------------------------------------------------ compute
     def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [T, nh, hd], k and v [T, nkv, hd] of this rank, q/k normed (Qwen3) and rotated."""

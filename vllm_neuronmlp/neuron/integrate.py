@@ -318,6 +318,29 @@ _SHARD_RE = re.compile(r"svd_neuron shards loaded: rank (?P<rank>\d+) of (?P<tp>
                        r"replicated=(?P<replicated>\S+)")
 
 
+PATHS_LINE = "vllm-neuronmlp: svd_neuron compute paths, rank {rank}: {paths}"
+_PATHS_RE = re.compile(r"svd_neuron compute paths, rank (?P<rank>\d+): (?P<paths>.*)$")
+
+
+def paths_text(model) -> str:
+    """`module: role=path ...` for every module the variant put in, joined by " | "."""
+    from vllm_neuronmlp.neuron import names
+
+    return " | ".join(f"{path}: {module.path_summary()}" for path, module in names.variant_modules(model).items())
+
+
+def parse_paths_line(line: str) -> Optional[Dict[str, Any]]:
+    """{"rank": r, "modules": {module: {role: path}}} from a PATHS_LINE, None if none."""
+    m = _PATHS_RE.search(line)
+    if m is None:
+        return None
+    modules = {}
+    for item in m.group("paths").split(" | "):
+        module, _, rest = item.partition(": ")
+        modules[module] = dict(w.split("=", 1) for w in rest.split() if "=" in w)
+    return {"rank": int(m.group("rank")), "modules": modules}
+
+
 def parse_shard_line(line: str) -> Optional[Dict[str, Any]]:
     """The fields of a SHARD_LINE in `line` (a server log line), None if it has none."""
     m = _SHARD_RE.search(line)
@@ -355,8 +378,9 @@ def _wrap_load_weights(cls, original):
         names.check_loaded(self)
         for module in names.variant_modules(self).values():
             module.finalize()
-        SERVING_LOG.info(SHARD_LINE.format(implementation=info.implementation, resolved=info.resolved,
-                                           **names.shard_checksums(self)))
+        checksums = names.shard_checksums(self)
+        SERVING_LOG.info(SHARD_LINE.format(implementation=info.implementation, resolved=info.resolved, **checksums))
+        SERVING_LOG.info(PATHS_LINE.format(rank=checksums["rank"], paths=paths_text(self)))
         return result
     return _marked(load_weights)
 

@@ -120,6 +120,10 @@ class FactoredProjection(torch.nn.Module):
 
     path = compute.TORCH    # set by the owner's load entry point
 
+    def runs(self) -> str:
+        """What computes this projection: its path ("kernels", "torch", "nki-sim"), or "dense"."""
+        return self.path if self.factored else "dense"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.factored:
             return compute.xuv(x, self.svd_u, self.svd_v, self.path)
@@ -213,6 +217,12 @@ class SVDNeuronMLP(torch.nn.Module):
         any weight exists): decide the path for `device`, the one the stock lite load was
         given. No tensor is read or built."""
         self._set_path(compute.choose_path(torch.device(device or "cpu"), None, "the svd_neuron MLP"))
+
+    def path_summary(self) -> str:
+        """Per projection, what computes it (the server log's per-layer line): a fused MLP
+        runs the two MLP kernels (or their fallback) for all three at once."""
+        what = " ".join(f"{role}={proj.runs()}" for role, proj in self.projections().items())
+        return f"{what} (fused MLP)" if self.fused else what
 
     # ------------------------------------------------------------ compute
     def local_mlp(self, h: torch.Tensor) -> torch.Tensor:
