@@ -180,7 +180,8 @@ def test_tutorial_accumulators_spill_and_are_saved_and_reloaded_on_each_reuse():
     args = (sim.spec((K, M)), sim.spec((K, N)))
     _, st = sim.run(baselines.tutorial_matmul, *args, count_only=True)
     spilled = st.sbuf_spilled_bytes
-    assert spilled == 16 * M + 100 * 1024 - 192 * 1024
+    staging = sim.core.SPILL_STAGING_BYTES     # room kept free for reloads and saves
+    assert spilled == 16 * M + 100 * 1024 - 192 * 1024 + staging
     assert st.spill_write_bytes == 3 * 128 * spilled
     assert st.spill_read_bytes == 3 * 128 * spilled
     assert st.hbm_bytes - st.spill_bytes == 2 * (K * M + K * N + M * N)
@@ -188,7 +189,7 @@ def test_tutorial_accumulators_spill_and_are_saved_and_reloaded_on_each_reuse():
         sim.run(baselines.tutorial_matmul, *args, count_only=True, spill=False)
     # trn2's 224 KiB partitions spill only 4 KiB of them
     _, st2 = sim.run(baselines.tutorial_matmul, *args, count_only=True, target="trn2")
-    assert st2.sbuf_spilled_bytes == 16 * M + 100 * 1024 - 224 * 1024
+    assert st2.sbuf_spilled_bytes == 16 * M + 100 * 1024 - 224 * 1024 + staging
     assert st2.spill_bytes == 6 * 128 * st2.sbuf_spilled_bytes
 
 

@@ -26,8 +26,9 @@ Memory model (compile-time allocation)
   partition until the peak fits (`spill_plan`), and the run is executed again with that
   plan: every instruction that reads spilled bytes first reloads them from HBM by DMA,
   every one that writes them saves them afterwards ("saved and reloaded on each reuse";
-  a reload is skipped when the previous instruction on that tensor left exactly those
-  bytes staged). The traffic is counted as HBM bytes (and `spill_*_bytes`) and scheduled
+  a reload is skipped while the bytes are still in the tensor's staging area, the most
+  recently reloaded or saved ranges up to SPILL_STAGING_BYTES per partition, which the
+  spill plan keeps free). The traffic is counted as HBM bytes (and `spill_*_bytes`) and scheduled
   on the timeline like any DMA. Only an instruction whose SBUF operands together exceed
   a partition is refused (SbufCapacityError): they must be on chip at once.
   Fragmentation and alignment are not modelled.
@@ -273,9 +274,12 @@ class Context:
         lo = max(first, a.keep)
         if lo > last:
             return
-        if reload and a.staged == (lo, last):
-            return                     # still staged from the previous use
-        a.staged = (lo, last)
+        staged = a.staged
+        if reload and any(s0 <= lo and last <= s1 for s0, s1 in staged):
+            return                     # still staged from a recent use
+        staged.append((lo, last))      # the staging area keeps the most recent ranges
+        while len(staged) > 1 and sum(s1 + 1 - s0 for s0, s1 in staged) > SPILL_STAGING_BYTES:
+            del staged[0]
         per_part = max(1, (last + 1 - lo) * t.free_size() * t.itemsize // (last + 1 - first))
         parts = t.partitions()
         payload = per_part * parts
@@ -360,6 +364,12 @@ class Context:
                             f"byte {b.address} overlap while both are live")
 
 
+# Staging area of spilled bytes, per partition: a reload is skipped while the bytes are
+# still among the most recently staged ranges of their tensor (an assumption: the docs give
+# no size; 8 KiB holds a few tiles' rows).
+SPILL_STAGING_BYTES = 8 * 1024
+
+
 def _peak(allocs, size):
     """(peak of the summed sizes of live allocations, the live set at the peak, in
     allocation order with the one that made the peak last)."""
@@ -384,9 +394,11 @@ def _peak(allocs, size):
 
 def spill_plan(allocations, capacity):
     """{index in `allocations`: bytes per partition kept on chip}: while the SBUF peak
-    exceeds `capacity`, the largest live tensor at the peak gives up the excess (its
+    exceeds `capacity` less the staging area (SPILL_STAGING_BYTES, where reloaded and
+    saved bytes pass), the largest live tensor at the peak gives up the excess (its
     trailing bytes per partition)."""
     sbuf = [a for a in allocations if a.buffer is SBUF]
+    capacity -= SPILL_STAGING_BYTES
     keep = {a: a.bytes_pp for a in sbuf}
     for _ in range(10 * len(sbuf) + 10):
         peak, live = _peak(sbuf, keep.__getitem__)
@@ -443,7 +455,7 @@ class Allocation:
         self.address = None
         self.hbm_written = False
         self.keep = None               # bytes per partition kept on chip when spilled
-        self.staged = None             # spilled byte range staged by the last reload/save
+        self.staged = []               # spilled byte ranges in the staging area, oldest first
         self.strides = tuple(math.prod(self.shape[d + 1:]) for d in range(len(self.shape)))
         if buffer.on_chip:
             if len(self.shape) == 0:
