@@ -59,7 +59,7 @@ def rank_set(m, n, ratios=RATIOS, block=BLOCK):
 
 def fused_row(S, m, r, n, target):
     """The fused kernel at the selector's block: kernel_study's row plus the block."""
-    bm = blocking.select_block_m(strip_plan.xuv_shape(S, m, r, n), target)
+    bm = blocking.select_block_m(kernel_study.fused_shape(S, m, r, n, target), target)
     return kernel_study.row(kernel_study.run("fused_xuv", S, target, bm, shape=(m, r, n)), target,
                             block_m=bm, rank=r)
 

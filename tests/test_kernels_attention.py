@@ -59,7 +59,7 @@ def test_decode_point_is_the_emulators_runs_of_the_same_launches():
     assert p["dense"]["hbm_gb"] == pytest.approx(dense.hbm_bytes / 1e9)
 
     def fused(r):
-        bm = blocking.select_block_m(strip_plan.xuv_shape(S, m, r, n), target)
+        bm = blocking.select_block_m(strip_plan.xuv_shape(S, m, r, n, x_transpose="dma"), target)
         return sim.run(xuv.fused_xuv, sim.spec((S, m), BF), sim.spec((m, r), BF), sim.spec((r, n), BF),
                        block_m=bm, target=target, count_only=True)[1]
 

@@ -34,7 +34,7 @@ MODEL_CASES = [
 @pytest.mark.parametrize("S,K,r,N,bm,target,tr,dtype", MODEL_CASES)
 def test_model_equals_emulator_counts(S, K, r, N, bm, target, tr, dtype):
     e = 2 if dtype == BF else 4
-    ks = strip_plan.xuv_shape(S, K, r, N, e, tr)
+    ks = strip_plan.xuv_shape(S, K, r, N, e, tr, strip_plan.default_x_transpose(target))
     st = run_xuv(S, K, r, N, bm, target, tr, dtype)
     assert st.sbuf_peak_bytes == strip_plan.sbuf_peak_bytes(ks, bm, target)
     assert (st.hbm_read_bytes, st.hbm_write_bytes) == strip_plan.hbm_bytes(ks, bm, target)
@@ -80,12 +80,13 @@ def test_selector_never_exceeds_sbuf(target):
     for S, K, r, N in shapes:
         for objective in ("ridge", "traffic"):
             for tr in (False, True):
-                ks = strip_plan.xuv_shape(S, K, r, N, transpose_out=tr)
+                ks = strip_plan.xuv_shape(S, K, r, N, transpose_out=tr,
+                                          x_transpose=strip_plan.default_x_transpose(target))
                 bm = blocking.select_block_m(ks, target, objective=objective)
                 assert strip_plan.sbuf_peak_bytes(ks, bm, target) <= budget, (S, K, r, N, bm)
     # and the emulator agrees on a few of them, running the kernel for real
     for S, K, r, N in [(4096, 7168, 4096, 18432), (3000, 16384, 1024, 700)]:
-        ks = strip_plan.xuv_shape(S, K, r, N)
+        ks = strip_plan.xuv_shape(S, K, r, N, x_transpose=strip_plan.default_x_transpose(target))
         bm = blocking.select_block_m(ks, target)
         st = run_xuv(S, K, r, N, bm, target)
         assert st.sbuf_peak_bytes <= budget < st.sbuf_capacity_bytes
@@ -127,7 +128,7 @@ def test_time_objective_is_fastest_then_fewest_bytes():
 def test_selector_within_5_percent_of_best_in_sweep(target):
     # paper K and r; N = 4096 keeps the sweep quick and makes small blocks DMA-bound
     S, K, r, N = 2048, 7168, 4096, 4096
-    ks = strip_plan.xuv_shape(S, K, r, N)
+    ks = strip_plan.xuv_shape(S, K, r, N, x_transpose=strip_plan.default_x_transpose(target))
     pick = blocking.select_block_m(ks, target)
     sweep = {bm: run_xuv(S, K, r, N, bm, target).modeled_latency_s
              for bm in sorted({128, 256, 384, 512, 1024, 2048, pick})}
@@ -140,9 +141,9 @@ def test_selector_within_5_percent_of_best_in_sweep(target):
 @pytest.mark.parametrize("target", ["trn1", "trn2"])
 def test_selector_within_5_percent_of_best_on_paper_shapes(target):
     """The paper's table-3 setting: K=7168, r=4096, N=18432, S=4096, BM = 128 ... 4096
-    (BMs whose strip does not fit SBUF are left out, as the emulator rejects them).
+    (BMs whose strip does not fit SBUF are left out: the selector never offers them).
     Every latency is a count-only emulator run (the selector's own cost function)."""
-    ks = strip_plan.xuv_shape(4096, *PAPER)
+    ks = strip_plan.xuv_shape(4096, *PAPER, x_transpose=strip_plan.default_x_transpose(target))
     pick = blocking.select_block_m(ks, target)
     budget = strip_plan.sbuf_budget(target)
     sweep = {bm: blocking.modeled_time(ks, bm, target)
@@ -191,7 +192,7 @@ def test_u_slabs_fill_psum_and_dmas_are_wide():
         == [32, 32, 16, 16, 8, 8, 4, 2, 1]
     assert strip_plan.u_group_cols(4096, 512) == 1024 and strip_plan.u_group_cols(200, 512) == 256
     for target in ("trn1", "trn2"):
-        ks = strip_plan.xuv_shape(4096, *PAPER)
+        ks = strip_plan.xuv_shape(4096, *PAPER, x_transpose=strip_plan.default_x_transpose(target))
         st = run_xuv(4096, *PAPER, blocking.select_block_m(ks, target), target)
         assert st.dma_min_run_bytes >= 1024
         assert st.psum_peak_banks == 8
