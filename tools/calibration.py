@@ -2,7 +2,8 @@
 random subsets the passes use.
 
 `calib_samples` non-overlapping windows of `calib_seq_len` tokens are drawn
-at random (seeded) from the tokenized text; the windows not drawn are
+at random (seeded) from the tokenized text (each opened by the model's `<bos>`
+where its tokenizer adds one, data/token_windows.py); the windows not drawn are
 "unused". Subsets are again seeded random draws (each from its own stream):
 the fisher method's backward pass uses `fisher_samples` of the calibration
 windows, and the allocation scoring and LoRA validation use
@@ -17,7 +18,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from vllm_neuronmlp.tools.data import text_data
+from vllm_neuronmlp.tools.data import text_data, token_windows
 from vllm_neuronmlp.tools.errors import UserError
 
 VALIDATION_WINDOWS = 8  # unused windows that score the allocation candidates and judge LoRA
@@ -59,20 +60,26 @@ def calibration_tokens(src_path: str, texts: Sequence[str], samples: int, seq_le
         tok = AutoTokenizer.from_pretrained(src_path)
     except Exception as e:
         raise UserError(f"{src_path}: cannot load its tokenizer, needed to tokenize --calib-text ({e})") from None
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    n_windows = len(ids) // seq_len
+    bos = token_windows.leading_bos(tok)
+    ids = token_windows.text_ids(tok, text)
+    cut = token_windows.cut(ids, seq_len, bos)
+    n_windows = len(cut)
     if n_windows < samples:
+        per_window = seq_len - (bos is not None)
         raise UserError(
             f"--calib-text {', '.join(texts)}: {len(ids)} tokens make only {n_windows} windows of --calib-seq-len "
-            f"{seq_len}, fewer than --calib-samples {samples} (needs {samples * seq_len} tokens); give more text "
+            f"{seq_len}, fewer than --calib-samples {samples} (needs {samples * per_window} tokens"
+            f"{' after each window opens with <bos>' if bos is not None else ''}); give more text "
             f"or ask for fewer/shorter samples")
-    windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
+    windows = torch.tensor(cut, dtype=torch.long).view(n_windows, seq_len)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n_windows, generator=g)
     chosen = windows[perm[:samples].sort().values]
     unused = windows[perm[samples:].sort().values]
     info = {"source": [text_name(t) for t in texts], "tokens_available": len(ids), "samples": samples,
             "seq_len": seq_len, "tokens_used": samples * seq_len, "seed": seed}
+    if bos is not None:
+        info["bos_first"] = bos  # every window opens with it
     return chosen, unused, info
 
 

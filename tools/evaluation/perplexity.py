@@ -1,9 +1,11 @@
 """Token-level perplexity, the protocol of the SVD-LLM papers (docs/evaluation.md).
 
-The text is tokenized once as a whole (tokenizer defaults), cut into
-non-overlapping windows of `seq_len` tokens (the remainder is dropped), and
-every token of a window but the first is scored given the ones before it:
-`ppl = exp(sum NLL / scored tokens)`.
+The text is tokenized once as a whole, cut into non-overlapping windows of
+`seq_len` tokens (the remainder is dropped), and every token of a window but
+the first is scored given the ones before it: `ppl = exp(sum NLL / scored
+tokens)`. A model whose tokenizer adds a BOS token (Gemma 3) gets it at the
+start of every window, followed by `seq_len - 1` text tokens
+(data/token_windows.py); the BOS itself is never scored.
 
 Two backends, same windows:
 - `vllm` (the product's number): `LLM(...).generate` on token-id prompts with
@@ -21,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
-from vllm_neuronmlp.tools.data import text_data
+from vllm_neuronmlp.tools.data import text_data, token_windows
 from vllm_neuronmlp.tools.errors import UserError
 
 DEFAULT_SEQ_LEN = 2048
@@ -62,15 +64,16 @@ def eval_windows(model_path: str, text: str, seq_len: int = DEFAULT_SEQ_LEN, max
         tok = AutoTokenizer.from_pretrained(model_path)
     except Exception as e:
         raise UserError(f"{model_path}: cannot load its tokenizer ({e})") from None
-    ids: List[int] = tok(body)["input_ids"]
-    n = len(ids) // seq_len
+    ids: List[int] = token_windows.text_ids(tok, body)
+    windows = token_windows.cut(ids, seq_len, token_windows.leading_bos(tok))
+    n = len(windows)
     if max_tokens is not None:
         if max_tokens < seq_len:
             raise UserError(f"--max-tokens {max_tokens} is below one window of --seq-len {seq_len}")
         n = min(n, max_tokens // seq_len)
     if n == 0:
         raise UserError(f"--text {text}: {len(ids)} tokens, not one full window of --seq-len {seq_len}")
-    return [ids[k * seq_len:(k + 1) * seq_len] for k in range(n)], len(ids)
+    return windows[:n], len(ids)
 
 
 def perplexity_vllm(model_path: str, text: str, seq_len: int = DEFAULT_SEQ_LEN, max_tokens: Optional[int] = None,
