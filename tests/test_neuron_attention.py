@@ -110,6 +110,11 @@ def test_v3_checkpoint_served_by_the_variant_equals_its_dense_twin(synthetic, ar
     assert kinds[0] == (SVDNeuronAttention, SVDNeuronMLP) and kinds[2][0] is SVDNeuronAttention
     assert kinds[1][0] is SVDNeuronAttention                       # only o factored: the layer's q/k/v stay dense
     assert not model.model.layers[1].self_attn.q_proj.factored and model.model.layers[1].self_attn.o_proj.factored
+    if tp > 1:   # the collectives the stock modules use: distinct group objects, taken over from them
+        mlp, attn = model.model.layers[0].mlp, model.model.layers[0].self_attn
+        assert mlp.tp_group is model.tp_group and attn.tp_group is model.tp_group
+        assert (mlp.mlp_tp_group.kind, attn.reduce_group.kind) == (("mlp_tp", "attn_tp") if arch == "llama"
+                                                                   else ("tp", "tp"))
     assert_same_as(served, hf_reference(dense), 1e-4)
 
 
