@@ -5,8 +5,8 @@
    embeddings) with the layer counts the runs ask for (cuts of the 32-layer
    model at the same widths), tensor by tensor: the benchmark never holds a
    model either. `--write-full` also writes the whole 32-layer model for the
-   dry run's estimate and the disk figures. SHAPE `smollm2` is the embedded
-   default model instead.
+   dry run's estimate and the disk figures. SHAPEs `smollm2` and `gemma-3-270m`
+   are the embedded models instead (`default-model`), at their own depth.
 2. Compresses each in a fresh subprocess (`vllm-neuronmlp compress --ratio 0.2
    --method M` plus the preset's calibration flags: `default` = the tool's
    defaults, `reduced` = 8 calibration and 8 Fisher windows), sampling the
@@ -27,6 +27,7 @@ an existing JSON; a run made again replaces its entry).
 
     python benchmarks/compress_scale.py --work /tmp/scale           # the default plan (see --runs)
     python benchmarks/compress_scale.py --work /tmp/scale --runs smollm2:30:hybrid:default
+    python benchmarks/compress_scale.py --work /tmp/scale --runs gemma-3-270m:18:hybrid:default --keep
     python benchmarks/compress_scale.py --work /tmp/scale --runs llama-3.1-8b:4:hybrid:default --flags "--device cuda"
 """
 from __future__ import annotations
@@ -49,6 +50,8 @@ SHAPES = {
                          tie=True, rope_theta=500000.0),
 }
 GIB = 1024 ** 3
+# the embedded real models a run may name as its SHAPE: {shape: default-model --model name}
+EMBEDDED = {"smollm2": "smollm2-135m", "gemma-3-270m": "gemma-3-270m"}
 
 
 def layer_params(shape: Dict) -> int:
@@ -246,8 +249,9 @@ def main() -> int:
     ap.add_argument("--work", required=True, help="directory for the random checkpoints and outputs (tens of GB)")
     ap.add_argument("--runs", nargs="+", default=["llama-3.1-8b:4:hybrid:default", "llama-3.1-8b:4:hybrid:reduced",
                                                    "llama-3.1-8b:8:hybrid:reduced", "llama-3.1-8b:4:fisher:reduced"],
-                    help="SHAPE:LAYERS:METHOD:PRESET for each run (shapes: %s; presets: %s; SHAPE smollm2 is the "
-                         "embedded default model, LAYERS then ignored)" % (", ".join(SHAPES), ", ".join(PRESETS)))
+                    help="SHAPE:LAYERS:METHOD:PRESET for each run (shapes: %s; presets: %s; SHAPEs %s are the "
+                         "embedded models, LAYERS then ignored)" % (", ".join(SHAPES), ", ".join(PRESETS),
+                                                                     ", ".join(EMBEDDED)))
     ap.add_argument("--full-layers", type=int, default=32,
                     help="the full model's depth, for the extrapolation and the dry run (default 32)")
     ap.add_argument("--write-full", action="store_true", help="also write the full 8B model (dry run and disk only)")
@@ -256,7 +260,8 @@ def main() -> int:
                     help="record a run made outside this script (the compress --json summary; its own per-stage "
                          "peaks stand in for the sampled RSS)")
     ap.add_argument("--json", default=os.path.join(RESULTS, "compress_scale.json"))
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoints (default: deleted after the runs)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints and the compressed outputs (default: "
+                                                         "deleted after the runs)")
     args = ap.parse_args()
 
     flags = args.flags.split()
@@ -293,11 +298,12 @@ def main() -> int:
         est = dry_run(src, out, mflags)["estimate"]
         print(f"{spec}: estimated peak {est['peak_bytes'] / GIB:.2f} GiB ({est['peak_stage']})", flush=True)
         r = run_child(src, out, mflags)
-        r.update({"shape": shape, "layers": layers if shape != "smollm2" else r["layers"], "method": method,
+        r.update({"shape": shape, "layers": layers if shape not in EMBEDDED else r["layers"], "method": method,
                   "preset": preset, "estimate": est})
         print(f"  measured peak {r['peak_rss_bytes'] / GIB:.2f} GiB, {r['wall_time_s']:.0f} s, "
               f"disk {r['peak_disk_bytes'] / GIB:.2f} GiB", flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
         record(r)
     if args.write_full:
         shape = "llama-3.1-8b"
@@ -310,7 +316,7 @@ def main() -> int:
                                                                    "method": method, "estimate": est}]
     if not args.keep:
         for src in sources.values():
-            if not src.endswith("smollm2"):
+            if os.path.basename(src) not in EMBEDDED:
                 shutil.rmtree(src, ignore_errors=True)
     summarize(results, args)
     write(results, args)
@@ -318,15 +324,15 @@ def main() -> int:
 
 
 def source_checkpoint(work: str, shape: str, layers: int, made: Dict[tuple, str]) -> str:
-    """The random checkpoint of `shape` with `layers` layers (written once), or the default model."""
+    """The random checkpoint of `shape` with `layers` layers (written once), or an embedded model."""
     if (shape, layers) in made:
         return made[(shape, layers)]
-    if shape == "smollm2":
+    if shape in EMBEDDED:
         from vllm_neuronmlp.tools.data import default_model
 
-        src = os.path.join(work, "smollm2")
+        src = os.path.join(work, shape)
         if not os.path.exists(os.path.join(src, "config.json")):
-            default_model.materialize(src)
+            default_model.materialize(src, model=EMBEDDED[shape])
     else:
         src = os.path.join(work, f"{shape}-{layers}")
         if not os.path.exists(os.path.join(src, "config.json")):
