@@ -14,11 +14,12 @@ their contiguous run), each with its AWS source in `targets`.
 Stats also reports each engine's busy time (sum of its instruction costs) and stall time
 (waiting on another engine's result with work queued), the static instruction count (the
 program the compiler sees: a nl.dynamic_range body once) and the dynamic one (what the
-engines execute). Not modelled: instruction fetch, the ~60-cycle SBUF access overhead the
-docs say engines "can typically hide", strided access penalties, SBUF bank conflicts,
-the compiler's reordering of independent instructions across engine queues (program order
-is kept per engine), write-after-read hazards between different tensors the allocator
-places at the same SBUF address.
+engines execute), tensor-engine transpose FLOPs and the SBUF spill traffic (`core`).
+Documented effects with their sources and the brackets of undocumented constants are in
+`targets`; not modelled: instruction fetch, SBUF bank conflicts, the compiler's reordering
+of independent instructions across engine queues (program order is kept per engine),
+write-after-read hazards between different tensors the allocator places at the same SBUF
+address.
 """
 from dataclasses import dataclass, field, asdict
 
