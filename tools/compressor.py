@@ -43,7 +43,7 @@ from vllm_neuronmlp.tools.errors import UserError
 from vllm_neuronmlp.tools.interrupt import Interrupted, SignalGuard, Terminated
 from vllm_neuronmlp.tools.methods.base import Context
 from vllm_neuronmlp.tools.options import CompressOptions
-from vllm_neuronmlp.tools.run_state import RunState, source_fingerprint
+from vllm_neuronmlp.tools.run_state import RunState, cache_key, statistics_key
 from vllm_neuronmlp.tools.source import SourceCheckpoint
 from vllm_neuronmlp.tools.whitening import FactorizationError
 from vllm_neuronmlp.tools.writer import ShardWriter, StagingDir, check_output_path, write_json
@@ -77,7 +77,7 @@ class CompressResult:
     widths: Dict[int, int] = field(default_factory=dict)  # {layer: intermediate width} of narrowed layers
     intermediate_size: int = 0  # the model's full MLP width
     device: str = "cpu"
-    stages: Dict[str, Dict] = field(default_factory=dict)  # wall seconds and peak memory per stage (progress.StageMeter)
+    stages: Dict[str, Dict] = field(default_factory=dict)  # wall seconds and peak memory per stage (StageMeter)
     resumed: List[str] = field(default_factory=list)  # what a --resume run took over from the earlier one
     memory_estimate: Dict = field(default_factory=dict)  # memory_estimate.Estimate.to_dict()
     mix: Dict = field(default_factory=dict)  # allocation_mix: what the removed parameters came from
@@ -190,17 +190,6 @@ def _nothing_computed(state: RunState) -> bool:
     return not (state.get("statistics_layers") or state.get("statistics_done") or state.get("layers_done"))
 
 
-def statistics_key(src: SourceCheckpoint, opts: CompressOptions, method) -> Dict:
-    """What a method's statistics depend on (a resumed run reuses them when equal)."""
-    key = method.statistics_key(opts)
-    return {"source": source_fingerprint(src), "method_statistics": list(key) if key is not None else None,
-            "calibration": [list(opts.calib_text), opts.calib_samples, opts.calib_seq_len, opts.seed],
-            "damping": opts.damping, "tool_version": TOOL_VERSION,
-            # --scope all's statistics also cover the attention projections; an MLP-scope key stays as it
-            # was, so resume states written before scopes existed still match
-            **({"scope": opts.scope} if opts.scope != "mlp" else {})}
-
-
 RUN_ONLY_OPTIONS = ("progress", "overwrite", "resume", "dry_run", "device", "memory_check",
                     "memory_limit_gib")
 
@@ -210,92 +199,159 @@ def layers_key(opts: CompressOptions) -> Dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items() if k not in RUN_ONLY_OPTIONS}
 
 
-def _compress_planned(ctx: Context, method, out_path: str, cache, on_layer, guard: SignalGuard) -> CompressResult:
-    sk, src, opts, calib, state, meter = ctx.sk, ctx.src, ctx.opts, ctx.calib, ctx.state, ctx.meter
-    stats, all_ranks, selection = plan(ctx, method, cache)
+@dataclass
+class ParamCounts:
+    """Parameters before and after compression: the MLP projections, every decoder linear, the whole model."""
 
-    mats = ctx.matrices()
-    if method.capabilities.narrows:  # its allocation is a Plan: ranks, and the narrowed layers' widths (format v2)
-        ctx.widths = dict(all_ranks.widths)
-        all_ranks = {m.name: all_ranks.ranks.get(m.name, alloc.DENSE) for m in mats}
+    mlp_before: int
+    mlp_after: int
+    linear_before: int
+    linear_after: int
+    model_before: int
+    model_after: int
+
+    @property
+    def ratio_mlp(self) -> float:
+        return 1 - self.mlp_after / self.mlp_before
+
+    @property
+    def ratio_linears(self) -> float:
+        return 1 - self.linear_after / self.linear_before
+
+    @property
+    def ratio_model(self) -> float:
+        return 1 - self.model_after / self.model_before
+
+
+def _compress_planned(ctx: Context, method, out_path: str, cache, on_layer, guard: SignalGuard) -> CompressResult:
+    """Plan, factor every layer into the resume state, then assemble OUT."""
+    sk, src, opts, calib, state = ctx.sk, ctx.src, ctx.opts, ctx.calib, ctx.state
+    stats, ranks, selection = _plan_of_every_matrix(ctx, method, cache)
     widths = ctx.widths
-    if opts.export == "dense":  # refuse before the factor pass, not after it
+    mats = ctx.matrices()
+    warnings = _allocation_warnings(sk, mats, ranks, opts, widths)
+    out_dtype = _out_dtype(src, sk, opts)
+    cast = out_dtype if out_dtype != src.torch_dtype(cf.weight_name(sk.module_names(0)[st.GATE])) else None
+
+    writer = ShardWriter.restore(state.subdir("layers"), opts.max_shard_bytes, state.get("writer"))
+    _write_outside_layers(ctx, writer, cast)
+    with ctx.meter.measure("factor_pass"):
+        factor_pass(ctx, method, stats, ranks, writer, out_dtype, cast, on_layer)
+
+    counts = param_counts(sk, src, mats, ranks, widths)
+    mix = allocation_mix(sk, mats, ranks, widths)
+    provenance = _provenance(opts, src, counts, selection, mix, calib, writer.total_bytes, out_dtype)
+    factored = {n: r for n, r in ranks.items() if r != alloc.DENSE}
+    lora_info, bytes_after = _assemble(ctx, out_path, guard, writer, factored, provenance, out_dtype if cast else None)
+    src.close()
+    return CompressResult(
+        out=os.path.abspath(out_path), ranks=factored, dense_modules=sorted(n for n, r in ranks.items()
+                                                                            if r == alloc.DENSE),
+        ratio_requested=opts.ratio, ratio_mlp=counts.ratio_mlp, ratio_model=counts.ratio_model,
+        params_before=counts.model_before, params_after=counts.model_after, mlp_params_before=counts.mlp_before,
+        mlp_params_after=counts.mlp_after, bytes_before=src.total_bytes_on_disk(), bytes_after=bytes_after,
+        wall_time_s=0.0, method=opts.method, allocation=opts.rank_allocation, num_layers=sk.num_layers,
+        calibration=calib.info if calib else {}, jitter_modules=ctx.jitter_modules, lora=lora_info,
+        warnings=warnings, selection=selection, widths=dict(widths), intermediate_size=sk.intermediate,
+        device=str(sk.device), mix=mix, scope=opts.scope, ratio_linears=counts.ratio_linears,
+        linear_params_before=counts.linear_before, linear_params_after=counts.linear_after)
+
+
+def _plan_of_every_matrix(ctx: Context, method, cache) -> Tuple[object, Dict[str, int], Dict]:
+    """(statistics, {module: rank} of every targeted matrix, selection record); a
+    narrowing method's widths go to `ctx.widths`. --export dense is refused here,
+    before the factor pass, when the plan cannot be written as a dense model."""
+    stats, chosen, selection = plan(ctx, method, cache)
+    ranks = chosen
+    if method.capabilities.narrows:  # its allocation is a Plan: ranks, and the narrowed layers' widths (format v2)
+        ctx.widths = dict(chosen.widths)
+        ranks = {m.name: chosen.ranks.get(m.name, alloc.DENSE) for m in ctx.matrices()}
+    if ctx.opts.export == "dense":
         from vllm_neuronmlp.tools.export import check_exportable
 
-        check_exportable({n: r for n, r in all_ranks.items() if r != alloc.DENSE}, widths, sk.num_layers)
-    warnings = _allocation_warnings(sk, mats, all_ranks, opts, widths)
-    mlp_mats = [m for m in mats if not cf.is_attention_module(m.name)]
-    out_dtype = _out_dtype(src, sk, opts)
-    cast_all = out_dtype != src.torch_dtype(cf.weight_name(sk.module_names(0)[st.GATE]))
-    cast = out_dtype if cast_all else None
+        check_exportable({n: r for n, r in ranks.items() if r != alloc.DENSE}, ctx.widths, ctx.sk.num_layers)
+    return stats, ranks, selection
 
-    # the tensors of the checkpoint, layer by layer, into the resume state
-    writer = ShardWriter.restore(state.subdir("layers"), opts.max_shard_bytes, state.get("writer"))
-    if not state.get("outside_layers_done"):
-        # everything outside the decoder layers is copied first (embeddings, final norm, lm_head)
-        layer_prefix = sk.layer_prefix + "."
-        for name in sorted(n for n in src.names() if not n.startswith(layer_prefix)):
-            writer.add(name, _cast(src.get(name), cast))
-        writer.flush()
-        state.set(writer=writer.state(), outside_layers_done=True)
-    with meter.measure("factor_pass"):
-        factor_pass(ctx, method, stats, all_ranks, writer, out_dtype, cast, on_layer)
 
-    # assemble the checkpoint in a staging directory beside OUT, renamed into place when complete
+def _write_outside_layers(ctx: Context, writer: ShardWriter, cast: Optional[torch.dtype]) -> None:
+    """Copy everything outside the decoder layers (embeddings, final norm, lm_head)
+    into the resume state, once."""
+    state, src = ctx.state, ctx.src
+    if state.get("outside_layers_done"):
+        return
+    layer_prefix = ctx.sk.layer_prefix + "."
+    for name in sorted(n for n in src.names() if not n.startswith(layer_prefix)):
+        writer.add(name, _cast(src.get(name), cast))
+    writer.flush()
+    state.set(writer=writer.state(), outside_layers_done=True)
+
+
+def param_counts(sk: st.Skeleton, src: SourceCheckpoint, mats: List[alloc.Matrix], ranks: Dict[str, int],
+                 widths: Dict[int, int]) -> ParamCounts:
+    """Parameters before and after the plan `ranks` / `widths` of the targeted matrices `mats`."""
+    mlp = [m for m in mats if not cf.is_attention_module(m.name)]
+    linears = alloc.matrices_from_shapes(sk.shapes(st.ROLES + st.ATTENTION_ROLES))
+    linear_before, linear_after = sum(m.dense for m in linears), alloc.plan_cost(linears, ranks, widths)
+    model_before = sum(src.numel(n) for n in src.names())
+    return ParamCounts(mlp_before=sum(m.dense for m in mlp), mlp_after=alloc.plan_cost(mlp, ranks, widths),
+                       linear_before=linear_before, linear_after=linear_after, model_before=model_before,
+                       model_after=model_before - (linear_before - linear_after))
+
+
+def _provenance(opts: CompressOptions, src: SourceCheckpoint, counts: ParamCounts, selection: Dict, mix: Dict,
+                calib, bytes_after: int, out_dtype: torch.dtype) -> Dict:
+    """The `provenance` entry of quantization_config: how the checkpoint was made."""
+    return {
+        "tool": "vllm-neuronmlp compress",
+        "tool_version": TOOL_VERSION,
+        "source_model": source_name(src.path),  # the name, not this machine's path
+        "ratio_requested": opts.ratio,
+        "scope": opts.scope,
+        "ratio_achieved_mlp": round(counts.ratio_mlp, 6),
+        "ratio_achieved_linears": round(counts.ratio_linears, 6),
+        "ratio_achieved_model": round(counts.ratio_model, 6),
+        "method": opts.method,
+        "rank_allocation": opts.rank_allocation,
+        "allocation_selection": selection,
+        "allocation_mix": mix,
+        "rounding_threshold": opts.rounding_threshold,
+        "calibration": calib.info if calib else {},
+        "seed": opts.seed,
+        "params_before": counts.model_before,
+        "params_after": counts.model_after,
+        "bytes_before": src.nbytes(),
+        "bytes_after": bytes_after,
+        "dtype": str(out_dtype).replace("torch.", ""),
+    }
+
+
+def _assemble(ctx: Context, out_path: str, guard: SignalGuard, writer: ShardWriter, factored: Dict[str, int],
+              provenance: Dict, cast_to: Optional[torch.dtype]) -> Tuple[Dict, int]:
+    """Assemble the checkpoint in a staging directory beside OUT (the layer shards,
+    config.json, LoRA recovery, the source's other files), validate it and rename it
+    into place; (LoRA record, bytes of its safetensors files)."""
+    sk, src, opts, calib = ctx.sk, ctx.src, ctx.opts, ctx.calib
     lora_info: Dict = {}
-    with meter.measure("write"), StagingDir(out_path, opts.overwrite) as stage:
+    with ctx.meter.measure("write"), StagingDir(out_path, opts.overwrite) as stage:
         guard.temporary(stage.path)
         writer.finish(stage.path)
-        factored = {n: r for n, r in all_ranks.items() if r != alloc.DENSE}
-        dense_modules = sorted(n for n, r in all_ranks.items() if r == alloc.DENSE)
-
         config = dict(src.config)
-        if cast_all:
+        if cast_to is not None:
             for key in ("torch_dtype", "dtype"):
                 if key in config or key == "torch_dtype":
-                    config[key] = str(out_dtype).replace("torch.", "")
-        mix = allocation_mix(sk, mats, all_ranks, widths)
-        mlp_before = sum(m.dense for m in mlp_mats)
-        mlp_after = alloc.plan_cost(mlp_mats, all_ranks, widths)
-        linears = alloc.matrices_from_shapes(sk.shapes(st.ROLES + st.ATTENTION_ROLES))
-        linear_before = sum(m.dense for m in linears)
-        linear_after = alloc.plan_cost(linears, all_ranks, widths)
-        params_before = sum(src.numel(n) for n in src.names())
-        params_after = params_before - (linear_before - linear_after)
-        provenance = {
-            "tool": "vllm-neuronmlp compress",
-            "tool_version": TOOL_VERSION,
-            "source_model": source_name(src.path),  # the name, not this machine's path
-            "ratio_requested": opts.ratio,
-            "scope": opts.scope,
-            "ratio_achieved_mlp": round(1 - mlp_after / mlp_before, 6),
-            "ratio_achieved_linears": round(1 - linear_after / linear_before, 6),
-            "ratio_achieved_model": round(1 - params_after / params_before, 6),
-            "method": opts.method,
-            "rank_allocation": opts.rank_allocation,
-            "allocation_selection": selection,
-            "allocation_mix": mix,
-            "rounding_threshold": opts.rounding_threshold,
-            "calibration": calib.info if calib else {},
-            "seed": opts.seed,
-            "params_before": params_before,
-            "params_after": params_after,
-            "bytes_before": src.nbytes(),
-            "bytes_after": writer.total_bytes,
-            "dtype": str(out_dtype).replace("torch.", ""),
-        }
+                    config[key] = str(cast_to).replace("torch.", "")
 
         def write_config() -> None:
             qc = cf.QuantizationConfig(block_size=opts.block_size, ranks=factored, provenance=provenance,
                                        widths={cf.mlp_module(sk.module_names(i)[st.DOWN]): k
-                                               for i, k in sorted(widths.items())})
+                                               for i, k in sorted(ctx.widths.items())})
             write_json(os.path.join(stage.path, cf.CONFIG_FILE), {**config, cf.QUANTIZATION_CONFIG_KEY: qc.to_dict()})
 
         if opts.lora_steps > 0:
             from vllm_neuronmlp.tools import lora
 
             write_config()
-            with meter.measure("lora"):
+            with ctx.meter.measure("lora"):
                 lora_info = lora.recover(stage.path, calib.windows, calib.validation, steps=opts.lora_steps,
                                          rank=opts.lora_rank, lr=opts.lora_lr, batch=opts.lora_batch,
                                          seed=opts.seed, progress=opts.progress, max_shard_bytes=opts.max_shard_bytes)
@@ -313,17 +369,7 @@ def _compress_planned(ctx: Context, method, out_path: str, cache, on_layer, guar
                           if f.endswith(".safetensors"))
         stage.commit()
         guard.forget(stage.path)
-    src.close()
-    return CompressResult(
-        out=os.path.abspath(out_path), ranks=factored, dense_modules=dense_modules, ratio_requested=opts.ratio,
-        ratio_mlp=1 - mlp_after / mlp_before, ratio_model=1 - params_after / params_before, params_before=params_before,
-        params_after=params_after, mlp_params_before=mlp_before, mlp_params_after=mlp_after,
-        bytes_before=src.total_bytes_on_disk(), bytes_after=bytes_after, wall_time_s=0.0,
-        method=opts.method, allocation=opts.rank_allocation, num_layers=sk.num_layers,
-        calibration=calib.info if calib else {}, jitter_modules=ctx.jitter_modules, lora=lora_info,
-        warnings=warnings, selection=selection, widths=dict(widths), intermediate_size=sk.intermediate,
-        device=str(sk.device), mix=mix, scope=opts.scope, ratio_linears=1 - linear_after / linear_before,
-        linear_params_before=linear_before, linear_params_after=linear_after)
+    return lora_info, bytes_after
 
 
 def plan(ctx: Context, method, cache: Optional[Dict]) -> Tuple[object, Dict[str, int], Dict]:
@@ -331,11 +377,9 @@ def plan(ctx: Context, method, cache: Optional[Dict]) -> Tuple[object, Dict[str,
     statistics do not depend on the ratio; `cache` keeps them across calls."""
     opts, state = ctx.opts, ctx.state
     stats = None
-    stats_key = method.statistics_key(opts)
-    if stats_key is not None:
+    if method.statistics_key(opts) is not None:
         cache = cache if cache is not None else {}
-        key = stats_key + (os.path.abspath(ctx.src.path), tuple(opts.calib_text), opts.calib_samples,
-                           opts.calib_seq_len, opts.seed, opts.damping, opts.scope)
+        key = cache_key(statistics_key(ctx.src, opts, method))
         if key not in cache:
             if state is not None and state.get("statistics_done"):
                 cache[key] = state.load("statistics", "all.pt")

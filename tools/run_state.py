@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from vllm_neuronmlp import __version__ as TOOL_VERSION
 from vllm_neuronmlp.tools.errors import UserError
 
 SUFFIX = ".resume"
@@ -56,6 +57,26 @@ def source_fingerprint(src) -> Dict[str, Any]:
     return {"path": os.path.abspath(src.path),
             "config_sha256": hashlib.sha256(json.dumps(src.config, sort_keys=True).encode()).hexdigest(),
             "files": [[os.path.basename(f), os.path.getsize(f), int(os.stat(f).st_mtime)] for f in files]}
+
+
+def statistics_key(src, opts, method) -> Dict[str, Any]:
+    """What a method's statistics depend on (JSON-able): the source, the method's
+    own `statistics_key(opts)`, the calibration, the damping, the tool version
+    and the scope. The one key of the statistics, both in the resume state (a
+    resumed run reuses them when equal) and in the in-process cache a benchmark
+    shares between calls (`cache_key`)."""
+    key = method.statistics_key(opts)
+    return {"source": source_fingerprint(src), "method_statistics": list(key) if key is not None else None,
+            "calibration": [list(opts.calib_text), opts.calib_samples, opts.calib_seq_len, opts.seed],
+            "damping": opts.damping, "tool_version": TOOL_VERSION,
+            # --scope all's statistics also cover the attention projections; an MLP-scope key stays as it
+            # was, so resume states written before scopes existed still match
+            **({"scope": opts.scope} if opts.scope != "mlp" else {})}
+
+
+def cache_key(statistics_key: Dict[str, Any]) -> str:
+    """A `statistics_key` as a dictionary key."""
+    return json.dumps(statistics_key, sort_keys=True)
 
 
 def _atomic_write_bytes(path: str, write) -> None:
