@@ -78,7 +78,8 @@ _ROLE_SHAPE_KEYS = {
 
 # Attention projection shapes (format v3) follow from these config keys; head_dim
 # is `head_dim` when the config has one (Qwen3, Gemma), else hidden / heads.
-KEY_HIDDEN, KEY_HEADS, KEY_KV_HEADS, KEY_HEAD_DIM = "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"
+KEY_HIDDEN, KEY_HEADS, KEY_KV_HEADS, KEY_HEAD_DIM = ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                                    "head_dim")
 
 SAFETENSORS_SINGLE_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
@@ -173,7 +174,8 @@ class QuantizationConfig:
     def from_dict(cls, qc: Mapping[str, Any], source: str = CONFIG_FILE) -> "QuantizationConfig":
         """Parse and check the keys; errors name `source` and the key."""
         if not isinstance(qc, Mapping):
-            raise CheckpointFormatError(f"{source}: '{QUANTIZATION_CONFIG_KEY}' must be an object, got {type(qc).__name__}")
+            raise CheckpointFormatError(f"{source}: '{QUANTIZATION_CONFIG_KEY}' must be an object, "
+                                        f"got {type(qc).__name__}")
         method = qc.get(KEY_QUANT_METHOD)
         if method != QUANT_METHOD:
             raise CheckpointFormatError(
@@ -271,7 +273,8 @@ def read_quantization_config(checkpoint_dir: str) -> QuantizationConfig:
     config = read_config(checkpoint_dir)
     path = os.path.join(checkpoint_dir, CONFIG_FILE)
     if QUANTIZATION_CONFIG_KEY not in config:
-        raise CheckpointFormatError(f"{path}: has no '{QUANTIZATION_CONFIG_KEY}'; it is not an {QUANT_METHOD} checkpoint")
+        raise CheckpointFormatError(f"{path}: has no '{QUANTIZATION_CONFIG_KEY}'; it is not an {QUANT_METHOD} "
+                                    f"checkpoint")
     return QuantizationConfig.from_dict(config[QUANTIZATION_CONFIG_KEY], source=path)
 
 
@@ -336,10 +339,78 @@ def check_tensor_parallel(quant: QuantizationConfig, tp_size: int, source: str =
     """Each rank holds width / tp channels of a narrowed layer (column-parallel
     gate/up, row-parallel down): every width must divide evenly."""
     for module, width in sorted(quant.widths.items()):
-        if width % tp_size:
-            raise TensorParallelError(
-                f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS}[{module!r}] is {width}, which does not split "
-                f"over tensor parallel size {tp_size}; use a tensor parallel size dividing every width")
+        tp_part(width, tp_size, f"{source}: {QUANTIZATION_CONFIG_KEY}.{KEY_WIDTHS}[{module!r}]")
+
+
+# ---------------------------------------------------------------- shapes and tensor-parallel shards
+# The one home of this arithmetic: the vLLM linear method (linear_method.py) and the
+# Trainium MLP (neuron/) call it. A column-parallel projection (gate, up, q, k, v) splits
+# its outputs over the ranks, a row-parallel one (down, o) its inputs (partial sums reduced
+# by the caller). For the checkpoint's tensors (HF layout) that means:
+#
+#     column parallel   weight [out, in] rows split    U [in, r] whole       V [r, out] columns split
+#     row parallel      weight [out, in] columns split U [in, r] rows split  V [r, out] whole
+#
+# so sum_k (x_k U_k) V = x U V over the row-parallel ranks is exact.
+COLUMN_PARALLEL = "column"
+ROW_PARALLEL = "row"
+
+
+def parallelism(role: str) -> str:
+    """COLUMN_PARALLEL or ROW_PARALLEL for a projection role (mlp_families' MLP or attention roles)."""
+    return ROW_PARALLEL if role in (families.DOWN, families.O) else COLUMN_PARALLEL
+
+
+def split_dim(parallel: str, leaf: str) -> Optional[int]:
+    """The dimension of a checkpoint tensor (`leaf`: WEIGHT_SUFFIX, U_SUFFIX or
+    V_SUFFIX) that the ranks of a `parallel` projection split; None when every
+    rank holds it whole (the table above)."""
+    if leaf == WEIGHT_SUFFIX:
+        return 0 if parallel == COLUMN_PARALLEL else 1
+    if leaf == U_SUFFIX:
+        return 0 if parallel == ROW_PARALLEL else None
+    return 1 if parallel == COLUMN_PARALLEL else None
+
+
+def tp_part(size: int, tp_size: int, what: str, error: type = TensorParallelError) -> int:
+    """size / tp_size, each rank's part of a dimension split over `tp_size`
+    ranks; `error` (a TensorParallelError) naming `what` and the degrees that
+    would divide it when tp_size does not."""
+    if tp_size < 1:
+        raise error(f"{what}: tensor-parallel degree must be >= 1, got {tp_size}")
+    if size % tp_size:
+        divisors = [d for d in range(1, min(size, 64) + 1) if size % d == 0]
+        raise error(f"{what} is {size}, which does not split over tensor parallel size {tp_size}; tensor "
+                    f"parallel sizes that divide it (up to 64): {divisors}")
+    return size // tp_size
+
+
+def tp_slice(size: int, tp_rank: int, tp_size: int) -> Tuple[int, int]:
+    """(first index, length) of rank `tp_rank`'s part of a dimension of `size`
+    split evenly over `tp_size` ranks (tp_part checks that it divides)."""
+    part = size // tp_size
+    return tp_rank * part, part
+
+
+def projection_shape(role: str, hidden: int, intermediate: int) -> Tuple[int, int]:
+    """(in_features, out_features) of an MLP projection role at `intermediate`
+    channels (a narrowed layer's width, format v2, or the config's)."""
+    sizes = {"hidden_size": hidden, "intermediate_size": intermediate}
+    in_key, out_key = _ROLE_SHAPE_KEYS[role]
+    return sizes[in_key], sizes[out_key]
+
+
+def leaf_shape(in_features: int, out_features: int, leaf: str, rank: Optional[int] = None) -> Tuple[int, int]:
+    """Shape of a projection's checkpoint tensor: weight [out, in], U [in, r], V [r, out]."""
+    if leaf == WEIGHT_SUFFIX:
+        return out_features, in_features
+    u, v = factor_shapes(in_features, out_features, rank)
+    return u if leaf == U_SUFFIX else v
+
+
+def mlp_params(hidden: int, intermediate: int) -> int:
+    """Parameters of one dense gated MLP: its projections (mlp_families.ROLES), each hidden x intermediate."""
+    return len(families.ROLES) * hidden * intermediate
 
 
 def factor_shapes(in_features: int, out_features: int, rank: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -552,9 +623,9 @@ def mlp_ratio(model_config: Mapping[str, Any], ranks: Mapping[str, int], num_lay
     text = model_config.get("text_config", model_config)
     layers = int(num_layers if num_layers is not None else text["num_hidden_layers"])
     h, i = int(text["hidden_size"]), int(text["intermediate_size"])
-    dense = 3 * h * i * layers
+    dense = mlp_params(h, i) * layers
     widths = widths or {}
-    removed = sum(3 * h * (i - k) for k in widths.values())  # narrowing, as if the layer stayed dense
+    removed = sum(mlp_params(h, i - k) for k in widths.values())  # narrowing, as if the layer stayed dense
     for m, r in ranks.items():
         if is_attention_module(m):
             continue

@@ -15,7 +15,9 @@ For the merged gate_up linear that is `[U_g | U_u]` and `[V_g ; V_u]`, for qkv
 V multiplies only its own slice of `x U`, so no zero blocks are ever stored or
 multiplied.
 
-Tensor parallelism (docs/vllm.md), exact for every layer kind:
+Tensor parallelism (docs/vllm.md), exact for every layer kind; which tensor is
+split along which dimension, and each rank's part, come from checkpoint_format
+(`split_dim`, `tp_part`, `tp_slice`), shared with the Trainium MLP:
 - column parallel (merged gate_up, qkv): input whole, output split. U is
   replicated; each V is split along its columns exactly as vLLM splits that
   module's dense weight rows (`column_shard`: for qkv by heads, q heads over the
@@ -41,7 +43,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.mlp_families import MLPFamily
 from vllm_neuronmlp.ops import factored_linear, select_backend
 
@@ -73,13 +75,13 @@ class SVDLinearMethod(_linear_method_base()):
         from vllm.model_executor.utils import set_weight_attrs
 
         if len(output_partition_sizes) != len(self.ranks):
-            raise fmt.CheckpointFormatError(
+            raise cf.CheckpointFormatError(
                 f"{self.hf_modules}: vLLM builds this layer from {len(output_partition_sizes)} modules "
                 f"but the checkpoint factors {len(self.ranks)}")
         extra_weight_attrs.pop("weight_loader", None)
         out_shards = list(output_partition_sizes)
         total_rank = self.rank_offsets[-1]
-        split_input = isinstance(layer, RowParallelLinear)
+        parallel = cf.ROW_PARALLEL if isinstance(layer, RowParallelLinear) else cf.COLUMN_PARALLEL
         if self.width is not None:  # a narrowed layer: its intermediate side is `width` wide
             input_size_per_partition, input_size, narrowed_out = narrowed_sizes(
                 layer, self.width, input_size_per_partition, input_size, out_shards[0])
@@ -92,8 +94,8 @@ class SVDLinearMethod(_linear_method_base()):
                                requires_grad=False)
         v = torch.nn.Parameter(torch.empty((total_rank, out_shards[0]) if stacked else (v_offsets[-1],),
                                            dtype=params_dtype), requires_grad=False)
-        layer.register_parameter(fmt.U_SUFFIX, u)
-        layer.register_parameter(fmt.V_SUFFIX, v)
+        layer.register_parameter(cf.U_SUFFIX, u)
+        layer.register_parameter(cf.V_SUFFIX, v)
         layer.svd_loaded = set()
         layer.svd_ranks = self.ranks
         layer.svd_rank_offsets = self.rank_offsets
@@ -108,51 +110,52 @@ class SVDLinearMethod(_linear_method_base()):
                 return QKV_SHARD_IDS.index(shard_id)
             if isinstance(shard_id, int) and 0 <= shard_id < len(self.ranks):
                 return shard_id
-            raise fmt.CheckpointFormatError(
+            raise cf.CheckpointFormatError(
                 f"{self.hf_modules}: cannot place a factor with shard id {shard_id!r} "
                 f"(this layer packs {len(self.ranks)} modules, stored separately in the checkpoint)")
 
         def check_shape(name: str, loaded: torch.Tensor, want) -> None:
             if list(loaded.shape) != list(want):
-                raise fmt.CheckpointFormatError(
+                raise cf.CheckpointFormatError(
                     f"tensor {name} has shape {list(loaded.shape)}, expected {list(want)} "
-                    f"(rank {want[1] if name.endswith(fmt.U_SUFFIX) else want[0]} from "
-                    f"{fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS})")
+                    f"(rank {want[1] if name.endswith(cf.U_SUFFIX) else want[0]} from "
+                    f"{cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_RANKS})")
 
         def load_u(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
             k = shard_index(shard_id)
             r, lo = self.ranks[k], self.rank_offsets[k]
-            check_shape(fmt.u_name(self.hf_modules[k]), loaded, (input_size, r))
-            if split_input and layer.tp_size > 1:
-                loaded = loaded.narrow(0, layer.tp_rank * input_size_per_partition, input_size_per_partition)
+            check_shape(cf.u_name(self.hf_modules[k]), loaded, (input_size, r))
+            dim = cf.split_dim(parallel, cf.U_SUFFIX)
+            if dim is not None and layer.tp_size > 1:
+                loaded = loaded.narrow(dim, *cf.tp_slice(loaded.shape[dim], layer.tp_rank, layer.tp_size))
             param.data[:, lo:lo + r].copy_(loaded)
-            layer.svd_loaded.add((fmt.U_SUFFIX, k))
+            layer.svd_loaded.add((cf.U_SUFFIX, k))
 
         def load_v(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
             k = shard_index(shard_id)
             r, n = self.ranks[k], out_shards[k]
             full_out, start = column_shard(layer, k, n)
-            check_shape(fmt.v_name(self.hf_modules[k]), loaded, (r, full_out))
+            check_shape(cf.v_name(self.hf_modules[k]), loaded, (r, full_out))
             loaded = loaded.narrow(1, start, n)
             v_blocks(layer, param.data)[k].copy_(loaded)
-            layer.svd_loaded.add((fmt.V_SUFFIX, k))
+            layer.svd_loaded.add((cf.V_SUFFIX, k))
 
         set_weight_attrs(u, {"weight_loader": load_u, **extra_weight_attrs})
         set_weight_attrs(v, {"weight_loader": load_v, **extra_weight_attrs})
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Refuse to run a half-loaded layer: every factor must have arrived, finite."""
-        missing = [(fmt.u_name(m) if f == fmt.U_SUFFIX else fmt.v_name(m))
+        missing = [(cf.u_name(m) if f == cf.U_SUFFIX else cf.v_name(m))
                    for k, m in enumerate(self.hf_modules)
-                   for f in (fmt.U_SUFFIX, fmt.V_SUFFIX) if (f, k) not in layer.svd_loaded]
+                   for f in (cf.U_SUFFIX, cf.V_SUFFIX) if (f, k) not in layer.svd_loaded]
         if missing:
-            raise fmt.CheckpointFormatError(
+            raise cf.CheckpointFormatError(
                 f"the checkpoint lacks {', '.join(missing)}: these modules are listed in "
-                f"{fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS}, so both factors must be present")
-        for name in (fmt.U_SUFFIX, fmt.V_SUFFIX):
+                f"{cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_RANKS}, so both factors must be present")
+        for name in (cf.U_SUFFIX, cf.V_SUFFIX):
             param = getattr(layer, name)
             if not torch.isfinite(param).all():
-                raise fmt.CheckpointFormatError(
+                raise cf.CheckpointFormatError(
                     f"factor {name} of {self.hf_modules} has non-finite values (NaN or Inf)")
             if param.device.type == "cpu" and param.dim() == 2:
                 # Same logical shape, nn.Linear's memory layout (column-major): CPU
@@ -193,7 +196,8 @@ def column_shard(layer: torch.nn.Module, k: int, out_shard: int) -> Tuple[int, i
             return layer.total_num_heads * layer.head_size, layer.tp_rank * out_shard
         head = layer.head_size if k == 1 else layer.v_head_size
         return layer.total_num_kv_heads * head, (layer.tp_rank // layer.num_kv_head_replicas) * out_shard
-    return out_shard * layer.tp_size, layer.tp_rank * out_shard
+    full = out_shard * layer.tp_size
+    return full, cf.tp_slice(full, layer.tp_rank, layer.tp_size)[0]
 
 
 def narrowed_sizes(layer: torch.nn.Module, width: int, in_local: int, in_full: int, out_shard: int):
@@ -203,11 +207,12 @@ def narrowed_sizes(layer: torch.nn.Module, width: int, in_local: int, in_full: i
     output columns; each rank keeps width / tp of them."""
     from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 
+    what = f"{cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_WIDTHS} (a narrowed MLP layer's width)"
     if isinstance(layer, RowParallelLinear):
-        return width // layer.tp_size, width, out_shard
+        return cf.tp_part(width, layer.tp_size, what), width, out_shard
     if isinstance(layer, ColumnParallelLinear):
-        return in_local, in_full, width // layer.tp_size
-    raise fmt.CheckpointFormatError(f"a narrowed MLP (format v2) has a {type(layer).__name__}, expected the "
+        return in_local, in_full, cf.tp_part(width, layer.tp_size, what)
+    raise cf.CheckpointFormatError(f"a narrowed MLP (format v2) has a {type(layer).__name__}, expected the "
                                     f"column-parallel gate/up and the row-parallel down")
 
 
@@ -235,6 +240,7 @@ class NarrowedDenseMethod(_unquantized_method_base()):
         in_local, in_full, out_shard = narrowed_sizes(layer, self.width, input_size_per_partition, input_size,
                                                       output_partition_sizes[0])
         split_input = isinstance(layer, RowParallelLinear)
+        dim = cf.split_dim(cf.ROW_PARALLEL if split_input else cf.COLUMN_PARALLEL, cf.WEIGHT_SUFFIX)
         n = len(output_partition_sizes)
         weight = torch.nn.Parameter(torch.empty(out_shard * n, in_local, dtype=params_dtype), requires_grad=False)
         layer.register_parameter("weight", weight)
@@ -243,12 +249,11 @@ class NarrowedDenseMethod(_unquantized_method_base()):
             k = 0 if shard_id is None else int(shard_id)
             want = [output_size if split_input else out_shard * layer.tp_size, in_full]  # HF [out, in]
             if list(loaded.shape) != want:
-                raise fmt.CheckpointFormatError(
-                    f"tensor {fmt.weight_name(self.hf_modules[k])} has shape {list(loaded.shape)}, expected {want} "
-                    f"(width {self.width} from {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS})")
+                raise cf.CheckpointFormatError(
+                    f"tensor {cf.weight_name(self.hf_modules[k])} has shape {list(loaded.shape)}, expected {want} "
+                    f"(width {self.width} from {cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_WIDTHS})")
             if layer.tp_size > 1:
-                loaded = (loaded.narrow(1, layer.tp_rank * in_local, in_local) if split_input
-                          else loaded.narrow(0, layer.tp_rank * out_shard, out_shard))
+                loaded = loaded.narrow(dim, *cf.tp_slice(loaded.shape[dim], layer.tp_rank, layer.tp_size))
             param.data[k * out_shard:(k + 1) * out_shard].copy_(loaded)
 
         set_weight_attrs(weight, {"weight_loader": load, **extra_weight_attrs})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Sequence
 
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools.allocation.budget import (
     DENSE, LevelState, Matrix, rank_budget, tail_energies, width_budget)
 
@@ -75,10 +76,10 @@ def allocate_widths_greedy(layers: Sequence[int], hidden: int, inter: int, losse
     narrowed MLPs fit the budget."""
     budget = width_budget(layers, hidden, inter, ratio, block)
     widths = {i: inter for i in layers}
-    cost = 3 * hidden * inter * len(layers)
+    cost = cf.mlp_params(hidden, inter) * len(layers)
     while cost > budget:
         i = min((j for j in layers if widths[j] > block),
                 key=lambda j: (losses[j][widths[j] - block] - losses[j][widths[j]], j))
         widths[i] -= block
-        cost -= 3 * hidden * block
+        cost -= cf.mlp_params(hidden, block)
     return {i: k for i, k in widths.items() if k < inter}

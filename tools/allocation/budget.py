@@ -11,7 +11,8 @@ its gate/up outputs and down inputs are k wide. A *plan* is ranks plus widths.
 Each matrix sits on one *level* (a block-aligned rank, or dense); the
 allocators (uniform.py, adaptive.py, hybrid.py, one each) move matrices between
 levels until the total fits the budget. Matrices of one *group* (gate and up of
-a layer: vLLM merges them) enter and leave the dense level together. Neither
+a layer, or its q, k and v: vLLM merges each) enter and leave the dense level
+together. Neither
 allocator ever exceeds the budget; when even the smallest plan is over it, they
 raise BudgetError naming the largest reachable ratio.
 """
@@ -21,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families as fam
 
 DENSE = 0  # rank value meaning "kept dense"
@@ -65,8 +67,8 @@ def saves_parameters(m: int, n: int, r: int) -> bool:
 
 @dataclass(frozen=True)
 class Matrix:
-    """One targeted projection. `group` ties gate and up of a layer together
-    for the dense level (None for down)."""
+    """One targeted projection. `group` ties gate and up (or q, k and v) of a
+    layer together for the dense level (None for down and o)."""
 
     name: str
     m: int
@@ -315,8 +317,8 @@ def width_budget(layers: Sequence[int], hidden: int, inter: int, ratio: float, b
     if inter % block:
         raise BudgetError(f"intermediate size {inter} is not a multiple of block size {block}: channel widths "
                           f"are block multiples, so the full width is not a level")
-    budget = kept_params(3 * hidden * inter * len(layers), ratio)
-    if 3 * hidden * block * len(layers) > budget:
+    budget = kept_params(cf.mlp_params(hidden, inter) * len(layers), ratio)
+    if cf.mlp_params(hidden, block) * len(layers) > budget:
         floor = block / inter
         raise BudgetError(f"ratio {ratio} cannot be reached with channel widths of at least one block ({block} "
                           f"of {inter} channels; largest reachable ratio {reachable(1 - floor)})")
