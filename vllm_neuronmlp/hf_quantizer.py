@@ -24,7 +24,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.ops import factored_linear
 
@@ -37,12 +37,12 @@ class SVDLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         kw = {"dtype": dtype, "device": device}
-        setattr(self, fmt.U_SUFFIX, nn.Parameter(torch.empty(in_features, rank, **kw)))
-        setattr(self, fmt.V_SUFFIX, nn.Parameter(torch.empty(rank, out_features, **kw)))
+        setattr(self, cf.U_SUFFIX, nn.Parameter(torch.empty(in_features, rank, **kw)))
+        setattr(self, cf.V_SUFFIX, nn.Parameter(torch.empty(rank, out_features, **kw)))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return factored_linear(x, getattr(self, fmt.U_SUFFIX), getattr(self, fmt.V_SUFFIX), bias=self.bias)
+        return factored_linear(x, getattr(self, cf.U_SUFFIX), getattr(self, cf.V_SUFFIX), bias=self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -52,9 +52,9 @@ class SVDNeuronHFConfig(QuantizationConfigMixin):
     """The `quantization_config` of an svd_neuron checkpoint, as transformers holds it."""
 
     def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault(fmt.KEY_QUANT_METHOD, fmt.QUANT_METHOD)
-        parsed = fmt.QuantizationConfig.from_dict(kwargs)  # checks version, ranks, block size
-        self.quant_method = fmt.QUANT_METHOD
+        kwargs.setdefault(cf.KEY_QUANT_METHOD, cf.QUANT_METHOD)
+        parsed = cf.QuantizationConfig.from_dict(kwargs)  # checks version, ranks, block size
+        self.quant_method = cf.QUANT_METHOD
         self._raw: Dict[str, Any] = dict(kwargs)
         self.ranks = parsed.ranks
         self.widths = parsed.widths
@@ -74,7 +74,7 @@ class SVDNeuronHfQuantizer(HfQuantizer):
                                              **kwargs) -> None:
         family = mlp_families.family_for_config(model.config)  # refuses a model_type whose MLP the format does not know
         if checkpoint_files:  # every factor present at its shape, no stray or leftover tensors (names them)
-            fmt.validate(os.path.dirname(checkpoint_files[0]), check_values=False)
+            cf.validate(os.path.dirname(checkpoint_files[0]), check_values=False)
         ranks = self.quantization_config.ranks
         widths = self.quantization_config.widths
         for mlp, width in widths.items():
@@ -82,13 +82,13 @@ class SVDNeuronHfQuantizer(HfQuantizer):
                 name = f"{mlp}.{proj}"
                 if name in ranks:
                     continue
-                linear = _linear(model, name, fmt.KEY_WIDTHS)
+                linear = _linear(model, name, cf.KEY_WIDTHS)
                 n_in, n_out = _narrowed(name, linear, width)
                 _replace(model, name, nn.Linear(n_in, n_out, bias=linear.bias is not None, dtype=linear.weight.dtype,
                                                 device=linear.weight.device))
         for name in ranks:
-            linear = _linear(model, name, fmt.KEY_RANKS)
-            n_in, n_out = _narrowed(name, linear, widths.get(fmt.mlp_module(name)))
+            linear = _linear(model, name, cf.KEY_RANKS)
+            n_in, n_out = _narrowed(name, linear, widths.get(cf.mlp_module(name)))
             _replace(model, name, SVDLinear(n_in, n_out, ranks[name], bias=linear.bias is not None,
                                             dtype=linear.weight.dtype, device=linear.weight.device))
 
@@ -107,11 +107,11 @@ def _linear(model, name: str, key: str) -> nn.Linear:
     try:
         linear = model.get_submodule(name)
     except AttributeError:
-        raise fmt.CheckpointFormatError(
-            f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{key} names {name}, which this model does not have"
+        raise cf.CheckpointFormatError(
+            f"{cf.CONFIG_FILE} {cf.QUANTIZATION_CONFIG_KEY}.{key} names {name}, which this model does not have"
         ) from None
     if not isinstance(linear, nn.Linear):
-        raise fmt.CheckpointFormatError(f"{name} is a {type(linear).__name__}, not a linear layer")
+        raise cf.CheckpointFormatError(f"{name} is a {type(linear).__name__}, not a linear layer")
     return linear
 
 
@@ -133,10 +133,10 @@ def _replace(model, name: str, module: nn.Module) -> None:
 def register_with_transformers() -> None:
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-    if AUTO_QUANTIZER_MAPPING.get(fmt.QUANT_METHOD) is SVDNeuronHfQuantizer:
+    if AUTO_QUANTIZER_MAPPING.get(cf.QUANT_METHOD) is SVDNeuronHfQuantizer:
         return
-    register_quantization_config(fmt.QUANT_METHOD)(SVDNeuronHFConfig)
-    register_quantizer(fmt.QUANT_METHOD)(SVDNeuronHfQuantizer)
+    register_quantization_config(cf.QUANT_METHOD)(SVDNeuronHFConfig)
+    register_quantizer(cf.QUANT_METHOD)(SVDNeuronHfQuantizer)
 
 
 register_with_transformers()

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families
 
 logger = logging.getLogger(__name__)
@@ -40,16 +40,16 @@ def _vllm_config_base():
 class SVDNeuronConfig(_vllm_config_base()):
     """Ranks per HF module name, from `quantization_config` of config.json."""
 
-    def __init__(self, quant: Optional[fmt.QuantizationConfig] = None) -> None:
+    def __init__(self, quant: Optional[cf.QuantizationConfig] = None) -> None:
         super().__init__()
         if quant is None:
             # vLLM builds the config with no arguments when `--quantization
             # svd_neuron` is given for a checkpoint whose config.json has no
             # quantization_config (see get_config_filenames).
-            raise fmt.CheckpointFormatError(
-                f"--quantization {fmt.QUANT_METHOD} was given, but the model's {fmt.CONFIG_FILE} has no "
-                f"'{fmt.QUANTIZATION_CONFIG_KEY}' with quant_method '{fmt.QUANT_METHOD}': it is a dense "
-                f"checkpoint. Serve it without --quantization, or make an {fmt.QUANT_METHOD} checkpoint "
+            raise cf.CheckpointFormatError(
+                f"--quantization {cf.QUANT_METHOD} was given, but the model's {cf.CONFIG_FILE} has no "
+                f"'{cf.QUANTIZATION_CONFIG_KEY}' with quant_method '{cf.QUANT_METHOD}': it is a dense "
+                f"checkpoint. Serve it without --quantization, or make an {cf.QUANT_METHOD} checkpoint "
                 f"with `vllm-neuronmlp compress`.")
         self.quant = quant
         self.ranks: Dict[str, int] = dict(quant.ranks)
@@ -61,7 +61,7 @@ class SVDNeuronConfig(_vllm_config_base()):
     # ---- what vLLM asks of every quantization config
     @classmethod
     def get_name(cls) -> str:
-        return fmt.QUANT_METHOD
+        return cf.QUANT_METHOD
 
     def get_supported_act_dtypes(self) -> List[torch.dtype]:
         return [torch.bfloat16, torch.float16, torch.float32]
@@ -78,14 +78,14 @@ class SVDNeuronConfig(_vllm_config_base()):
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "SVDNeuronConfig":
-        return cls(fmt.QuantizationConfig.from_dict(config, source=fmt.CONFIG_FILE))
+        return cls(cf.QuantizationConfig.from_dict(config, source=cf.CONFIG_FILE))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> Optional[str]:
-        if isinstance(hf_quant_cfg, dict) and hf_quant_cfg.get(fmt.KEY_QUANT_METHOD) == fmt.QUANT_METHOD:
-            if user_quant not in (None, fmt.QUANT_METHOD):
+        if isinstance(hf_quant_cfg, dict) and hf_quant_cfg.get(cf.KEY_QUANT_METHOD) == cf.QUANT_METHOD:
+            if user_quant not in (None, cf.QUANT_METHOD):
                 return None  # let vLLM report the disagreement
-            return fmt.QUANT_METHOD
+            return cf.QUANT_METHOD
         return None
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
@@ -120,7 +120,7 @@ class SVDNeuronConfig(_vllm_config_base()):
         if width is not None:  # (vLLM resolves the method before it sets layer.tp_size)
             from vllm.distributed import get_tensor_model_parallel_world_size
 
-            fmt.check_tensor_parallel(self.quant, get_tensor_model_parallel_world_size())
+            cf.check_tensor_parallel(self.quant, get_tensor_model_parallel_world_size())
         if not any(factored):
             if width is not None:
                 from vllm_neuronmlp.linear_method import NarrowedDenseMethod
@@ -129,8 +129,8 @@ class SVDNeuronConfig(_vllm_config_base()):
             return UnquantizedLinearMethod()
         if not all(factored):
             missing = [m for m, f in zip(modules, factored) if not f]
-            raise fmt.CheckpointFormatError(
-                f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS}: vLLM layer {prefix} packs "
+            raise cf.CheckpointFormatError(
+                f"{cf.CONFIG_FILE} {cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_RANKS}: vLLM layer {prefix} packs "
                 f"{modules}, but {missing} are not factored; packed modules must be factored together")
         from vllm_neuronmlp.linear_method import SVDLinearMethod
         from vllm_neuronmlp.mlp_fusion import install_mlp_fusion
@@ -147,6 +147,6 @@ def register_with_vllm() -> None:
         register_quantization_config,
     )
 
-    if _CUSTOMIZED_METHOD_TO_QUANT_CONFIG.get(fmt.QUANT_METHOD) is SVDNeuronConfig:
+    if _CUSTOMIZED_METHOD_TO_QUANT_CONFIG.get(cf.QUANT_METHOD) is SVDNeuronConfig:
         return
-    register_quantization_config(fmt.QUANT_METHOD)(SVDNeuronConfig)
+    register_quantization_config(cf.QUANT_METHOD)(SVDNeuronConfig)
