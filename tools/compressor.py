@@ -1,5 +1,7 @@
-"""SVD compression of the MLPs of a Hugging Face checkpoint, streamed layer by
-layer: the orchestration (docs/architecture.md).
+"""SVD compression of the decoder linears of a Hugging Face checkpoint (the MLP
+projections, and with --scope all the attention's q/k/v/o; channel-selecting
+methods also narrow MLPs), streamed layer by layer: the orchestration
+(docs/architecture.md).
 
 1. Read config and tensor headers; build the model skeleton on the `meta`
    device (streaming.py) and find the model's MLP family (mlp_families.py).
@@ -91,7 +93,7 @@ class CompressResult:
 
 
 def compress(src_path: str, out_path: str, ratio: float, **kwargs) -> CompressResult:
-    """Compress the MLPs of the dense HF checkpoint `src_path` into `out_path`.
+    """Compress the decoder linears (`scope`) of the dense HF checkpoint `src_path` into `out_path`.
 
     Keyword arguments are the fields of CompressOptions (options.py). Raises
     UserError or CheckpointFormatError for bad input, Interrupted on SIGINT or

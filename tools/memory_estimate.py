@@ -9,8 +9,10 @@ worst moment, from the model config and the options alone:
   in the Fisher pass, their gradient;
 - one chunk of activations (streaming.CHUNK_TOKENS tokens): without autograd
   in the forward passes, with it in the Fisher pass's backward;
-- the float64 Gram matrices of the MLP inputs (hidden^2 and intermediate^2
-  entries), their Cholesky factors and the whitened targets of the spectra;
+- the float64 Gram matrices of the targeted projections' inputs (hidden^2 and
+  intermediate^2 entries; with --scope all also the attention's, hidden^2 and
+  (heads x head_dim)^2), their Cholesky factors and the whitened targets of the
+  spectra;
 - the channel order and loss curve of methods/nystrom.py (float64 work arrays
   of intermediate^2 and intermediate x hidden entries);
 - the LM head in float32 and one window's logits (the Fisher pass's top);
@@ -220,7 +222,7 @@ LOWER_IT = {
     "calibration": "--calib-samples / --calib-seq-len (the calibration hidden states)",
     "fisher_forward": "--fisher-samples (the hidden states and their gradient; the LM head's logits)",
     "fisher_backward": "--fisher-samples (hidden states, their gradient); --device cuda",
-    "spectra": "--device cuda (float64 Gram matrices of the layer's MLP inputs)",
+    "spectra": "--device cuda (float64 Gram matrices of the layer's projection inputs)",
     "channel_order": "--device cuda (float64 intermediate x intermediate work arrays); --method fisher has none",
     "factor_pass": "--calib-samples / --calib-seq-len (its hidden states); --device cuda",
 }

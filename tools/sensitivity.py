@@ -1,5 +1,6 @@
-"""How much each MLP output channel matters to the loss: the diagonal of the
-empirical Fisher information of every projection's outputs, streamed.
+"""How much each output channel of every targeted projection (the MLP's, and
+with --scope all the attention's q/k/v/o) matters to the loss: the diagonal of
+the empirical Fisher information of each projection's outputs, streamed.
 
 For a projection with outputs `y_t` (token t) and loss gradients
 `g_t = dL/dy_t`, a perturbation `dy` raises the loss by about
@@ -19,13 +20,13 @@ resume state when there is one (run_state.py), else in a temporary directory.
 Head: the final norm and LM head give `dL/dh` for the last hidden states
 (summed token NLL). Backward: layer by layer from the top, each layer is
 materialized again, its stored input read back and re-run with autograd, and
-`dL/dh` is pulled back through it, while hooks on gate/up/down collect `F`.
+`dL/dh` is pulled back through it, while hooks on the targeted projections collect `F`.
 Peak memory: one layer with its autograd activations for one chunk of tokens,
 the hidden states and their gradient, and (for the spectra) the layer's Gram
 matrices. With a run state every finished layer is kept on disk, so an
 interrupted pass resumes at the layer it reached.
 
-The re-run also sees every MLP input, so the same sweep accumulates the
+The re-run also sees every targeted projection's input, so the same sweep accumulates the
 input Gram matrices and returns the whitened, Fisher-weighted spectra the
 adaptive allocation needs (no separate spectra pass), and `on_layer` lets a
 method compute more per-layer statistics from them (the channel order of
@@ -65,8 +66,8 @@ class Sensitivity:
 def sensitivity_pass(sk: st.Skeleton, src, ids: torch.Tensor, progress: bool = True, with_spectra: bool = True,
                      damping: float = 0.0, on_layer: Optional[LayerHook] = None, state: Optional[RunState] = None,
                      meter: Optional[pg.StageMeter] = None) -> Sensitivity:
-    """Fisher diagonals {module name: F [out] (float64)} of every gate/up/down
-    projection, from the calibration windows `ids` [n, seq_len] (the caller's
+    """Fisher diagonals {module name: F [out] (float64)} of every targeted
+    projection (`sk.roles`), from the calibration windows `ids` [n, seq_len] (the caller's
     random subset, `--fisher-samples` of them) through the dense model; with
     `with_spectra`, the singular values of `L^T W D` for every projection
     (input-whitened, output-weighted by `output_weights(F)`); with `on_layer`,
