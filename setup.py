@@ -58,7 +58,7 @@ setup(
         # is used, and its own dependencies compile llama.cpp from source).
         # gensim ships the Wikipedia excerpt used for calibration and held-out text.
         "demo": ["gguf", "accelerate", "peft", "gensim", "matplotlib"],
-        "test": ["pytest", "pytest-timeout", "openai", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "openai", "matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["svd_neuron = vllm_neuronmlp:register"],
