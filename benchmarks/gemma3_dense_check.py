@@ -14,7 +14,13 @@ the converted dense model, and what <bos> does to it:
 - the serving path: vLLM (bf16, eager) on the same prompt, its prompt token ids, and
   its perplexity of the builtin:heldout windows.
 
+With `--compressed DIR` it adds (or, alone with `--resume`, only computes) the same
+perplexities of a compressed checkpoint, with what its compression recorded.
+
     python benchmarks/gemma3_dense_check.py --work /tmp/g3
+    python benchmarks/compress_scale.py --work /tmp/g3 --runs gemma-3-270m:18:hybrid:default --keep
+    python benchmarks/gemma3_dense_check.py --work /tmp/g3 --resume \
+        --compressed /tmp/g3/out-gemma-3-270m-18-hybrid-default
 Writes benchmarks/results/gemma3_dense_check.json.
 """
 from __future__ import annotations
@@ -48,7 +54,14 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--compressed", help="also evaluate this compressed checkpoint by the same protocol")
+    ap.add_argument("--resume", action="store_true", help="keep the dense results already in --json")
     args = ap.parse_args()
+    if args.resume and os.path.isfile(args.json):
+        with open(args.json) as f:
+            data = json.load(f)
+        evaluate_compressed(args, data)
+        return
 
     import torch
     from transformers import AutoTokenizer
@@ -111,6 +124,32 @@ def main():
         finally:
             evaluate.shutdown_llm(llm)
         print("vllm:", data["vllm"], flush=True)
+    evaluate_compressed(args, data)
+
+
+def evaluate_compressed(args, data):
+    """The protocol's perplexities of --compressed (if given), beside the dense ones; then write --json."""
+    if args.compressed:
+        import torch
+
+        from vllm_neuronmlp import checkpoint_format as cf
+        from vllm_neuronmlp.tools.evaluation import perplexity as evaluate
+
+        torch.set_num_threads(args.threads)
+        texts = {"builtin:heldout": "builtin:heldout", "fortunes": os.path.join(args.work, "fortunes.txt")}
+        prov = cf.read_quantization_config(args.compressed).provenance
+        point = {"checkpoint": os.path.basename(args.compressed.rstrip("/")),
+                 "provenance": {k: prov[k] for k in ("method", "scope", "ratio_requested", "ratio_achieved_linears",
+                                                     "ratio_achieved_mlp", "ratio_achieved_model", "allocation_mix",
+                                                     "calibration") if k in prov},
+                 "ppl": {}}
+        for name, text in texts.items():
+            r = evaluate.perplexity_hf(args.compressed, text, max_tokens=args.eval_windows * 2048, progress=False)
+            dense = data["dense_ppl"][name]["ppl"]
+            point["ppl"][name] = {"ppl": r.ppl, "dense": dense, "excess": r.ppl / dense - 1,
+                                  "seconds": round(r.seconds, 1)}
+            print(name, r.describe(), f"(dense {dense:.4f})", flush=True)
+        data.setdefault("compressed", {})[point["checkpoint"]] = point
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(data, f, indent=2)

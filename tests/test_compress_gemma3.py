@@ -30,16 +30,15 @@ def work(tmp_path_factory):
 @pytest.mark.parametrize("method", [None, "fisher"])
 def test_default_and_fisher_compress_and_load_in_transformers(work, method):
     """The default (hybrid: Fisher statistics, channels or factors, attention in the budget) and
-    the Fisher-weighted factors of every decoder linear, attention included."""
+    the Fisher-weighted factors of every decoder linear (the Fisher pass's gradients flow back
+    through both layer kinds)."""
     kw = {"method": method} if method else {}
     res = C.compress(work["src"], str(work["dir"] / f"default-{method}"), 0.2, calib_text=[work["calib"]],
                      **SMALL, **kw)
     q = cf.read_quantization_config(res.out)
     cf.validate(res.out)
     assert q.provenance["method"] == (method or "hybrid") and q.provenance["scope"] == "all"
-    assert abs(res.ratio_linears - 0.2) < 0.03
-    if method == "fisher":
-        assert q.attention_ranks()
+    assert abs(res.ratio_linears - 0.2) < 0.03  # attention in the budget (whether it wins any: the allocator's call)
     model, ranks = load_model(res.out)
     assert ranks == q.ranks
     dense = perplexity_hf(work["src"], work["heldout"], seq_len=64, progress=False)
