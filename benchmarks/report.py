@@ -175,6 +175,19 @@ def render_channels_vs_factors(d):
                          + [f"PPL {t}" for t in texts], rows)
 
 
+def render_gemma3_dense_check(d):
+    g = d["greedy"]
+    rows = [[f"{text} (6 × 2048 tokens, transformers float32, <bos> on every window)", f"{v['ppl']:.2f}"]
+            for text, v in d["dense_ppl"].items()]
+    rows += [[f"{text}, the same tokens in windows without <bos>", f"{v['ppl']:.2f}"]
+             for text, v in d.get("dense_ppl_windows_without_bos", {}).items()]
+    if d.get("vllm"):
+        rows.append([f"builtin:heldout through vLLM ({d['vllm']['dtype']})",
+                     f"{d['vllm']['ppl_builtin_heldout']['ppl']:.2f}"])
+    return [f"{d['model']}. Greedy continuation of \"{g['prompt']}\": with <bos> \"{g['with_bos']['text'].strip()}\"; "
+            f"without <bos> \"{g['without_bos']['text'].strip()}\".", ""] + table(["dense perplexity", "PPL"], rows)
+
+
 def render_neuron_check(d):
     rows = [[s["name"], s["status"], (s.get("summary") or s.get("reason") or "").replace("|", "/")]
             for s in d["steps"]]
@@ -242,6 +255,8 @@ SECTIONS = [
     Section("serving_whole_model.json", "Serving at 0.2: dense, the default, the same parameters from the MLP only",
             "python benchmarks/serving.py --model dense=... --model all=... --model mlp=...", render_serving,
             ("hybrid", "all")),
+    Section("gemma3_dense_check.json", "Gemma 3 270M: the converted dense model",
+            "python benchmarks/gemma3_dense_check.py --work /tmp/g3w", render_gemma3_dense_check),
     Section("compress_scale.json", "Compression time and peak memory",
             "python benchmarks/compress_scale.py --work /tmp/scale --runs llama-3.1-8b:4:hybrid:default",
             render_compress_scale,
