@@ -107,7 +107,8 @@ def test_non_finite_values(ckpt):
 
 def test_stray_factor(ckpt):
     unlist(ckpt, [mlp_module("llama", 1, role) for role in (GATE, UP)])
-    with pytest.raises(cf.CheckpointFormatError, match=r"layers\.1\.mlp\.(gate|up)_proj\.svd_[uv] is a factor of .*not listed"):
+    with pytest.raises(cf.CheckpointFormatError,
+                       match=r"layers\.1\.mlp\.(gate|up)_proj\.svd_[uv] is a factor of .*not listed"):
         cf.validate(ckpt)
 
 

@@ -5,7 +5,7 @@ import torch
 
 import vllm_neuronmlp  # noqa: F401  (registers the HF quantizer)
 from model_factory import ARCHS, edit_checkpoint, make_dense_and_factored, write_unsupported_model
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.hf_quantizer import SVDLinear
 
@@ -28,7 +28,7 @@ def load(path):
 def test_every_family_matches_its_dense_twin(arch, tmp_path):
     dense_dir, fact_dir = make_dense_and_factored(str(tmp_path), arch, hidden=192, intermediate=200, rank=32)
     dense, fact = load(dense_dir), load(fact_dir)
-    for module in fmt.validate(fact_dir).factored:
+    for module in cf.validate(fact_dir).factored:
         assert isinstance(fact.get_submodule(module), SVDLinear), module
     with torch.no_grad():
         torch.testing.assert_close(fact(IDS).logits, dense(IDS).logits, rtol=0, atol=1e-4)
@@ -41,8 +41,8 @@ def test_from_pretrained_matches_dense_twin_and_saves_format_v1(twins, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fact(IDS).logits, dense(IDS).logits, rtol=0, atol=1e-4)
     fact.save_pretrained(tmp_path / "resaved")
-    report = fmt.validate(str(tmp_path / "resaved"))
-    assert report.quant.ranks == fmt.validate(twins[1]).quant.ranks
+    report = cf.validate(str(tmp_path / "resaved"))
+    assert report.quant.ranks == cf.validate(twins[1]).quant.ranks
 
 
 def test_bad_quantization_config_is_named(twins, tmp_path):
@@ -51,7 +51,7 @@ def test_bad_quantization_config_is_named(twins, tmp_path):
     path = tmp_path / "bad"
     shutil.copytree(twins[1], path)
     edit_checkpoint(str(path), quant_update={"format_version": 9})
-    with pytest.raises(fmt.CheckpointFormatError, match="format_version is 9"):
+    with pytest.raises(cf.CheckpointFormatError, match="format_version is 9"):
         load(path)
 
 
@@ -71,13 +71,13 @@ def test_peft_lora_trains_and_merges_into_the_factors(twins, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     model = load(twins[1])
-    factored = sorted(fmt.validate(twins[1]).factored)
+    factored = sorted(cf.validate(twins[1]).factored)
     before = {m: (model.get_submodule(m).svd_u.detach().double().clone(),
                   model.get_submodule(m).svd_v.detach().double().clone()) for m in factored}
     # SVDLinear is not an nn.Linear: peft targets its two parameters (one LoRA per factor),
     # so the merged update keeps the form x (U + dU) (V + dV) at the same rank.
     config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=[],
-                        target_parameters=[fmt.U_SUFFIX, fmt.V_SUFFIX])
+                        target_parameters=[cf.U_SUFFIX, cf.V_SUFFIX])
     peft_model = get_peft_model(model, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     assert len(trainable) == 2 * 2 * len(factored)  # lora_A and lora_B for each of U and V
@@ -98,7 +98,7 @@ def test_peft_lora_trains_and_merges_into_the_factors(twins, tmp_path):
             owner = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
             b, a = module.lora_B["default"].weight.double(), module.lora_A["default"].weight.double()
             deltas[(owner, module.parameter_name)] = (LORA_ALPHA / LORA_R) * (b @ a)
-    assert set(deltas) == {(m, leaf) for m in factored for leaf in (fmt.U_SUFFIX, fmt.V_SUFFIX)}
+    assert set(deltas) == {(m, leaf) for m in factored for leaf in (cf.U_SUFFIX, cf.V_SUFFIX)}
 
     merged = peft_model.merge_and_unload()
     with torch.no_grad():
@@ -107,13 +107,13 @@ def test_peft_lora_trains_and_merges_into_the_factors(twins, tmp_path):
         layer = merged.get_submodule(m)
         assert type(layer) is SVDLinear
         u0, v0 = before[m]
-        want_u, want_v = u0 + deltas[(m, fmt.U_SUFFIX)], v0 + deltas[(m, fmt.V_SUFFIX)]
-        assert deltas[(m, fmt.U_SUFFIX)].abs().max() > 0 and deltas[(m, fmt.V_SUFFIX)].abs().max() > 0
+        want_u, want_v = u0 + deltas[(m, cf.U_SUFFIX)], v0 + deltas[(m, cf.V_SUFFIX)]
+        assert deltas[(m, cf.U_SUFFIX)].abs().max() > 0 and deltas[(m, cf.V_SUFFIX)].abs().max() > 0
         torch.testing.assert_close(layer.svd_u.detach().double(), want_u, rtol=0, atol=1e-6)
         torch.testing.assert_close(layer.svd_v.detach().double(), want_v, rtol=0, atol=1e-6)
 
     merged.save_pretrained(tmp_path / "merged")  # still format v1, ranks unchanged
-    assert fmt.validate(str(tmp_path / "merged")).quant.ranks == fmt.validate(twins[1]).quant.ranks
+    assert cf.validate(str(tmp_path / "merged")).quant.ranks == cf.validate(twins[1]).quant.ranks
     with torch.no_grad():
         torch.testing.assert_close(load(tmp_path / "merged")(IDS).logits, out.logits, rtol=0, atol=1e-5)
 
@@ -135,8 +135,8 @@ def test_v2_per_layer_widths_match_the_dense_twin_and_save_back(arch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(narrow(IDS).logits, dense(IDS).logits, rtol=0, atol=1e-4)
     narrow.save_pretrained(tmp_path / "resaved")
-    report = fmt.validate(str(tmp_path / "resaved"))
-    assert report.quant.widths == fmt.validate(narrow_dir).quant.widths and report.quant.format_version == 2
+    report = cf.validate(str(tmp_path / "resaved"))
+    assert report.quant.widths == cf.validate(narrow_dir).quant.widths and report.quant.format_version == 2
 
 
 # ---- format v3: factored attention projections
@@ -156,7 +156,7 @@ def v3_twins(root, arch):
 def test_v3_factored_attention_matches_the_dense_twin_and_saves_back(arch, tmp_path):
     dense_dir, v3_dir = v3_twins(tmp_path, arch)
     dense, fact = load(dense_dir), load(v3_dir)
-    report = fmt.validate(v3_dir)
+    report = cf.validate(v3_dir)
     assert report.quant.format_version == 3 and len(report.attention_factored) == 8
     for module, (n_in, n_out, rank) in report.attention_factored.items():
         layer = fact.get_submodule(module)
@@ -169,7 +169,7 @@ def test_v3_factored_attention_matches_the_dense_twin_and_saves_back(arch, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(fact(IDS).logits, dense(IDS).logits, rtol=0, atol=1e-4)
     fact.save_pretrained(tmp_path / "resaved")
-    back = fmt.validate(str(tmp_path / "resaved"))
+    back = cf.validate(str(tmp_path / "resaved"))
     assert back.quant.format_version == 3 and back.quant.ranks == report.quant.ranks
     assert back.quant.widths == report.quant.widths
 
@@ -193,27 +193,27 @@ K0 = "model.layers.0.self_attn.k_proj"
 
 def test_v3_missing_attention_factor_is_refused(v3_copy):
     # transformers alone would leave it uninitialized and load
-    edit_checkpoint(v3_copy, drop=[fmt.u_name(K0)])
-    with pytest.raises(fmt.CheckpointFormatError, match=r"tensor model\.layers\.0\.self_attn\.k_proj\.svd_u is "
+    edit_checkpoint(v3_copy, drop=[cf.u_name(K0)])
+    with pytest.raises(cf.CheckpointFormatError, match=r"tensor model\.layers\.0\.self_attn\.k_proj\.svd_u is "
                                                          r"missing; .* needs .*svd_u of shape \[192, 32\]"):
         load(v3_copy)
 
 
 def test_v3_wrong_attention_factor_shape_is_refused(v3_copy):
     # transformers alone would load a factor of the wrong shape
-    edit_checkpoint(v3_copy, replace={fmt.v_name(K0): torch.zeros(32, 192)})
-    with pytest.raises(fmt.CheckpointFormatError, match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.k_proj"
+    edit_checkpoint(v3_copy, replace={cf.v_name(K0): torch.zeros(32, 192)})
+    with pytest.raises(cf.CheckpointFormatError, match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.k_proj"
                                                          r"\.svd_v has shape \[32, 192\], expected \[32, 64\] .*"
                                                          r"num_key_value_heads 2 x head_dim 32"):
         load(v3_copy)
 
 
 def test_v3_q_without_k_and_v_is_refused(v3_copy):
-    config = fmt.read_config(v3_copy)
-    ranks = config[fmt.QUANTIZATION_CONFIG_KEY][fmt.KEY_RANKS]
+    config = cf.read_config(v3_copy)
+    ranks = config[cf.QUANTIZATION_CONFIG_KEY][cf.KEY_RANKS]
     del ranks[K0], ranks["model.layers.0.self_attn.v_proj"]
-    edit_checkpoint(v3_copy, quant_update={fmt.KEY_RANKS: ranks})
-    with pytest.raises(fmt.CheckpointFormatError, match=r"factors model\.layers\.0\.self_attn\.q_proj but not "
+    edit_checkpoint(v3_copy, quant_update={cf.KEY_RANKS: ranks})
+    with pytest.raises(cf.CheckpointFormatError, match=r"factors model\.layers\.0\.self_attn\.q_proj but not "
                                                          r"model\.layers\.0\.self_attn\.k_proj and "
                                                          r"model\.layers\.0\.self_attn\.v_proj"):
         load(v3_copy)

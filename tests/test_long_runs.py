@@ -76,7 +76,8 @@ def test_resumed_run_equals_an_uninterrupted_one(work, uninterrupted, monkeypatc
         calls.append(i)
         # the Fisher pass materializes layers 0..3 forward, then 3, 2, ... backward; the factor pass 0..3
         backward = len(calls) > LAYERS and len(calls) <= 2 * LAYERS
-        if i == 2 and ((stage == "fisher backward" and backward) or (stage == "factor pass" and len(calls) > 2 * LAYERS)):
+        late_factor_layer = stage == "factor pass" and len(calls) > 2 * LAYERS
+        if i == 2 and ((stage == "fisher backward" and backward) or late_factor_layer):
             raise KeyboardInterrupt
         return real(sk, src, i)
 

@@ -30,8 +30,8 @@ def test_the_benchmark_measured_what_the_estimate_is_held_to():
 @pytest.mark.parametrize("run", RUNS, ids=["-".join(str(r[k]) for k in ("shape", "layers", "method", "preset", "scope"))
                                          for r in RUNS])
 def test_estimate_is_within_25_percent_of_the_measured_peak(run):
-    est = me.estimate(compress_scale.recorded_shape(run), compress_scale.run_options(run), run["method"], device=run["device"],
-                      attention=run["scope"] == "all")
+    est = me.estimate(compress_scale.recorded_shape(run), compress_scale.run_options(run), run["method"],
+                      device=run["device"], attention=run["scope"] == "all")
     measured = run["peak_rss_bytes"]
     assert abs(est.peak_bytes - measured) <= TOLERANCE * measured, (
         f"{run['shape']} {run['layers']} layers {run['method']} {run['preset']}: estimate "

@@ -186,7 +186,8 @@ class RunState:
 
 
 def _difference(old: Dict, new: Dict) -> str:
-    diffs = [f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diffs = [f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)]
     return "with " + ", ".join(diffs) if diffs else "by another version of the state"
 
 

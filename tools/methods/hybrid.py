@@ -6,7 +6,7 @@ of the layer: a block of intermediate channels by the Nyström loss curve of
 its layer (channels ordered by the loss itself, `nystrom.loss_aware_order`),
 a block of rank by the dropped squared singular values of the
 input-whitened, Fisher-weighted projection. One greedy allocation
-(ranks.allocate_hybrid) spends the budget on whichever cut costs the least
+(allocation/hybrid.py) spends the budget on whichever cut costs the least
 estimated loss per parameter; the factor pass narrows each layer, refits its
 down projection, then factors the chosen projections at the reduced width."""
 from __future__ import annotations
