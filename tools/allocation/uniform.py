@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, Sequence
 
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.tools.allocation.budget import (
     DENSE, LevelState, Matrix, eq5_rank, rank_budget, saves_parameters, spread_order, width_budget)
 
@@ -62,13 +63,13 @@ def allocate_uniform(matrices: Sequence[Matrix], ratio: float, block: int, theta
 def allocate_widths_uniform(layers: Sequence[int], hidden: int, inter: int, ratio: float,
                             block: int) -> Dict[int, int]:
     """The same block-aligned width in every layer, the budget's remainder spent
-    one block at a time on layers spread evenly (dense MLPs, 3 h k parameters
-    each). Returns {layer: width} for the narrowed layers."""
+    one block at a time on layers spread evenly (dense MLPs of
+    cf.mlp_params(h, k) parameters each). Returns {layer: width} for the narrowed layers."""
     budget = width_budget(layers, hidden, inter, ratio, block)
-    per_block = 3 * hidden * block
+    per_block = cf.mlp_params(hidden, block)
     base = (budget // (len(layers) * per_block)) * block
     widths = {i: base for i in layers}
-    spare = budget - len(layers) * 3 * hidden * base
+    spare = budget - len(layers) * cf.mlp_params(hidden, base)
     order = [layers[k] for k in spread_order([Matrix(str(i), 1, 1, None, i) for i in layers])]
     for i in order:
         if spare >= per_block and widths[i] < inter:
