@@ -149,6 +149,20 @@ def evaluate_compressed(args, data):
             point["ppl"][name] = {"ppl": r.ppl, "dense": dense, "excess": r.ppl / dense - 1,
                                   "seconds": round(r.seconds, 1)}
             print(name, r.describe(), f"(dense {dense:.4f})", flush=True)
+        if not args.skip_vllm:  # served by the plugin: <bos> added, and the greedy text
+            from vllm import SamplingParams
+
+            from vllm_neuronmlp.mlp_fusion import count_fused_mlps
+
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model in this process
+            llm = evaluate.start_llm(args.compressed, max_model_len=2049, dtype="bfloat16")
+            try:
+                out = llm.generate([PROMPT], SamplingParams(max_tokens=16, temperature=0.0))[0]
+                point["vllm"] = {"dtype": "bfloat16", "prompt_token_ids": list(out.prompt_token_ids),
+                                 "text": out.outputs[0].text, "fused_mlps": sum(llm.apply_model(count_fused_mlps))}
+            finally:
+                evaluate.shutdown_llm(llm)
+            print("vllm:", point["vllm"], flush=True)
         data.setdefault("compressed", {})[point["checkpoint"]] = point
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
