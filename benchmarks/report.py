@@ -184,8 +184,22 @@ def render_gemma3_dense_check(d):
     if d.get("vllm"):
         rows.append([f"builtin:heldout through vLLM ({d['vllm']['dtype']})",
                      f"{d['vllm']['ppl_builtin_heldout']['ppl']:.2f}"])
-    return [f"{d['model']}. Greedy continuation of \"{g['prompt']}\": with <bos> \"{g['with_bos']['text'].strip()}\"; "
-            f"without <bos> \"{g['without_bos']['text'].strip()}\".", ""] + table(["dense perplexity", "PPL"], rows)
+    lines = [f"{d['model']}. Greedy continuation of \"{g['prompt']}\": with <bos> \"{g['with_bos']['text'].strip()}\"; "
+             f"without <bos> \"{g['without_bos']['text'].strip()}\".", ""] + table(["dense perplexity", "PPL"], rows)
+    for name, c in d.get("compressed", {}).items():
+        prov, mix = c["provenance"], c["provenance"]["allocation_mix"]
+        lines += ["", f"`{name}`: `--method {prov['method']} --scope {prov['scope']} --ratio {prov['ratio_requested']}`, "
+                      f"{prov['ratio_achieved_linears']:.4f} of the decoder linears removed (MLP "
+                      f"{prov['ratio_achieved_mlp']:.4f}, model {prov['ratio_achieved_model']:.4f}); by MLP channels "
+                      f"{mix['ratio_by_channels']:.3f}, MLP ranks {mix['ratio_by_mlp_ranks']:.3f}, attention ranks "
+                      f"{mix['ratio_by_attention_ranks']:.3f}; {mix['layers_narrowed']} layers narrowed, "
+                      f"{mix['factored_modules']} projections factored.", ""]
+        lines += table(["text", "dense", "compressed", "excess"],
+                       [[t, f"{v['dense']:.2f}", f"{v['ppl']:.2f}", f"{v['excess']:.3f}"] for t, v in c["ppl"].items()])
+        if c.get("vllm"):
+            lines += ["", f"Served by vLLM ({c['vllm']['dtype']}): greedy \"{c['vllm']['text'].strip()}\"; "
+                          f"MLPs running the fused op: {c['vllm']['fused_mlps']}."]
+    return lines
 
 
 def render_neuron_check(d):

@@ -24,15 +24,17 @@ from .nki_compat import jit, nl
 from .xuv import check_dims, elem_bytes, plan_on_target, run_strips, x_transpose_for
 
 # The gate activations `up_gate` computes on the scalar engine, by the names the model
-# families use: SiLU (Llama, Qwen, Mistral) and GELU with the tanh approximation (Gemma).
-ACTIVATIONS = {"silu": nl.silu, "gelu_tanh": nl.gelu_apprx_tanh}
+# families use: SiLU (Llama, Qwen, Mistral) and GELU with the tanh approximation (Gemma),
+# named by their `nki.language` functions and looked up while tracing, so that importing the
+# kernels does not depend on what the installed `nki.language` exports.
+ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_apprx_tanh"}
 
 
 def activation_op(activation):
     """The scalar-engine function of a gate activation name."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"up_gate: activation {activation!r} is not one of {tuple(ACTIVATIONS)}")
-    return ACTIVATIONS[activation]
+    return getattr(nl, ACTIVATIONS[activation])
 
 
 def up_gate_kernel_shape(x, u_gate, v_gate, u_up, v_up, x_transpose=None):
