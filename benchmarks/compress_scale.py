@@ -42,6 +42,8 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from vllm_neuronmlp import checkpoint_format as cf
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SHAPES = {
     "llama-3.1-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256,
@@ -57,7 +59,7 @@ EMBEDDED = {"smollm2": "smollm2-135m", "gemma-3-270m": "gemma-3-270m"}
 def layer_params(shape: Dict) -> int:
     h, f, q, kv = shape["hidden"], shape["intermediate"], shape["heads"] * shape["head_dim"], \
         shape["kv_heads"] * shape["head_dim"]
-    return 2 * q * h + 2 * kv * h + 3 * h * f + 2 * h
+    return 2 * q * h + 2 * kv * h + cf.mlp_params(h, f) + 2 * h
 
 
 def write_random_llama(path: str, shape: Dict, layers: int, seed: int = 0, shard_bytes: int = 2 * GIB) -> int:

@@ -438,13 +438,13 @@ def serve_degrees(model_dir: str, requested: str = "auto"):
     """([degrees], note): 1 and the smallest degree > 1 that splits the model's heads the way
     vllm-neuron's attention does (heads divisible by it; KV heads divisible by it or
     dividing it), or the comma-separated `requested` ones."""
-    from vllm_neuronmlp import checkpoint_format as fmt
+    from vllm_neuronmlp import checkpoint_format as cf
     from vllm_neuronmlp.neuron.attention import HeadSharding
     from vllm_neuronmlp.neuron.sharding import SVDShardingError
 
     if requested != "auto":
         return [int(t) for t in requested.split(",")], f"--tp {requested}"
-    cfg = fmt.read_config(model_dir)
+    cfg = cf.read_config(model_dir)
     heads = int(cfg["num_attention_heads"])
     kv, hd = int(cfg.get("num_key_value_heads") or heads), int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
 

@@ -51,6 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import channels_vs_factors as cvf  # noqa: E402  (the fortunes text and the protocol's constants, one definition)
+from vllm_neuronmlp import checkpoint_format as cf  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 RATIOS = (0.2, 0.1)  # of the decoder linears
@@ -79,8 +80,8 @@ def shapes(model: str) -> Dict[str, int]:
     hd = c.get("head_dim") or h // heads
     q, k = heads * hd, kv * hd
     return {"hidden": h, "intermediate": i, "q": q, "kv": k, "layers": c["num_hidden_layers"],
-            "mlp_per_layer": 3 * h * i, "attention_per_layer": h * q + 2 * h * k + q * h,
-            "linears_per_layer": 3 * h * i + h * q + 2 * h * k + q * h}
+            "mlp_per_layer": cf.mlp_params(h, i), "attention_per_layer": h * q + 2 * h * k + q * h,
+            "linears_per_layer": cf.mlp_params(h, i) + h * q + 2 * h * k + q * h}
 
 
 # ---------------------------------------------------------------- fused vs separate q/k/v

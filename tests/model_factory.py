@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")  # one per MLP family of mlp_families
@@ -135,7 +135,7 @@ def make_dense_and_factored(root: str, arch: str = "llama", hidden: int = 192, i
     """Write `root/dense` and `root/factored`; MLP weights of listed layers are U V exactly."""
     dense_dir, fact_dir = os.path.join(root, "dense"), os.path.join(root, "factored")
     write_random_model(dense_dir, arch, hidden, intermediate, layers, dtype=dtype, seed=seed)
-    state = load_file(os.path.join(dense_dir, fmt.SAFETENSORS_SINGLE_FILE))
+    state = load_file(os.path.join(dense_dir, cf.SAFETENSORS_SINGLE_FILE))
     gen = torch.Generator().manual_seed(seed + 1)
     factored_layers = range(layers) if factored_layers is None else factored_layers
     all_ranks: Dict[str, int] = {}
@@ -146,27 +146,27 @@ def make_dense_and_factored(root: str, arch: str = "llama", hidden: int = 192, i
             r = (ranks or {}).get(module, rank)
             n_in, n_out = (hidden, intermediate) if role != mlp_families.DOWN else (intermediate, hidden)
             u, v = _factor_pair(n_in, n_out, r, dtype, gen)
-            state[fmt.weight_name(module)] = (u.double() @ v.double()).T.contiguous().to(dtype)
-            del fact_state[fmt.weight_name(module)]
-            fact_state[fmt.u_name(module)] = u.contiguous()
-            fact_state[fmt.v_name(module)] = v.contiguous()
+            state[cf.weight_name(module)] = (u.double() @ v.double()).T.contiguous().to(dtype)
+            del fact_state[cf.weight_name(module)]
+            fact_state[cf.u_name(module)] = u.contiguous()
+            fact_state[cf.v_name(module)] = v.contiguous()
             all_ranks[module] = r
-    _write_twins(dense_dir, state, fact_dir, fact_state, fmt.QuantizationConfig(block_size=block_size, ranks=all_ranks))
+    _write_twins(dense_dir, state, fact_dir, fact_state, cf.QuantizationConfig(block_size=block_size, ranks=all_ranks))
     return dense_dir, fact_dir
 
 
-def _write_twins(dense_dir: str, state, out_dir: str, out_state, quant: "fmt.QuantizationConfig") -> None:
+def _write_twins(dense_dir: str, state, out_dir: str, out_state, quant: "cf.QuantizationConfig") -> None:
     """Save the dense twin's state, and beside it the svd_neuron checkpoint (same other files, `quant`)."""
-    save_file(state, os.path.join(dense_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
+    save_file(state, os.path.join(dense_dir, cf.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(dense_dir):
-        if name != fmt.SAFETENSORS_SINGLE_FILE:
+        if name != cf.SAFETENSORS_SINGLE_FILE:
             with open(os.path.join(dense_dir, name), "rb") as src, open(os.path.join(out_dir, name), "wb") as dst:
                 dst.write(src.read())
-    save_file(out_state, os.path.join(out_dir, fmt.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
-    config = fmt.read_config(out_dir)
-    config[fmt.QUANTIZATION_CONFIG_KEY] = quant.to_dict()
-    with open(os.path.join(out_dir, fmt.CONFIG_FILE), "w") as f:
+    save_file(out_state, os.path.join(out_dir, cf.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
+    config = cf.read_config(out_dir)
+    config[cf.QUANTIZATION_CONFIG_KEY] = quant.to_dict()
+    with open(os.path.join(out_dir, cf.CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
 
 
@@ -194,32 +194,32 @@ def make_dense_and_compressed(root: str, ranks: Dict[str, int], widths: Optional
     dense_dir, out_dir = os.path.join(root, "dense"), os.path.join(root, out)
     write_random_model(dense_dir, arch, hidden, intermediate, layers, dtype=dtype, seed=seed, heads=heads,
                        kv_heads=kv_heads)
-    state = load_file(os.path.join(dense_dir, fmt.SAFETENSORS_SINGLE_FILE))
-    model_config = fmt.read_config(dense_dir)
+    state = load_file(os.path.join(dense_dir, cf.SAFETENSORS_SINGLE_FILE))
+    model_config = cf.read_config(dense_dir)
     gen = torch.Generator().manual_seed(seed + 1)
     out_state = dict(state)
     fmt_widths = {}
     for i, k in widths.items():
-        fmt_widths[fmt.mlp_module(mlp_module(arch, i, mlp_families.DOWN))] = k
-        down = fmt.weight_name(mlp_module(arch, i, mlp_families.DOWN))
+        fmt_widths[cf.mlp_module(mlp_module(arch, i, mlp_families.DOWN))] = k
+        down = cf.weight_name(mlp_module(arch, i, mlp_families.DOWN))
         state[down] = state[down].clone()
         state[down][:, k:] = 0
         for role in mlp_families.ROLES:
-            name = fmt.weight_name(mlp_module(arch, i, role))
+            name = cf.weight_name(mlp_module(arch, i, role))
             out_state[name] = (state[name][:, :k] if role == mlp_families.DOWN else state[name][:k]).contiguous()
     for module, r in ranks.items():
-        k = None if fmt.is_attention_module(module) else widths.get(int(module.split(".")[2]))
-        n_in, n_out = fmt.expected_shape(model_config, module, k)
+        k = None if cf.is_attention_module(module) else widths.get(int(module.split(".")[2]))
+        n_in, n_out = cf.expected_shape(model_config, module, k)
         u, v = _factor_pair(n_in, n_out, r, dtype, gen)
         w = (u.double() @ v.double()).T.contiguous().to(dtype)
-        name = fmt.weight_name(module)
+        name = cf.weight_name(module)
         state[name] = state[name].clone()
         state[name][:n_out, :n_in] = w  # the twin's weight is full width; a narrowed layer's is its first k
         del out_state[name]
-        out_state[fmt.u_name(module)] = u.contiguous()
-        out_state[fmt.v_name(module)] = v.contiguous()
+        out_state[cf.u_name(module)] = u.contiguous()
+        out_state[cf.v_name(module)] = v.contiguous()
     _write_twins(dense_dir, state, out_dir, out_state,
-                 fmt.QuantizationConfig(block_size=block_size, ranks=dict(ranks), widths=fmt_widths))
+                 cf.QuantizationConfig(block_size=block_size, ranks=dict(ranks), widths=fmt_widths))
     return dense_dir, out_dir
 
 
@@ -240,16 +240,16 @@ V3_WIDTHS = {1: 128}  # with intermediate 256: layer 1's MLP keeps half its chan
 def edit_checkpoint(path: str, drop: Sequence[str] = (), replace: Optional[Dict[str, torch.Tensor]] = None,
                     quant_update: Optional[dict] = None) -> None:
     """Break a checkpoint on purpose (for the bad-input tests)."""
-    file = os.path.join(path, fmt.SAFETENSORS_SINGLE_FILE)
+    file = os.path.join(path, cf.SAFETENSORS_SINGLE_FILE)
     state = load_file(file)
     for name in drop:
         del state[name]
     state.update(replace or {})
     save_file(state, file, metadata={"format": "pt"})
     if quant_update:
-        config = fmt.read_config(path)
-        config[fmt.QUANTIZATION_CONFIG_KEY].update(quant_update)
-        with open(os.path.join(path, fmt.CONFIG_FILE), "w") as f:
+        config = cf.read_config(path)
+        config[cf.QUANTIZATION_CONFIG_KEY].update(quant_update)
+        with open(os.path.join(path, cf.CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
 
 
@@ -263,8 +263,8 @@ def write_unsupported_model(path: str) -> None:
                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, pad_token_id=0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     make_tokenizer(path, config.vocab_size)
-    raw = fmt.read_config(path)
-    raw[fmt.QUANTIZATION_CONFIG_KEY] = fmt.QuantizationConfig(
+    raw = cf.read_config(path)
+    raw[cf.QUANTIZATION_CONFIG_KEY] = cf.QuantizationConfig(
         block_size=32, ranks={"model.layers.0.mlp.down_proj": 32}).to_dict()
-    with open(os.path.join(path, fmt.CONFIG_FILE), "w") as f:
+    with open(os.path.join(path, cf.CONFIG_FILE), "w") as f:
         json.dump(raw, f)

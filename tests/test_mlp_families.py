@@ -1,7 +1,7 @@
 """mlp_families: which model_types are supported, and the names each family gives its MLP."""
 import pytest
 
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.mlp_families import DOWN, GATE, UP
 
@@ -51,14 +51,14 @@ def test_module_names_roles_and_partners():
 
 def test_checkpoint_shapes_follow_the_role():
     config = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 96}
-    assert fmt.expected_shape(config, "model.layers.1.mlp.gate_proj") == (64, 96)
-    assert fmt.expected_shape(config, "model.layers.1.mlp.down_proj") == (96, 64)
+    assert cf.expected_shape(config, "model.layers.1.mlp.gate_proj") == (64, 96)
+    assert cf.expected_shape(config, "model.layers.1.mlp.down_proj") == (96, 64)
     # format v3: attention projections have shapes too (hidden 64 / 4 heads = head_dim 16, 2 kv heads)
     config.update(num_attention_heads=4, num_key_value_heads=2)
-    assert fmt.expected_shape(config, "model.layers.1.self_attn.o_proj") == (64, 64)
-    assert fmt.expected_shape(config, "model.layers.1.self_attn.k_proj") == (64, 32)
-    with pytest.raises(fmt.CheckpointFormatError, match=r"lm_head: not an MLP projection .* or an attention projection"):
-        fmt.expected_shape(config, "lm_head")
+    assert cf.expected_shape(config, "model.layers.1.self_attn.o_proj") == (64, 64)
+    assert cf.expected_shape(config, "model.layers.1.self_attn.k_proj") == (64, 32)
+    with pytest.raises(cf.CheckpointFormatError, match=r"lm_head: not an MLP projection .* or an attention projection"):
+        cf.expected_shape(config, "lm_head")
 
 
 def test_a_family_with_an_unknown_activation_is_refused():

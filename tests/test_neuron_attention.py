@@ -17,7 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from model_factory import make_dense_and_compressed, v3_ranks, V3_WIDTHS
 from neuron_standins import (RankWorld, StandinLlamaForCausalLM, StandinQwen3Bf16ForCausalLM, StandinQwen3ForCausalLM,
                              attention_metadata, greedy_serve, install_runtimes, pretend_neuron_host, read_config)
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import ops
 from vllm_neuronmlp.neuron import integrate, names
 from vllm_neuronmlp.neuron.attention import SVDNeuronAttention
@@ -122,7 +122,7 @@ def test_each_rank_holds_the_heads_vllm_neurons_attention_gives_it(synthetic):
     """TP 4 with 4 heads and 2 KV heads: rank r holds q head r, KV head r // 2 (replicated on
     two ranks), o's input rows of head r; U of q/k/v and V of o whole on every rank."""
     _, v3 = synthetic["llama"]
-    ckpt = load_file(f"{v3}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    ckpt = load_file(f"{v3}/{cf.SAFETENSORS_SINGLE_FILE}")
     p, hd = "model.layers.2.self_attn", 32
 
     def shards(rank):
@@ -185,9 +185,9 @@ def default_compressed(request, tmp_path_factory):
     calib = write_text(root / "calib.txt", 2000)
     defaults = CompressOptions(ratio=0.2)
     res = compressor.compress(src, str(root / "out"), 0.2, calib_text=[calib], **{**SMALL, "calib_samples": 4})
-    quant = fmt.read_quantization_config(res.out)
+    quant = cf.read_quantization_config(res.out)
     assert (quant.provenance["method"], quant.provenance["scope"]) == (defaults.method, "all")
-    assert quant.format_version == fmt.ATTENTION_FORMAT_VERSION and quant.attention_ranks()
+    assert quant.format_version == cf.ATTENTION_FORMAT_VERSION and quant.attention_ranks()
     return request.param, res.out, hf_reference(res.out)
 
 
@@ -285,7 +285,7 @@ def test_a_tp_degree_that_cannot_split_the_heads_is_refused_by_name(synthetic):
     def build(_):
         return _patched(StandinLlamaForCausalLM).from_configs(read_config(v3), None)
 
-    with pytest.raises(fmt.TensorParallelError, match=r"model\.layers\.0\.self_attn: 4 attention heads and 2 KV heads "
+    with pytest.raises(cf.TensorParallelError, match=r"model\.layers\.0\.self_attn: 4 attention heads and 2 KV heads "
                                                       r"cannot be split over tensor-parallel degree 8"):
         RankWorld(8).run(build)
 
@@ -298,7 +298,7 @@ def test_a_misnamed_attention_factor_is_refused_before_loading(synthetic, tmp_pa
     _, v3 = synthetic["llama"]
     broken = str(tmp_path / "broken")
     shutil.copytree(v3, broken)
-    t = load_file(f"{broken}/{fmt.SAFETENSORS_SINGLE_FILE}")["model.layers.2.self_attn.k_proj.svd_v"]
+    t = load_file(f"{broken}/{cf.SAFETENSORS_SINGLE_FILE}")["model.layers.2.self_attn.k_proj.svd_v"]
     edit_checkpoint(broken, drop=["model.layers.2.self_attn.k_proj.svd_v"],
                     replace={"model.layers.2.self_attn.k_proj.svd_w": t})
     model = _patched(StandinLlamaForCausalLM).from_configs(read_config(broken), None)

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from model_factory import make_dense_and_factored
 from neuron_standins import (FakeGroup, StandinLlamaForCausalLM, StandinQwen3ForCausalLM, install_runtimes,
                              pretend_neuron_host, read_config)
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import ops
 from vllm_neuronmlp.neuron import integrate
 from vllm_neuronmlp.neuron.sharding import fingerprint, shard_tensor
@@ -83,7 +83,7 @@ def test_variant_mlp_traces_to_aten_without_our_custom_op(checkpoints):
     targets = _called(graph)
     assert targets and not _ours(targets), _ours(targets)
     assert all(t.startswith("aten.") for t in targets), targets
-    w = load_file(f"{dense}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    w = load_file(f"{dense}/{cf.SAFETENSORS_SINGLE_FILE}")
     assert _rel(graph(x), _dense_mlp(w, 0, x)) < 1e-5
 
 
@@ -93,7 +93,7 @@ def test_variant_mlp_runs_under_torch_compile_fullgraph(checkpoints):
     torch._dynamo.reset()
     compiled = torch.compile(lambda h: mlp(h, is_prefill=False), backend="aot_eager", fullgraph=True)
     x = torch.randn(7, HIDDEN, generator=torch.Generator().manual_seed(1))
-    w = load_file(f"{dense}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    w = load_file(f"{dense}/{cf.SAFETENSORS_SINGLE_FILE}")
     assert _rel(compiled(x), _dense_mlp(w, 0, x)) < 1e-5
 
 
@@ -114,7 +114,7 @@ def test_kernel_path_traces_to_aten_plus_the_nki_launch(checkpoints, monkeypatch
     assert not _ours(targets), _ours(targets)
     assert targets.count("neuron_standin.nki_launch.default") == 2
     assert all(t.startswith("aten.") or t.startswith("neuron_standin.") for t in targets), targets
-    w = load_file(f"{dense}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    w = load_file(f"{dense}/{cf.SAFETENSORS_SINGLE_FILE}")
     torch._dynamo.reset()
     compiled = torch.compile(lambda h: mlp(h, is_prefill=False), backend="aot_eager", fullgraph=True)
     assert _rel(compiled(x), _dense_mlp(w, 0, x)) < 1e-4
@@ -168,12 +168,12 @@ def test_runner_sequence_computes_everything_on_the_host(checkpoints):
         integrate.SERVING_LOG.setLevel(level)
     assert watch.seen == [], f"eager ops on loaded device tensors: {sorted(set(watch.seen))}"
     logged = integrate.parse_shard_line(next(line for line in handler.lines if "svd_neuron shards loaded" in line))
-    ckpt = load_file(f"{factored}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    ckpt = load_file(f"{factored}/{cf.SAFETENSORS_SINGLE_FILE}")
     split = replicated = 0.0
     for proj, role in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
-        for leaf in (fmt.U_SUFFIX, fmt.V_SUFFIX):
+        for leaf in (cf.U_SUFFIX, cf.V_SUFFIX):
             host = shard_tensor(ckpt[f"model.layers.0.mlp.{proj}.{leaf}"], role, leaf, rank, tp)
-            is_split = (leaf == fmt.V_SUFFIX) == (role != "down")
+            is_split = (leaf == cf.V_SUFFIX) == (role != "down")
             if is_split:
                 split += fingerprint(host)
             else:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from neuron_standins import FakeGroup, read_checkpoint_like_vllm_neuron
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families, ops
 from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP
 from vllm_neuronmlp.neuron.sharding import SVDShardingError
@@ -151,16 +151,18 @@ def test_narrowed_layer_shards_by_its_width(tmp_path, tp, dense):
 
 def test_narrowed_width_that_does_not_divide_is_a_named_error():
     group = FakeGroup(5, 0)
-    with pytest.raises(fmt.TensorParallelError, match=r"model\.layers\.0\.mlp: width \(its quantization_config\.widths\) "
-                                                       r"96 does not divide by the MLP's tensor-parallel degree 5"):
+    with pytest.raises(cf.TensorParallelError, match=r"model\.layers\.0\.mlp: width \(its quantization_config\.widths\) "
+                                                       r"\(split over the MLP's tensor-parallel degree, "
+                   r"tensor_parallel_size x mlp_dp_size\) is 96, which does not split over tensor parallel size 5"):
         SVDNeuronMLP(layer=0, family=LLAMA, hidden_size=H, intermediate_size=96, ranks=RANKS, tp_group=group,
                      mlp_tp_group=group, mlp_tp_rank=0, mlp_tp_size=5, dtype=torch.float32, narrowed=True)
 
 
 def test_tp_degree_that_does_not_divide_is_a_named_error():
     group = FakeGroup(3, 0)
-    with pytest.raises(SVDShardingError, match=r"model\.layers\.0\.mlp: intermediate_size 256 does not divide by "
-                                               r"the MLP's tensor-parallel degree 3"):
+    with pytest.raises(SVDShardingError, match=r"model\.layers\.0\.mlp: intermediate_size "
+                                               r"\(split over the MLP's tensor-parallel degree, "
+                   r"tensor_parallel_size x mlp_dp_size\) is 256, which does not split over tensor parallel size 3"):
         SVDNeuronMLP(layer=0, family=LLAMA, hidden_size=H, intermediate_size=I, ranks=RANKS, tp_group=group,
                      mlp_tp_group=group, mlp_tp_rank=0, mlp_tp_size=3, dtype=torch.float32)
 

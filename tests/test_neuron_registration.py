@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.neuron import integrate, stack
 from vllm_neuronmlp.neuron.sharding import SVDShardingError
 
@@ -62,11 +62,11 @@ def on_path(tmp_path, monkeypatch):
 
 def _vllm_config(architectures=("LlamaForCausalLM",), quant=True, tp=1, intermediate=200, quantization=None,
                  widths=None, ranks=None):
-    qc = fmt.QuantizationConfig(block_size=4, ranks=dict(ranks or {}), widths=dict(widths or {})).to_dict()
+    qc = cf.QuantizationConfig(block_size=4, ranks=dict(ranks or {}), widths=dict(widths or {})).to_dict()
     hf = SimpleNamespace(architectures=list(architectures),
                          to_dict=lambda: {"hidden_size": 64, "intermediate_size": intermediate, "num_hidden_layers": 2,
                                           "num_attention_heads": 8, "num_key_value_heads": 2,
-                                          **({fmt.QUANTIZATION_CONFIG_KEY: qc} if quant else {})})
+                                          **({cf.QUANTIZATION_CONFIG_KEY: qc} if quant else {})})
     if quant:
         hf.quantization_config = qc
     model = SimpleNamespace(hf_config=hf, quantization=quantization or ("svd_neuron" if quant else None), model="ckpt")
@@ -177,18 +177,20 @@ def test_native_line_gets_the_variant(on_path):
     with pytest.raises(stack.NeuronStackError, match=r"architecture \['GptOssForCausalLM'\] has no svd_neuron variant; "
                                                      r"supported: \['LlamaForCausalLM', 'Qwen3ForCausalLM'\]"):
         NeuronPlatform.check_and_update_config(_vllm_config(architectures=["GptOssForCausalLM"]))
-    with pytest.raises(SVDShardingError, match=r"intermediate_size 200 does not divide by the MLP's tensor-parallel degree 16"):
+    with pytest.raises(SVDShardingError, match=r"intermediate_size \(split over the MLP's "
+                                               r"tensor-parallel degree, tensor_parallel_size x mlp_dp_size\) is 200, "
+                                               r"which does not split over tensor parallel size 16"):
         NeuronPlatform.check_and_update_config(_vllm_config(tp=16))
     # format v2: each narrowed layer is split by its own width, the CPU path's TensorParallelError
     v2 = _vllm_config(tp=4, widths={"model.layers.0.mlp": 100, "model.layers.1.mlp": 96})
     NeuronPlatform.check_and_update_config(v2)
     assert NeuronPlatform.checked[-1] is v2
-    with pytest.raises(fmt.TensorParallelError, match=r"ckpt: config.json \(the MLP's tensor-parallel degree is "
+    with pytest.raises(cf.TensorParallelError, match=r"ckpt: config.json \(the MLP's tensor-parallel degree is "
                                                       r"tensor_parallel_size 8 x mlp_dp_size 1\): "
                                                       r"quantization_config\.widths\['model\.layers\.0\.mlp'\] is 100, "
                                                       r"which does not split over tensor parallel size 8"):
         NeuronPlatform.check_and_update_config(_vllm_config(tp=8, widths={"model.layers.0.mlp": 100}))
-    with pytest.raises(fmt.CheckpointFormatError, match=r"--quantization svd_neuron was given, but .* dense checkpoint"):
+    with pytest.raises(cf.CheckpointFormatError, match=r"--quantization svd_neuron was given, but .* dense checkpoint"):
         NeuronPlatform.check_and_update_config(_vllm_config(quant=False, quantization="svd_neuron"))
 
 

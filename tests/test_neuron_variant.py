@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from model_factory import edit_checkpoint, make_dense_and_factored, make_dense_and_narrowed
 from neuron_standins import (FakeGroup, StandinLlamaForCausalLM, StandinLlamaMLP, StandinQwen3Bf16ForCausalLM,
                              StandinQwen3Factory, StandinQwen3ForCausalLM, StandinQwen3MLP, read_config)
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import ops
 from vllm_neuronmlp.neuron import integrate, names
 from vllm_neuronmlp.neuron import stack as stack_mod
@@ -91,7 +91,7 @@ def test_every_tensor_lands_in_exactly_one_parameter(checkpoints):
     with pytest.raises(names.CheckpointMappingError, match=r"model\.layers\.0\.mlp\.gate_proj\.svd_u.* never filled"):
         names.check_loaded(model)                # built but not loaded: never served
     model.load_weights(factored, "cpu", None)
-    checkpoint = load_file(f"{factored}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    checkpoint = load_file(f"{factored}/{cf.SAFETENSORS_SINGLE_FILE}")
     assert _tensor_sources(model) == collections.Counter(list(checkpoint))     # each tensor exactly once
     ours = names.param_plan(model)
     assert sorted(ours) == sorted(k for k in checkpoint if k.startswith(("model.layers.0.mlp.", "model.layers.2.mlp.")))
@@ -104,7 +104,7 @@ def test_loaded_variant_mlp_matches_the_dense_twin(checkpoints):
     arch, dense, factored = checkpoints
     model = _patched(STOCK[arch][0]).from_configs(read_config(factored), None)
     model.load_weights(factored, "cpu", None)
-    w = load_file(f"{dense}/{fmt.SAFETENSORS_SINGLE_FILE}")      # W = U V stored dense (fp32)
+    w = load_file(f"{dense}/{cf.SAFETENSORS_SINGLE_FILE}")      # W = U V stored dense (fp32)
     x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(0))
     assert _rel(model.model.layers[2].mlp(x, is_prefill=False), _dense_mlp(w, 2, x)) < 1e-5
 
@@ -116,8 +116,8 @@ def test_each_tp_rank_loads_its_own_shard(checkpoints, tp):
     which has no rank attribute: `tp_group.rank_in_group`), never from the global rank
     (here offset by 4, as for a second data-parallel replica) and never a default."""
     arch, dense, factored = checkpoints
-    ckpt = load_file(f"{factored}/{fmt.SAFETENSORS_SINGLE_FILE}")
-    w = load_file(f"{dense}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    ckpt = load_file(f"{factored}/{cf.SAFETENSORS_SINGLE_FILE}")
+    w = load_file(f"{dense}/{cf.SAFETENSORS_SINGLE_FILE}")
     x = torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(tp))
     p, cols = "model.layers.0.mlp", INTER // tp
     total, seen = 0, set()
@@ -196,7 +196,7 @@ def test_compile_before_weights_traces_parameters_only(checkpoints):
         value = served.model.layers[2].mlp.get_submodule(owner) if owner else served.model.layers[2].mlp
         setattr(target, leaf, getattr(value, leaf))
     x = torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(3))
-    w = load_file(f"{dense}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    w = load_file(f"{dense}/{cf.SAFETENSORS_SINGLE_FILE}")
     assert _rel(graph(x, False), _dense_mlp(w, 2, x)) < 1e-5   # is_prefill stays an argument, fixed at trace
 
 
@@ -245,7 +245,7 @@ def test_factory_class_patches_the_implementation_it_returns(checkpoints):
     model.load_weights(factored, "cpu", None)
     names.check_loaded(model)
     x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(1))
-    w = load_file(f"{dense}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    w = load_file(f"{dense}/{cf.SAFETENSORS_SINGLE_FILE}")
     assert _rel(model.model.layers[0].mlp(x, is_prefill=False), _dense_mlp(w, 0, x)) < 1e-5
 
 
@@ -256,7 +256,7 @@ def test_model_bf16_layout_at_tp(tmp_path, tp):
     its parameters keep the checkpoint's names, and reads the rank from `dense_mlp`."""
     dense, factored = make_dense_and_factored(str(tmp_path), arch="qwen3", hidden=HIDDEN, intermediate=INTER, layers=2,
                                               rank=32, block_size=32, factored_layers=[1])
-    w = load_file(f"{dense}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    w = load_file(f"{dense}/{cf.SAFETENSORS_SINGLE_FILE}")
     x = torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(5))
     total = 0
     for rank in range(tp):
@@ -264,7 +264,7 @@ def test_model_bf16_layout_at_tp(tmp_path, tp):
         mlp = model.model.layers[1].mlp
         assert isinstance(mlp, SVDNeuronMLP) and mlp.is_moe is False
         model.load_weights(factored, "cpu", None)
-        assert _tensor_sources(model) == collections.Counter(list(load_file(f"{factored}/{fmt.SAFETENSORS_SINGLE_FILE}")))
+        assert _tensor_sources(model) == collections.Counter(list(load_file(f"{factored}/{cf.SAFETENSORS_SINGLE_FILE}")))
         total = total + mlp(x, None, True, None)                # positions, is_decode, rank
     assert _rel(total, _dense_mlp(w, 1, x)) < 1e-5
 
@@ -291,14 +291,14 @@ def test_bad_checkpoint_is_refused_by_name_before_loading(tmp_path, edit, match)
 def _built_with_entry(checkpoint: str, key: str, entry: str, value: int, base=StandinLlamaForCausalLM):
     """from_configs on the checkpoint's config with one more `quantization_config[key]` entry."""
     cfg = read_config(checkpoint)
-    getattr(cfg, fmt.QUANTIZATION_CONFIG_KEY)[key][entry] = value
+    getattr(cfg, cf.QUANTIZATION_CONFIG_KEY)[key][entry] = value
     return _patched(base).from_configs(cfg, None)
 
 
 def test_ranks_naming_a_module_the_model_lacks(checkpoints):
-    with pytest.raises(fmt.CheckpointFormatError, match=r"lists 'model\.layers\.7\.mlp\.down_proj', which is not an "
+    with pytest.raises(cf.CheckpointFormatError, match=r"lists 'model\.layers\.7\.mlp\.down_proj', which is not an "
                                                         r"MLP or attention projection of this .* model \(3 layers"):
-        _built_with_entry(checkpoints[2], fmt.KEY_RANKS, "model.layers.7.mlp.down_proj", 32)
+        _built_with_entry(checkpoints[2], cf.KEY_RANKS, "model.layers.7.mlp.down_proj", 32)
 
 
 def test_dense_checkpoint_goes_through_untouched(checkpoints):
@@ -368,9 +368,9 @@ def test_v2_config_is_parsed_and_its_widths_checked_against_the_model(narrowed):
     _, _, v2 = narrowed
     quant = integrate.svd_quant_config(read_config(v2))      # no longer refused
     assert quant.format_version == 2 and quant.widths == {"model.layers.0.mlp": 96, "model.layers.1.mlp": 128}
-    with pytest.raises(fmt.CheckpointFormatError, match=r"widths lists \['model\.layers\.9\.mlp'\], which is not an "
+    with pytest.raises(cf.CheckpointFormatError, match=r"widths lists \['model\.layers\.9\.mlp'\], which is not an "
                                                         r"MLP of this .* model \(3 layers"):
-        _built_with_entry(v2, fmt.KEY_WIDTHS, "model.layers.9.mlp", 64)
+        _built_with_entry(v2, cf.KEY_WIDTHS, "model.layers.9.mlp", 64)
 
 
 def test_v2_every_tensor_lands_in_exactly_one_parameter_at_its_width(narrowed):
@@ -384,7 +384,7 @@ def test_v2_every_tensor_lands_in_exactly_one_parameter_at_its_width(narrowed):
     assert layers[1].mlp.fully_factored and layers[1].mlp.fused                        # narrowed, factored
     assert (layers[0].mlp.intermediate_size, layers[1].mlp.intermediate_size) == (96, 128)
     model.load_weights(v2, "cpu", None)
-    checkpoint = load_file(f"{v2}/{fmt.SAFETENSORS_SINGLE_FILE}")
+    checkpoint = load_file(f"{v2}/{cf.SAFETENSORS_SINGLE_FILE}")
     assert _tensor_sources(model) == collections.Counter(list(checkpoint))   # each tensor exactly once, none missing
     ours = names.param_plan(model)
     assert sorted(ours) == sorted(k for k in checkpoint if k.startswith(("model.layers.0.mlp.", "model.layers.1.mlp.")))
@@ -399,8 +399,8 @@ def test_v2_every_tensor_lands_in_exactly_one_parameter_at_its_width(narrowed):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_v2_served_by_the_variant_equals_the_dense_twin(narrowed, tp):
     arch, dense, v2 = narrowed
-    checkpoint = collections.Counter(list(load_file(f"{v2}/{fmt.SAFETENSORS_SINGLE_FILE}")))
-    w = load_file(f"{dense}/{fmt.SAFETENSORS_SINGLE_FILE}")   # full width; the removed channels' down columns are 0
+    checkpoint = collections.Counter(list(load_file(f"{v2}/{cf.SAFETENSORS_SINGLE_FILE}")))
+    w = load_file(f"{dense}/{cf.SAFETENSORS_SINGLE_FILE}")   # full width; the removed channels' down columns are 0
     x = torch.randn(7, HIDDEN, generator=torch.Generator().manual_seed(tp))
     totals = {0: 0, 1: 0}
     for rank in range(tp):
@@ -419,8 +419,9 @@ def test_v2_served_by_the_variant_equals_the_dense_twin(narrowed, tp):
 
 def test_v2_width_the_tp_degree_does_not_divide_is_named_before_loading(narrowed):
     arch, _, v2 = narrowed
-    with pytest.raises(fmt.TensorParallelError, match=r"model\.layers\.1\.mlp: width \(its quantization_config\.widths\) "
-                                                      r"128 does not divide by the MLP's tensor-parallel degree 3"):
+    with pytest.raises(cf.TensorParallelError, match=r"model\.layers\.1\.mlp: width \(its quantization_config\.widths\) "
+                                                      r"\(split over the MLP's tensor-parallel degree, "
+                   r"tensor_parallel_size x mlp_dp_size\) is 128, which does not split over tensor parallel size 3"):
         _patched(STOCK[arch][0], 3, 0).from_configs(read_config(v2), None)      # from_configs: nothing loaded yet
 
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from model_factory import V3_WIDTHS, attention_module, make_dense_and_compressed, mlp_module, v3_ranks
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.mlp_families import GATE, K, O, Q, UP, V
 from vllm_runner import load_result, reference_outputs, run_engine
@@ -176,7 +176,7 @@ def test_gate_up_keeps_its_stacked_layout(tp):
 def test_wrong_qkv_factor_shape_is_named():
     with tensor_parallel(2, 1):
         fact = qkv_layer(svd_method(QKV, QKV_RANKS), bias=False)
-    with pytest.raises(fmt.CheckpointFormatError,
+    with pytest.raises(cf.CheckpointFormatError,
                        match=r"tensor model\.layers\.0\.self_attn\.k_proj\.svd_v has shape \[16, 64\], "
                              r"expected \[16, 16\]"):
         load(fact.svd_v, torch.zeros(16, 64, dtype=torch.float64), "k")  # k given q's width
@@ -191,7 +191,7 @@ def test_missing_attention_factor_is_named():
         if s != "v":
             load(fact.svd_u, u, s)
         load(fact.svd_v, v, s)
-    with pytest.raises(fmt.CheckpointFormatError,
+    with pytest.raises(cf.CheckpointFormatError,
                        match=r"the checkpoint lacks model\.layers\.0\.self_attn\.v_proj\.svd_u"):
         fact.quant_method.process_weights_after_loading(fact)
 
@@ -200,8 +200,8 @@ def test_vllm_config_refuses_q_without_k_and_v():
     # What vLLM builds from config.json (SVDNeuronConfig.from_config), before any weight loads.
     from vllm_neuronmlp.quant_config import SVDNeuronConfig
 
-    qc = fmt.QuantizationConfig(block_size=16, ranks={QKV[0]: 32, O_PROJ: 16}).to_dict()
-    with pytest.raises(fmt.CheckpointFormatError,
+    qc = cf.QuantizationConfig(block_size=16, ranks={QKV[0]: 32, O_PROJ: 16}).to_dict()
+    with pytest.raises(cf.CheckpointFormatError,
                        match=r"factors model\.layers\.0\.self_attn\.q_proj but not model\.layers\.0\.self_attn\.k_proj "
                              r"and model\.layers\.0\.self_attn\.v_proj"):
         SVDNeuronConfig.from_config(qc)
@@ -230,8 +230,8 @@ def references(twins):
 
 
 def test_v3_checkpoints_validate(twins):
-    report = fmt.validate(twins["qwen3"][1])
-    assert report.quant.format_version == fmt.ATTENTION_FORMAT_VERSION and report.quant.widths
+    report = cf.validate(twins["qwen3"][1])
+    assert report.quant.format_version == cf.ATTENTION_FORMAT_VERSION and report.quant.widths
     assert report.attention_factored[attention_module("qwen3", 0, Q)] == (192, 128, 64)  # 4 heads x 32
     assert report.attention_factored[attention_module("qwen3", 0, K)] == (192, 32, 32)   # 1 kv head x 32
     assert report.attention_factored[attention_module("qwen3", 1, O)] == (128, 192, 64)

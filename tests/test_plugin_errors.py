@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_factory import edit_checkpoint, make_dense_and_factored, mlp_module, write_unsupported_model
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.mlp_families import DOWN, GATE
 from vllm_runner import run_engine
 
@@ -39,13 +39,13 @@ def fails_with(proc, pattern):
 
 def test_missing_factor_without_weight_tracking(factored, tmp_path):
     # vLLM itself would leave the parameter uninitialized; the plugin refuses.
-    edit_checkpoint(factored, drop=[fmt.v_name(DOWN1)])
+    edit_checkpoint(factored, drop=[cf.v_name(DOWN1)])
     proc = run_engine(factored, str(tmp_path / "o.json"), track_weights=False)
     fails_with(proc, r"CheckpointFormatError: the checkpoint lacks model\.layers\.1\.mlp\.down_proj\.svd_v")
 
 
 def test_wrong_factor_shape(factored, tmp_path):
-    edit_checkpoint(factored, replace={fmt.u_name(GATE0): torch.zeros(192, 64)})
+    edit_checkpoint(factored, replace={cf.u_name(GATE0): torch.zeros(192, 64)})
     proc = run_engine(factored, str(tmp_path / "o.json"))
     fails_with(proc, r"CheckpointFormatError: tensor model\.layers\.0\.mlp\.gate_proj\.svd_u has shape \[192, 64\], "
                      r"expected \[192, 32\]")

@@ -15,7 +15,7 @@ on vLLM's default compiled path (torch.compile, inductor), which `vllm serve` ru
 import pytest
 
 from model_factory import make_dense_and_factored, mlp_module
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.mlp_families import DOWN, GATE, UP
 from vllm_runner import load_result, reference_outputs, run_engine
 
@@ -70,7 +70,7 @@ def test_qwen3_mixed_ranks_and_a_dense_layer(tmp_path):
     ranks = mixed_ranks("qwen3")
     dense, factored = make_dense_and_factored(str(tmp_path), "qwen3", hidden=192, intermediate=200, layers=LAYERS,
                                               ranks=ranks, factored_layers=[0])
-    assert set(fmt.validate(factored).factored) == set(ranks)
+    assert set(cf.validate(factored).factored) == set(ranks)
     got = engine(tmp_path, factored, "factored")
     assert got["fused_mlps"] == 1
     assert_same_outputs(got, reference_outputs(dense), FP32_LOGPROB_TOL)

@@ -10,7 +10,7 @@ a factored down (the per-linear path, NarrowedDenseMethod + SVDLinearMethod).
 import pytest
 
 from model_factory import make_dense_and_narrowed, mlp_module
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.mlp_families import DOWN, GATE, UP
 from vllm_runner import load_result, reference_outputs, run_engine
 
@@ -24,7 +24,7 @@ def test_narrowed_checkpoint_matches_its_dense_twin(arch, tp, compiled, tmp_path
     ranks[mlp_module(arch, 1, DOWN)] = 64
     dense, narrowed = make_dense_and_narrowed(str(tmp_path), {0: 128, 1: 192}, arch, hidden=192, intermediate=256,
                                               ranks=ranks)
-    assert fmt.validate(narrowed).quant.format_version == 2
+    assert cf.validate(narrowed).quant.format_version == 2
     out = str(tmp_path / "out.json")
     got = load_result(run_engine(narrowed, out, tp=tp, compiled=compiled), out)
     assert got["fused_mlps"] >= 1  # layer 0 ran as the fused op (counted per rank's model)

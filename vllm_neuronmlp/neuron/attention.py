@@ -41,7 +41,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.neuron import compute
 from vllm_neuronmlp.neuron.mlp import FactoredProjection, SVDNeuronStateError
@@ -95,14 +95,14 @@ class HeadSharding:
         """The loader of one leaf: HF weight [out, in] (stored transposed), U [in, r], V [r, out]."""
         every, cols = slice(None), self.columns(role)
         column = role in COLUMN_ROLES
-        if leaf == fmt.WEIGHT_SUFFIX:
+        if leaf == cf.WEIGHT_SUFFIX:
             index = (cols, every) if column else (every, cols)
-        elif leaf == fmt.U_SUFFIX:
+        elif leaf == cf.U_SUFFIX:
             index = (every, every) if column else (cols, every)
         else:
             index = (every, cols) if column else (every, every)
         split = index != (every, every) and self.tp > 1
-        return ShardLoader(tensor_name, shape, index, leaf == fmt.WEIGHT_SUFFIX, split, dtype,
+        return ShardLoader(tensor_name, shape, index, leaf == cf.WEIGHT_SUFFIX, split, dtype,
                            f"rank {self.rank}/{self.tp}")
 
 
@@ -141,8 +141,8 @@ class SVDNeuronAttention(torch.nn.Module):
             n_in, n_out = {mlp_families.Q: (hidden_size, n_q), mlp_families.K: (hidden_size, n_kv),
                            mlp_families.V: (hidden_size, n_kv), mlp_families.O: (n_q, hidden_size)}[role]
             rank = ranks.get(role)
-            shapes = ({fmt.U_SUFFIX: (n_in, rank), fmt.V_SUFFIX: (rank, n_out)} if rank
-                      else {fmt.WEIGHT_SUFFIX: (n_out, n_in)})
+            shapes = ({cf.U_SUFFIX: (n_in, rank), cf.V_SUFFIX: (rank, n_out)} if rank
+                      else {cf.WEIGHT_SUFFIX: (n_out, n_in)})
             loaders = {leaf: sharding.loader(f"{module}.{leaf}", role, leaf, shape, dtype)
                        for leaf, shape in shapes.items()}
             self.add_module(proj, FactoredProjection(module, rank, loaders, dtype))

@@ -54,7 +54,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.import_hooks import call_after_import
 from vllm_neuronmlp.neuron import stack as stack_mod
@@ -106,13 +106,13 @@ def _config_dict(hf_config: Any) -> Dict[str, Any]:
     return hf_config.to_dict()
 
 
-def svd_quant_config(hf_config: Any) -> Optional[fmt.QuantizationConfig]:
+def svd_quant_config(hf_config: Any) -> Optional[cf.QuantizationConfig]:
     """Our parsed quantization config (format v1, v2 or v3) when the model config carries one,
     else None; an unknown format version or a malformed key is refused by the format module."""
     cfg = _config_dict(hf_config)
-    if not fmt.has_svd_config(cfg):
+    if not cf.has_svd_config(cfg):
         return None
-    return fmt.QuantizationConfig.from_dict(cfg[fmt.QUANTIZATION_CONFIG_KEY], source=fmt.CONFIG_FILE)
+    return cf.QuantizationConfig.from_dict(cfg[cf.QUANTIZATION_CONFIG_KEY], source=cf.CONFIG_FILE)
 
 
 def without_quantization(hf_config: Any) -> Any:
@@ -120,11 +120,11 @@ def without_quantization(hf_config: Any) -> Any:
     would reject ours); the original is left untouched."""
     if isinstance(hf_config, (Mapping, str, bytes, os.PathLike)):
         cfg = _config_dict(hf_config)
-        cfg.pop(fmt.QUANTIZATION_CONFIG_KEY, None)
+        cfg.pop(cf.QUANTIZATION_CONFIG_KEY, None)
         return cfg
     stripped = copy.deepcopy(hf_config)
-    if hasattr(stripped, fmt.QUANTIZATION_CONFIG_KEY):
-        delattr(stripped, fmt.QUANTIZATION_CONFIG_KEY)
+    if hasattr(stripped, cf.QUANTIZATION_CONFIG_KEY):
+        delattr(stripped, cf.QUANTIZATION_CONFIG_KEY)
     return stripped
 
 
@@ -133,7 +133,7 @@ def _text_dims(cfg: Mapping[str, Any]) -> Tuple[int, int, int]:
     return int(text["hidden_size"]), int(text["intermediate_size"]), int(text["num_hidden_layers"])
 
 
-def ranks_by_layer(quant: fmt.QuantizationConfig, family: mlp_families.MLPFamily,
+def ranks_by_layer(quant: cf.QuantizationConfig, family: mlp_families.MLPFamily,
                    num_layers: int) -> Tuple[Dict[int, Dict[str, int]], Dict[int, Dict[str, int]]]:
     """({layer: {MLP role: rank}}, {layer: {attention role: rank}}) from `ranks`; a named
     error for a module the model lacks."""
@@ -147,8 +147,8 @@ def ranks_by_layer(quant: fmt.QuantizationConfig, family: mlp_families.MLPFamily
         layer = head[len(prefix):] if head.startswith(prefix) else ""
         known = family.attention_projections if attention_role else family.projections
         if not layer.isdigit() or proj not in known or int(layer) >= num_layers:
-            raise fmt.CheckpointFormatError(
-                f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS} lists {module!r}, which is not an "
+            raise cf.CheckpointFormatError(
+                f"{cf.CONFIG_FILE} {cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_RANKS} lists {module!r}, which is not an "
                 f"MLP or attention projection of this {family.name} model ({num_layers} layers, modules "
                 f"{family.layer_prefix}.<i>.mlp.{{{','.join(family.projections)}}} and "
                 f"{family.layer_prefix}.<i>.{family.attention}.{{{','.join(family.attention_projections)}}})")
@@ -159,17 +159,17 @@ def ranks_by_layer(quant: fmt.QuantizationConfig, family: mlp_families.MLPFamily
     return mlps, attentions
 
 
-def widths_by_layer(quant: fmt.QuantizationConfig, family: mlp_families.MLPFamily,
+def widths_by_layer(quant: cf.QuantizationConfig, family: mlp_families.MLPFamily,
                     num_layers: int) -> Dict[int, int]:
     """{layer: width} of the layers format v2 narrows (read with `quant.width_of`); a named
     error for a `widths` entry that is not an MLP of this model (it would be ignored)."""
     first = family.projections[0]
     out = {i: quant.width_of(mlp_families.module_name(family, i, first)) for i in range(num_layers)}
-    known = {fmt.mlp_module(mlp_families.module_name(family, i, first)) for i in range(num_layers)}
+    known = {cf.mlp_module(mlp_families.module_name(family, i, first)) for i in range(num_layers)}
     unknown = sorted(set(quant.widths) - known)
     if unknown:
-        raise fmt.CheckpointFormatError(
-            f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS} lists {unknown}, which "
+        raise cf.CheckpointFormatError(
+            f"{cf.CONFIG_FILE} {cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_WIDTHS} lists {unknown}, which "
             f"{'is' if len(unknown) == 1 else 'are'} not an MLP of this {family.name} model ({num_layers} layers, "
             f"modules {family.layer_prefix}.<i>.mlp)")
     return {i: w for i, w in out.items() if w is not None}
@@ -182,7 +182,7 @@ QK_NORM_NAMES = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 QK_NORM_MODEL_TYPES = ("qwen3",)
 
 
-def check_attention_split(hf_config: Any, quant: fmt.QuantizationConfig, tp: int, source: str) -> None:
+def check_attention_split(hf_config: Any, quant: cf.QuantizationConfig, tp: int, source: str) -> None:
     """A factored attention is split like the stock one (heads over the TP ranks, KV heads
     replicated past their count): refuse a degree that cannot, before anything is built."""
     if not quant.attention_ranks():
@@ -199,7 +199,7 @@ def check_attention_split(hf_config: Any, quant: fmt.QuantizationConfig, tp: int
 
 @dataclass
 class VariantInfo:
-    quant: fmt.QuantizationConfig
+    quant: cf.QuantizationConfig
     family: mlp_families.MLPFamily
     layers: Tuple[int, ...]           # layers whose MLP the variant replaced
     attention_layers: Tuple[int, ...] = ()   # layers whose attention it replaced (format v3)
@@ -217,8 +217,8 @@ def _stock_slot(layer, i: int):
     where = f"model.layers.{i}.mlp"
     if mlp is not None and hasattr(mlp, "is_moe"):
         if mlp.is_moe:
-            raise fmt.CheckpointFormatError(
-                f"{fmt.CONFIG_FILE} {fmt.QUANTIZATION_CONFIG_KEY} lists {where}, a mixture-of-experts layer of "
+            raise cf.CheckpointFormatError(
+                f"{cf.CONFIG_FILE} {cf.QUANTIZATION_CONFIG_KEY} lists {where}, a mixture-of-experts layer of "
                 f"{class_path(mlp)} (is_moe); the svd_neuron variant factors dense MLPs only")
         stock = getattr(mlp, "dense_mlp", None)
         if stock is not None:
@@ -254,7 +254,7 @@ def _svd_attention(layer, i: int, family: mlp_families.MLPFamily, ranks: Dict[st
         raise stack_mod.HookTargetError(f"{e} ({_stack_text()})") from None
 
 
-def install_variant(model, quant: fmt.QuantizationConfig, hf_config: Any, resolved: str = "") -> VariantInfo:
+def install_variant(model, quant: cf.QuantizationConfig, hf_config: Any, resolved: str = "") -> VariantInfo:
     """Replace the MLP of every layer listed in `ranks` or narrowed by `widths`, each built
     at its own width, and the attention of every layer whose q/k/v/o `ranks` lists (format
     v3); other modules stay stock."""
@@ -284,7 +284,7 @@ def install_variant(model, quant: fmt.QuantizationConfig, hf_config: Any, resolv
     # Per rank, factors beat the dense shard only while r < H (I/tp) / (H + I/tp) (docs/trainium.md);
     # each layer is compared with its dense shard at its own width.
     ours = sum(p.numel() for i in replaced for p in layers[i].mlp.parameters())
-    dense = sum(3 * hidden * layers[i].mlp.intermediate_size_per_rank for i in replaced)
+    dense = sum(cf.mlp_params(hidden, layers[i].mlp.intermediate_size_per_rank) for i in replaced)
     SERVING_LOG.info("vllm-neuronmlp: %d of %d %s MLPs replaced by the svd_neuron variant (%d factored, %d narrowed "
                      "by format-v2 widths) and %d attentions (factored q/k/v/o) in %s (registry class %s); the MLPs' "
                      "parameters per rank: %.1f M (dense at the same widths: %.1f M)", len(replaced), len(layers),
@@ -301,10 +301,10 @@ def _checkpoint_tensor_shapes(checkpoint_path: str) -> Optional[Dict[str, Tuple[
     """{tensor: shape} from the safetensors headers (no data read), None for a hub name."""
     if not os.path.isdir(str(checkpoint_path)):
         return None   # a hub name: the reader downloads it; our after-load check still runs
-    files = fmt.safetensors_files(str(checkpoint_path))
+    files = cf.safetensors_files(str(checkpoint_path))
     shapes: Dict[str, Tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
-        for name, header in fmt.read_safetensors_header(path).items():
+        for name, header in cf.read_safetensors_header(path).items():
             if name in files:
                 shapes[name] = tuple(header["shape"])
     return shapes
@@ -552,11 +552,11 @@ def resolved_classes() -> Dict[str, str]:
 
 # ---------------------------------------------------------------- platform checks
 def _svd_requested(model_config) -> bool:
-    if getattr(model_config, "quantization", None) == fmt.QUANT_METHOD:
+    if getattr(model_config, "quantization", None) == cf.QUANT_METHOD:
         return True
     hf_config = getattr(model_config, "hf_config", None)
-    qc = getattr(hf_config, fmt.QUANTIZATION_CONFIG_KEY, None)
-    return isinstance(qc, Mapping) and qc.get(fmt.KEY_QUANT_METHOD) == fmt.QUANT_METHOD
+    qc = getattr(hf_config, cf.QUANTIZATION_CONFIG_KEY, None)
+    return isinstance(qc, Mapping) and qc.get(cf.KEY_QUANT_METHOD) == cf.QUANT_METHOD
 
 
 def refuse_check(stack: stack_mod.NeuronStack) -> Callable:
@@ -583,10 +583,10 @@ def native_check(stack: stack_mod.NeuronStack) -> Callable:
             raise stack_mod.NeuronStackError(stack_mod.refusal_message(
                 stack, f"architecture {architectures} has no svd_neuron variant; supported: "
                        f"{list(SUPPORTED_ARCHITECTURES)}"))
-        if fmt.QUANTIZATION_CONFIG_KEY not in _config_dict(hf_config):
-            raise fmt.CheckpointFormatError(
-                f"--quantization {fmt.QUANT_METHOD} was given, but the model's {fmt.CONFIG_FILE} has no "
-                f"'{fmt.QUANTIZATION_CONFIG_KEY}' with quant_method '{fmt.QUANT_METHOD}': it is a dense checkpoint")
+        if cf.QUANTIZATION_CONFIG_KEY not in _config_dict(hf_config):
+            raise cf.CheckpointFormatError(
+                f"--quantization {cf.QUANT_METHOD} was given, but the model's {cf.CONFIG_FILE} has no "
+                f"'{cf.QUANTIZATION_CONFIG_KEY}' with quant_method '{cf.QUANT_METHOD}': it is a dense checkpoint")
         quant = svd_quant_config(hf_config)
         resolve(hooks[0].architecture)
         tp = int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1) or 1)
@@ -596,8 +596,8 @@ def native_check(stack: stack_mod.NeuronStack) -> Callable:
         intermediate_shard(intermediate, tp * mlp_dp, f"{model_config.model}: the MLP")
         check_attention_split(hf_config, quant, tp, str(model_config.model))
         # format v2: every narrowed layer is split by its own width (the CPU path's check and error)
-        fmt.check_tensor_parallel(quant, tp * mlp_dp,
-                                  source=f"{model_config.model}: {fmt.CONFIG_FILE} (the MLP's tensor-parallel degree "
+        cf.check_tensor_parallel(quant, tp * mlp_dp,
+                                  source=f"{model_config.model}: {cf.CONFIG_FILE} (the MLP's tensor-parallel degree "
                                          f"is tensor_parallel_size {tp} x mlp_dp_size {mlp_dp})")
     return check
 
@@ -619,8 +619,8 @@ def wrap_check_and_update_config(platform_cls, check: Callable) -> None:
 
 def allow_quantization(platform_cls) -> None:
     supported = list(getattr(platform_cls, "supported_quantization", None) or [])
-    if supported and fmt.QUANT_METHOD not in supported:
-        platform_cls.supported_quantization = supported + [fmt.QUANT_METHOD]
+    if supported and cf.QUANT_METHOD not in supported:
+        platform_cls.supported_quantization = supported + [cf.QUANT_METHOD]
 
 
 def _active_neuron_platform():

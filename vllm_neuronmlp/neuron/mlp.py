@@ -42,7 +42,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp import mlp_families
 from vllm_neuronmlp.neuron import compute
 from vllm_neuronmlp.neuron.sharding import ShardLoader, full_shape, intermediate_shard
@@ -108,7 +108,7 @@ class FactoredProjection(torch.nn.Module):
     @classmethod
     def for_mlp(cls, tensor_prefix: str, role: str, hidden: int, intermediate: int, rank: Optional[int],
                 tp_rank: int, tp_size: int, dtype: torch.dtype) -> "FactoredProjection":
-        leaves = (fmt.U_SUFFIX, fmt.V_SUFFIX) if rank else (fmt.WEIGHT_SUFFIX,)
+        leaves = (cf.U_SUFFIX, cf.V_SUFFIX) if rank else (cf.WEIGHT_SUFFIX,)
         loaders = {leaf: ShardLoader.for_mlp(f"{tensor_prefix}.{leaf}", role, leaf,
                                              full_shape(role, leaf, hidden, intermediate, rank), tp_rank, tp_size,
                                              dtype) for leaf in leaves}
@@ -156,7 +156,7 @@ class SVDNeuronMLP(torch.nn.Module):
         self.mlp_tp_rank, self.mlp_tp_size = mlp_tp_rank, mlp_tp_size
         self.hidden_size, self.intermediate_size, self.narrowed = hidden_size, intermediate_size, narrowed
         where = f"{family.layer_prefix}.{layer}.mlp"
-        what = f"width (its {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS})" if narrowed else "intermediate_size"
+        what = f"width (its {cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_WIDTHS})" if narrowed else "intermediate_size"
         self.intermediate_size_per_rank = intermediate_shard(intermediate_size, mlp_tp_size, where, what)
         self.act = _ACTIVATIONS[family.activation]
         for role, proj in zip(mlp_families.ROLES, family.projections):

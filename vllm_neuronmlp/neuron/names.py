@@ -21,13 +21,13 @@ from typing import Dict, Iterable, Mapping, Sequence, Tuple, Union
 
 import torch
 
-from vllm_neuronmlp import checkpoint_format as fmt
+from vllm_neuronmlp import checkpoint_format as cf
 from vllm_neuronmlp.neuron.attention import SVDNeuronAttention
 from vllm_neuronmlp.neuron.mlp import SVDNeuronMLP
 from vllm_neuronmlp.neuron.sharding import ShardLoader
 
 
-class CheckpointMappingError(fmt.CheckpointFormatError):
+class CheckpointMappingError(cf.CheckpointFormatError):
     """A checkpoint tensor has no parameter of the variant to land in, or a parameter
     has no tensor; the message names them."""
 
@@ -66,7 +66,7 @@ def _width(path: str, module: torch.nn.Module) -> str:
         s = module.sharding
         return f"{path} with {s.heads} heads and {s.kv_heads} KV heads of {s.head_dim}"
     if module.narrowed:
-        return f"{path} narrowed to width {module.intermediate_size} by {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_WIDTHS}"
+        return f"{path} narrowed to width {module.intermediate_size} by {cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_WIDTHS}"
     return f"{path} at intermediate_size {module.intermediate_size}"
 
 
@@ -91,9 +91,9 @@ def check_tensors(checkpoint_tensors: Union[Iterable[str], Mapping[str, Sequence
         raise CheckpointMappingError(
             f"{source}: the svd_neuron model variant needs tensor(s) {missing[:6]}"
             f"{' ...' if len(missing) > 6 else ''} ({len(missing)} in all), which the checkpoint lacks; "
-            f"config.json {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS} lists their modules as factored "
+            f"config.json {cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_RANKS} lists their modules as factored "
             f"(svd_u/svd_v) or the variant expected a dense .weight (the other projections of a layer listed in "
-            f"{fmt.KEY_RANKS} or narrowed by {fmt.KEY_WIDTHS})")
+            f"{cf.KEY_RANKS} or narrowed by {cf.KEY_WIDTHS})")
     claimed = set(plan.values())
     prefixes = tuple(f"{path}.{proj}." for path, module in variant_modules(model).items()
                      for proj, child in module.named_children() if hasattr(child, "loaders"))
@@ -102,7 +102,7 @@ def check_tensors(checkpoint_tensors: Union[Iterable[str], Mapping[str, Sequence
         raise CheckpointMappingError(
             f"{source}: tensor(s) {leftover[:6]}{' ...' if len(leftover) > 6 else ''} would be left over: "
             f"no parameter of the svd_neuron model variant takes them (a .weight of a factored module, or a "
-            f"misnamed factor); fix the checkpoint or its {fmt.QUANTIZATION_CONFIG_KEY}.{fmt.KEY_RANKS}")
+            f"misnamed factor); fix the checkpoint or its {cf.QUANTIZATION_CONFIG_KEY}.{cf.KEY_RANKS}")
     if shapes is not None:
         wrong = [f"{t} has shape {list(shapes[t])}, expected {list(want)} ({why})"
                  for t, (want, why) in sorted(expected_shapes(model).items()) if tuple(shapes[t]) != want]

@@ -22,14 +22,13 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from vllm_neuronmlp import checkpoint_format as fmt
-from vllm_neuronmlp import mlp_families
+from vllm_neuronmlp import checkpoint_format as cf
 
-COLUMN_ROLES = (mlp_families.GATE, mlp_families.UP)   # output split
-ROW_ROLES = (mlp_families.DOWN,)                      # input split
+# The split arithmetic (which dimension of which leaf a rank splits, each rank's slice, the
+# checkpoint shapes) is the format module's, shared with the CPU/GPU vLLM plugin.
 
 
-class SVDShardingError(fmt.TensorParallelError):
+class SVDShardingError(cf.TensorParallelError):
     """The MLP cannot be split over the tensor-parallel degree asked for (a
     TensorParallelError, the format module's error for the same fault on the CPU path)."""
 
@@ -37,54 +36,33 @@ class SVDShardingError(fmt.TensorParallelError):
 def intermediate_shard(intermediate_size: int, tp_size: int, where: str, what: str = "intermediate_size") -> int:
     """I / tp (or a narrowed layer's k / tp, `what` naming it), or a named error when tp
     does not divide it."""
-    if tp_size < 1:
-        raise SVDShardingError(f"{where}: tensor-parallel degree must be >= 1, got {tp_size}")
-    if intermediate_size % tp_size:
-        divisors = [d for d in range(1, min(intermediate_size, 64) + 1) if intermediate_size % d == 0]
-        raise SVDShardingError(
-            f"{where}: {what} {intermediate_size} does not divide by the MLP's tensor-parallel "
-            f"degree {tp_size} (tensor_parallel_size x mlp_dp_size), so its projections cannot be split evenly; "
-            f"degrees that divide it: {divisors}")
-    return intermediate_size // tp_size
+    return cf.tp_part(intermediate_size, tp_size,
+                      f"{where}: {what} (split over the MLP's tensor-parallel degree, "
+                      f"tensor_parallel_size x mlp_dp_size)", SVDShardingError)
 
 
 def full_shape(role: str, leaf: str, hidden: int, intermediate: int, rank: Optional[int]) -> Tuple[int, int]:
     """Shape of the checkpoint tensor (HF layout) for one projection's leaf."""
-    n_in, n_out = (hidden, intermediate) if role in COLUMN_ROLES else (intermediate, hidden)
-    if leaf == fmt.U_SUFFIX:
-        return (n_in, rank)
-    if leaf == fmt.V_SUFFIX:
-        return (rank, n_out)
-    return (n_out, n_in)   # nn.Linear weight
+    return cf.leaf_shape(*cf.projection_shape(role, hidden, intermediate), leaf, rank)
 
 
 def is_split(role: str, leaf: str) -> bool:
     """Whether ranks hold different parts of this leaf (else every rank holds it whole)."""
-    if leaf == fmt.WEIGHT_SUFFIX:
-        return True
-    return role in (ROW_ROLES if leaf == fmt.U_SUFFIX else COLUMN_ROLES)
+    return cf.split_dim(cf.parallelism(role), leaf) is not None
 
 
 def shard_index(role: str, leaf: str, shape: Sequence[int], tp_rank: int, tp_size: int):
-    """(index tuple into the checkpoint tensor, transpose?) for this rank's shard.
+    """(index tuple into the checkpoint tensor, transpose?) for this rank's shard; a dense
+    weight is stored transposed ([in, out]) like the stock MLP stores its own.
 
     Works on a torch tensor and on safetensors' lazy slice alike, so a rank reads only
     its part of a split factor."""
-    every = slice(None)
-    if leaf == fmt.WEIGHT_SUFFIX:        # HF [out, in]: split `out` for column roles, `in` for row roles
-        dim = 0 if role in COLUMN_ROLES else 1
-        transpose = True
-    elif leaf == fmt.U_SUFFIX:           # [in, r]: split `in` for row roles only
-        dim = 0 if role in ROW_ROLES else None
-        transpose = False
-    else:                                # V [r, out]: split `out` for column roles only
-        dim = 1 if role in COLUMN_ROLES else None
-        transpose = False
-    index = [every, every]
+    dim = cf.split_dim(cf.parallelism(role), leaf)
+    index = [slice(None), slice(None)]
     if dim is not None and tp_size > 1:
-        size = shape[dim] // tp_size
-        index[dim] = slice(tp_rank * size, (tp_rank + 1) * size)
-    return tuple(index), transpose
+        first, size = cf.tp_slice(shape[dim], tp_rank, tp_size)
+        index[dim] = slice(first, first + size)
+    return tuple(index), leaf == cf.WEIGHT_SUFFIX
 
 
 def shard_tensor(full: torch.Tensor, role: str, leaf: str, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -139,17 +117,17 @@ class ShardLoader:
 
     def load(self, slices, rank: int = 0) -> torch.Tensor:
         if len(slices) != 1:
-            raise fmt.CheckpointFormatError(
+            raise cf.CheckpointFormatError(
                 f"tensor {self.tensor_name}: expected exactly one checkpoint tensor, got {len(slices)}")
         source = slices[0]
         shape = tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
         if shape != self.shape:
-            raise fmt.CheckpointFormatError(
+            raise cf.CheckpointFormatError(
                 f"tensor {self.tensor_name} has shape {list(shape)}, expected {list(self.shape)} "
-                f"(from config.json and its {fmt.QUANTIZATION_CONFIG_KEY} {fmt.KEY_RANKS} / {fmt.KEY_WIDTHS})")
+                f"(from config.json and its {cf.QUANTIZATION_CONFIG_KEY} {cf.KEY_RANKS} / {cf.KEY_WIDTHS})")
         part = source[self.index]
         if not torch.isfinite(part).all():
-            raise fmt.CheckpointFormatError(f"tensor {self.tensor_name} has non-finite values (NaN or Inf)")
+            raise cf.CheckpointFormatError(f"tensor {self.tensor_name} has non-finite values (NaN or Inf)")
         part = (part.t() if self.transpose else part).to(self.dtype).contiguous()
         self.loaded, self.fingerprint = True, fingerprint(part)
         return part
