@@ -100,7 +100,8 @@ def study(targets=TARGETS, seqs=DECODE + PREFILL, log=print, ratios=RATIOS):
               "ranks": {name: rank_set(s["in"], s["out"], ratios) for name, s in SHAPES.items()},
               "seqs": {"decode": [S for S in seqs if S in DECODE], "prefill": [S for S in seqs if S not in DECODE]},
               "modelled": True,
-              "note": "modelled latencies on the project's NKI emulator (timeline cost model), not measured on Trainium",
+              "note": "modelled latencies on the project's NKI emulator (timeline cost model), "
+                      "not measured on Trainium",
               "targets": {}}
     for target in targets:
         result["targets"][target] = {}
@@ -130,9 +131,11 @@ def table(result, target="trn1"):
             cells = [f"r={f['rank']}: {f['latency_ms'] * 1e3:.0f} µs ({f['speedup_vs_dense']:.2f}×)"
                      for f in p["fused"].values()]
             be = p["break_even"]["rank"]
+            if be is None:
+                be = "none ≤ " + str(min(SHAPES[name]['in'], SHAPES[name]['out']))
             lines.append(f"| {name} {SHAPES[name]['in']}→{SHAPES[name]['out']} | {S} | "
                          f"{p['dense']['latency_ms'] * 1e3:.0f} µs | " + " | ".join(cells)
-                         + f" | {be if be is not None else 'none ≤ ' + str(min(SHAPES[name]['in'], SHAPES[name]['out']))} |")
+                         + f" | {be} |")
     return "\n".join(lines)
 
 
@@ -176,7 +179,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--seqs", default=",".join(str(S) for S in DECODE + PREFILL))
-    ap.add_argument("--out", default=OUT, help="path prefix of the .json and .png (default benchmarks/results/attention_kernels)")
+    ap.add_argument("--out", default=OUT,
+                    help="path prefix of the .json and .png (default benchmarks/results/attention_kernels)")
     ap.add_argument("--table", action="store_true", help="print the README table from an existing JSON and exit")
     args = ap.parse_args(argv)
     if args.table:

@@ -230,7 +230,8 @@ def _compress(model, out, capture=None, order_fn=None):
     ny.loss_aware_order = recording
     try:
         t0 = time.time()
-        res = C.compress_with_options(model, out, CompressOptions(ratio=0.2, method="hybrid", rank_allocation="adaptive",
+        res = C.compress_with_options(model, out, CompressOptions(ratio=0.2, method="hybrid",
+                                                                  rank_allocation="adaptive",
                                                                   overwrite=True, progress=False))
         return res, time.time() - t0
     finally:
@@ -265,8 +266,8 @@ def part_smollm2(args) -> dict:
             row["float32_kept_sets_equal_at_block_multiples"] = all(_kept_sets_equal(o32, old, n).values())
         layers.append(row)
         print(f"layer {i}: same {row['same_order']} differ {differ} blocked {m.wall:.2f}s rank-one {m_old.wall:.2f}s"
-              + (f" float32 differ {row['float32_rank_one_positions_differing']}" if "float32_rank_one_positions_differing"
-                 in row else ""), flush=True)
+              + (f" float32 differ {row['float32_rank_one_positions_differing']}"
+                 if "float32_rank_one_positions_differing" in row else ""), flush=True)
     return {"model": "SmolLM2-135M-Instruct (default-model)", "inter": int(capture[0]["c"].shape[0]),
             "hidden": int(capture[0]["w"].shape[1]), "compress_ratio_mlp": res.ratio_mlp,
             "compress_seconds": round(secs, 1), "layers": layers,

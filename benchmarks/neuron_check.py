@@ -356,7 +356,8 @@ def step_device_attention(report, quick):
                 row["fused_xuv"][ratio] = {"rank": r, "ms": _time_device(blocking.fused_xuv, [x, u, v], {})}
             measured[name][str(S)] = row
     report["device"]["attention_timing_ms"] = measured
-    return f"timed {len(attention_kernels.SHAPES)} attention shapes at S={seqs}, dense and {len(attention_kernels.RATIOS)} ranks each"
+    return (f"timed {len(attention_kernels.SHAPES)} attention shapes at S={seqs}, "
+            f"dense and {len(attention_kernels.RATIOS)} ranks each")
 
 
 def _cpu_reference(model_dir):
@@ -408,7 +409,8 @@ def _compare(reference, served):
     d = sorted(diffs)
     res = {"logprob_abs_diff_median": statistics.median(d), "logprob_abs_diff_p99": d[int(0.99 * (len(d) - 1))],
            "greedy_full_agreement": agree / len(reference), "greedy_first_token_agreement": first / len(reference)}
-    res["ok"] = (res["logprob_abs_diff_median"] <= LOGPROB_MEDIAN_NATS and res["logprob_abs_diff_p99"] <= LOGPROB_P99_NATS
+    res["ok"] = (res["logprob_abs_diff_median"] <= LOGPROB_MEDIAN_NATS
+                 and res["logprob_abs_diff_p99"] <= LOGPROB_P99_NATS
                  and res["greedy_full_agreement"] >= GREEDY_AGREE and res["greedy_first_token_agreement"] == 1.0)
     return res
 
@@ -660,7 +662,8 @@ def main(argv=None) -> int:
         ("device-attention", env["device_ok"], env["device_reason"], lambda: step_device_attention(report, args.quick)),
         ("serve-accuracy", env["serve_ok"], env["serve_reason"], lambda: step_serve_accuracy(report, args, args.work)),
         ("serve-variant", env["serve_ok"], env["serve_reason"], lambda: step_serve_variant(report, args, args.work)),
-        ("serve-bench", env["serve_ok"], env["serve_reason"], lambda: step_serve_bench(report, args, args.work, args.quick)),
+        ("serve-bench", env["serve_ok"], env["serve_reason"],
+         lambda: step_serve_bench(report, args, args.work, args.quick)),
     ]
     print(f"neuron-check ({report['mode']} mode"
           f"{': emulator predictions at S=1024 on trn2 only, block sweep at S=1024' if args.quick else ''})")

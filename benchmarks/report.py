@@ -82,8 +82,8 @@ def render_whole_model(d):
             continue
         runs = ", ".join(f"TP {r['tp']} {'compiled' if r['compiled'] else 'eager'}: tokens "
                          f"{'equal' if r['compressed_vs_twin']['tokens_equal'] else 'DIFFER'}, logprobs within "
-                         f"{max(r['compressed_vs_twin']['max_logprob_diff'], r['compressed_vs_twin']['max_prompt_logprob_diff']):.1e}"
-                         for r in check["runs"])
+                         f"{max(c['max_logprob_diff'], c['max_prompt_logprob_diff']):.1e}"
+                         for r in check["runs"] for c in [r["compressed_vs_twin"]])
         lines += ["", f"Tensor parallel, served by vLLM against the dense twin ({check['checkpoint']}): {runs}."]
     return lines
 
@@ -188,7 +188,8 @@ def render_gemma3_dense_check(d):
              f"without <bos> \"{g['without_bos']['text'].strip()}\".", ""] + table(["dense perplexity", "PPL"], rows)
     for name, c in d.get("compressed", {}).items():
         prov, mix = c["provenance"], c["provenance"]["allocation_mix"]
-        lines += ["", f"`{name}`: `--method {prov['method']} --scope {prov['scope']} --ratio {prov['ratio_requested']}`, "
+        lines += ["", f"`{name}`: `--method {prov['method']} --scope {prov['scope']} "
+                      f"--ratio {prov['ratio_requested']}`, "
                       f"{prov['ratio_achieved_linears']:.4f} of the decoder linears removed (MLP "
                       f"{prov['ratio_achieved_mlp']:.4f}, model {prov['ratio_achieved_model']:.4f}); by MLP channels "
                       f"{mix['ratio_by_channels']:.3f}, MLP ranks {mix['ratio_by_mlp_ranks']:.3f}, attention ranks "
@@ -221,11 +222,13 @@ def render_kernel_study(d):
             if not prefill:
                 continue
             mean = {k: sum(r[k] for r in prefill) / len(prefill) for k in ("hbm_gb", "latency_ms", "mfu")}
-            rows.append([target, kernel, f"{mean['hbm_gb']:.2f} GB", f"{mean['latency_ms']:.2f} ms", f"{mean['mfu']:.2f}"])
+            rows.append([target, kernel, f"{mean['hbm_gb']:.2f} GB", f"{mean['latency_ms']:.2f} ms",
+                         f"{mean['mfu']:.2f}"])
         sel = res.get("selector")
         if sel:
             rows.append([target, f"block-size selector: BM = {sel['pick']}", "—",
-                         f"{sel['pick_ms']:.2f} ms at S = 4096 ({sel['pick_over_best']:+.1%} of the sweep's best)", "—"])
+                         f"{sel['pick_ms']:.2f} ms at S = 4096 ({sel['pick_over_best']:+.1%} of the sweep's best)",
+                         "—"])
     lines += ["Our own kernels and improved baselines (what we compare against ourselves); the paper's kernels as "
               "it measured them are in the paper check below.", ""]
     lines += table(["target", "kernel (average over S = 1K…32K)", "HBM traffic", "modelled latency", "MFU"], rows)
@@ -236,7 +239,8 @@ def render_paper_check(d):
     lines = ["**Modelled, not measured on Trainium.** Each modelled point against the paper's measured one; "
              "points marked *fitted* set the one fitted knob, all others are held out.", "",
              f"Fused over sequential (Table 2 averages): {d['fused_over_seq']:.2f}× (paper 1.35×); fused over dense: "
-             f"{d['fused_over_dense']:.2f}× (paper 2.09×). Fitted: `{d['fitted']['name']}` = {d['fitted']['value']} on "
+             f"{d['fused_over_dense']:.2f}× (paper 2.09×). "
+             f"Fitted: `{d['fitted']['name']}` = {d['fitted']['value']} on "
              f"{', '.join(d['fitted']['fitted_on'])} (rms error {d['fitted']['fit_rms']:.1%}).", ""]
     rows = [[str(p["id"]), p["kernel"], p["metric"], f"{p['measured']:.4g}", f"{p['modeled']:.4g}",
              f"{p['modeled'] / p['measured'] - 1:+.1%}" if p["measured"] else "—",
@@ -340,7 +344,8 @@ def render_section(section: Section, default: Tuple[str, str], results: Path = R
         return False, [head, "", f"`benchmarks/results/{section.file}` is missing: run `{section.command}`.", ""]
     d = json.loads(path.read_text())
     archived = section.default_when_run is not None and section.default_when_run != default
-    lines = [head, "", f"`{command_of(d, section)}` — {date_of(d, path)}; results: `benchmarks/results/{section.file}`"
+    lines = [head, "", f"`{command_of(d, section)}` — {date_of(d, path)}; "
+                       f"results: `benchmarks/results/{section.file}`"
                        + (f" and its `.png`" if path.with_suffix(".png").exists() else "") + "."]
     if archived:
         method, scope = section.default_when_run

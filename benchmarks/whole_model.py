@@ -426,7 +426,8 @@ def markdown_tables(data) -> str:
             lines.append(f"| tp{r['tp']} {'compiled' if r['compiled'] else 'eager'} ({r['compilation']['mode']}) | "
                          f"{c['tokens_equal']} | {c['max_logprob_diff']:.2e} | {c['max_prompt_logprob_diff']:.2e} | "
                          f"{max(ref['max_logprob_diff'], ref['max_prompt_logprob_diff']):.2e} | "
-                         + (f"{max(tw['max_logprob_diff'], tw['max_prompt_logprob_diff']):.2e}" if tw else "—") + " |")
+                         + (f"{max(tw['max_logprob_diff'], tw['max_prompt_logprob_diff']):.2e}" if tw else "—")
+                         + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

@@ -102,7 +102,8 @@ def select_block_m(ks: KernelShape, target="trn1", objective="time",
 
     objective="time" (the default the kernels use): among the BMs that fit the budget,
     those whose modelled time (`modeled_time`: the emulator's timeline latency of a
-    count-only run of the kernel) is within TIME_TIE of the best; of those, the fewest HBM bytes for this S (ties: the smaller BM).
+    count-only run of the kernel) is within TIME_TIE of the best; of those, the fewest
+    HBM bytes for this S (ties: the smaller BM).
     objective="ridge": the paper's rule taken literally, the smallest BM clearing
     ridge_margin x the roofline ridge; objective="traffic": the fewest HBM bytes among
     the BMs clearing it. Small S: the whole S in one strip once BM >= S. If nothing

@@ -296,7 +296,8 @@ class StandinQwen3MLP(torch.nn.Module):
         gate_up = sharding_weight_loader(1, i, self.world_size, True)
         self.gate_proj_weight = _param(hidden, i, dtype=dtype, loader=gate_up)
         self.up_proj_weight = _param(hidden, i, dtype=dtype, loader=gate_up)
-        self.down_proj_weight = _param(i, hidden, dtype=dtype, loader=sharding_weight_loader(0, i, self.world_size, True))
+        self.down_proj_weight = _param(i, hidden, dtype=dtype,
+                                       loader=sharding_weight_loader(0, i, self.world_size, True))
 
     def forward(self, hidden_states: torch.Tensor, is_prefill: bool) -> torch.Tensor:
         if is_prefill and self.world_size > 1:

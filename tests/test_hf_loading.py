@@ -160,7 +160,8 @@ def test_v3_factored_attention_matches_the_dense_twin_and_saves_back(arch, tmp_p
     assert report.quant.format_version == 3 and len(report.attention_factored) == 8
     for module, (n_in, n_out, rank) in report.attention_factored.items():
         layer = fact.get_submodule(module)
-        assert isinstance(layer, SVDLinear) and (layer.in_features, layer.out_features, layer.rank) == (n_in, n_out, rank)
+        assert (isinstance(layer, SVDLinear)
+                and (layer.in_features, layer.out_features, layer.rank) == (n_in, n_out, rank))
         assert (layer.bias is not None) == (arch == "qwen2" and not module.endswith("o_proj"))
         if layer.bias is not None:  # loaded from the checkpoint, not left at SVDLinear's zeros
             torch.testing.assert_close(layer.bias, dense.get_submodule(module).bias, rtol=0, atol=0)

@@ -24,7 +24,8 @@ def test_transformers_configs_and_nested_text_config():
                       (Qwen3Config, "qwen3"), (GemmaConfig, "gemma"), (Gemma3TextConfig, "gemma3")):
         assert mlp_families.family_for_config(cls()).name == name
     # a multimodal config.json: the text model's type decides
-    assert mlp_families.family_for_config({"model_type": "llava", "text_config": {"model_type": "qwen2"}}).name == "qwen2"
+    assert mlp_families.family_for_config(
+        {"model_type": "llava", "text_config": {"model_type": "qwen2"}}).name == "qwen2"
 
 
 @pytest.mark.parametrize("cfg,shown", [({"model_type": "gpt2"}, "'gpt2'"), ({}, "None")])

@@ -151,8 +151,9 @@ def test_narrowed_layer_shards_by_its_width(tmp_path, tp, dense):
 
 def test_narrowed_width_that_does_not_divide_is_a_named_error():
     group = FakeGroup(5, 0)
-    with pytest.raises(cf.TensorParallelError, match=r"model\.layers\.0\.mlp: width \(its quantization_config\.widths\) "
-                                                       r"\(split over the MLP's tensor-parallel degree, "
+    with pytest.raises(cf.TensorParallelError,
+                       match=r"model\.layers\.0\.mlp: width \(its quantization_config\.widths\) "
+                             r"\(split over the MLP's tensor-parallel degree, "
                    r"tensor_parallel_size x mlp_dp_size\) is 96, which does not split over tensor parallel size 5"):
         SVDNeuronMLP(layer=0, family=LLAMA, hidden_size=H, intermediate_size=96, ranks=RANKS, tp_group=group,
                      mlp_tp_group=group, mlp_tp_rank=0, mlp_tp_size=5, dtype=torch.float32, narrowed=True)
@@ -173,7 +174,8 @@ def test_forward_equals_ops_svd_mlp_torch_and_emulator(tmp_path, monkeypatch):
     x = torch.randn(S, H, generator=torch.Generator().manual_seed(8))
     mlp, _ = _rank_mlp(ckpt, 1, 0)
     t = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1]: v for k, v in tensors.items()}
-    args = (torch.cat([t["gate_proj.svd_u"], t["up_proj.svd_u"]], 1), torch.cat([t["gate_proj.svd_v"], t["up_proj.svd_v"]], 0),
+    args = (torch.cat([t["gate_proj.svd_u"], t["up_proj.svd_u"]], 1),
+            torch.cat([t["gate_proj.svd_v"], t["up_proj.svd_v"]], 0),
             t["down_proj.svd_u"], t["down_proj.svd_v"], RANKS["gate"])
     ours_torch = mlp(x, is_prefill=False)
     torch.testing.assert_close(ours_torch, ops.svd_mlp(x, *args, backend="torch"), rtol=0, atol=0)

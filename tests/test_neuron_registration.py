@@ -143,7 +143,8 @@ NATIVE_FILES = {
     "model/llama3/model.py": "from neuron_standins import StandinLlamaForCausalLM\n\n"
                              "class LlamaForCausalLM(StandinLlamaForCausalLM):\n    pass\n",
     "model/qwen3/__init__.py": "from .factory import Qwen3ForCausalLM\n",
-    "model/qwen3/factory.py": "from neuron_standins import StandinQwen3Factory\nfrom .model import Qwen3ForCausalLM as _Impl\n\n"
+    "model/qwen3/factory.py": "from neuron_standins import StandinQwen3Factory\n"
+                              "from .model import Qwen3ForCausalLM as _Impl\n\n"
                               "class Qwen3ForCausalLM(StandinQwen3Factory):\n    implementation = _Impl\n",
     "model/qwen3/model.py": "from neuron_standins import StandinQwen3ForCausalLM\n\n"
                             "class Qwen3ForCausalLM(StandinQwen3ForCausalLM):\n    pass\n",
@@ -218,7 +219,8 @@ def test_a_renamed_upstream_method_is_refused_with_class_path_and_version(on_pat
     message = str(err.value)
     assert "vllm_neuron.model.qwen3.model.Qwen3ForCausalLM has no callable `load_weights`" in message
     assert "vllm-neuron 0.21.0.1.0.0" in message
-    NeuronPlatform.check_and_update_config(_vllm_config(architectures=["Qwen3ForCausalLM"], quant=False))  # dense: stock
+    NeuronPlatform.check_and_update_config(
+        _vllm_config(architectures=["Qwen3ForCausalLM"], quant=False))  # dense: stock
     NeuronPlatform.check_and_update_config(_vllm_config())                                                # Llama: fine
 
 

@@ -226,7 +226,8 @@ def test_class_without_load_weights_is_refused_with_its_path():
     class Renamed(StandinQwen3ForCausalLM):
         load_weights = None                       # upstream renamed it
 
-    with pytest.raises(stack_mod.NeuronStackError, match=r"test_neuron_variant\..*Renamed has no callable `load_weights`"):
+    with pytest.raises(stack_mod.NeuronStackError,
+                       match=r"test_neuron_variant\..*Renamed has no callable `load_weights`"):
         integrate.patch_model_class(Renamed)
 
 
@@ -264,7 +265,8 @@ def test_model_bf16_layout_at_tp(tmp_path, tp):
         mlp = model.model.layers[1].mlp
         assert isinstance(mlp, SVDNeuronMLP) and mlp.is_moe is False
         model.load_weights(factored, "cpu", None)
-        assert _tensor_sources(model) == collections.Counter(list(load_file(f"{factored}/{cf.SAFETENSORS_SINGLE_FILE}")))
+        assert _tensor_sources(model) == collections.Counter(
+            list(load_file(f"{factored}/{cf.SAFETENSORS_SINGLE_FILE}")))
         total = total + mlp(x, None, True, None)                # positions, is_decode, rank
     assert _rel(total, _dense_mlp(w, 1, x)) < 1e-5
 
@@ -419,8 +421,9 @@ def test_v2_served_by_the_variant_equals_the_dense_twin(narrowed, tp):
 
 def test_v2_width_the_tp_degree_does_not_divide_is_named_before_loading(narrowed):
     arch, _, v2 = narrowed
-    with pytest.raises(cf.TensorParallelError, match=r"model\.layers\.1\.mlp: width \(its quantization_config\.widths\) "
-                                                      r"\(split over the MLP's tensor-parallel degree, "
+    with pytest.raises(cf.TensorParallelError,
+                       match=r"model\.layers\.1\.mlp: width \(its quantization_config\.widths\) "
+                             r"\(split over the MLP's tensor-parallel degree, "
                    r"tensor_parallel_size x mlp_dp_size\) is 128, which does not split over tensor parallel size 3"):
         _patched(STOCK[arch][0], 3, 0).from_configs(read_config(v2), None)      # from_configs: nothing loaded yet
 

@@ -55,15 +55,15 @@ def test_rank_not_a_multiple_of_block_size(factored, tmp_path):
     edit_checkpoint(factored, quant_update={"block_size": 128})
     proc = run_engine(factored, str(tmp_path / "o.json"))
     # raised while vLLM builds its config, so pydantic wraps it as a "Value error"
-    fails_with(proc, r"config\.json: quantization_config\.ranks\['model\.layers\.\d\.mlp\.\w+_proj'\] is 32, expected a "
-                     r"positive multiple of block_size 128")
+    fails_with(proc, r"config\.json: quantization_config\.ranks\['model\.layers\.\d\.mlp\.\w+_proj'\] is 32, "
+                     r"expected a positive multiple of block_size 128")
 
 
 def test_unknown_format_version(factored, tmp_path):
     edit_checkpoint(factored, quant_update={"format_version": 9})
     proc = run_engine(factored, str(tmp_path / "o.json"))
-    fails_with(proc, r"config\.json: quantization_config\.format_version is 9; this version of vllm-neuronmlp reads format "
-                     r"versions \[1, 2, 3\]")
+    fails_with(proc, r"config\.json: quantization_config\.format_version is 9; "
+                     r"this version of vllm-neuronmlp reads format versions \[1, 2, 3\]")
 
 
 def test_quantization_flag_on_a_dense_checkpoint(models, tmp_path):

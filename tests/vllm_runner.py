@@ -32,7 +32,8 @@ def run_engine(model: str, out_json: str, dtype: str = "float32", tp: int = 1, m
     if compiled:
         cmd += ["--compiled"]
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if tp == 1 else "1",
-                **({"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"} if tp == 2 else {}), **(env or {})}
+                **({"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"} if tp == 2 else {}),
+                **(env or {})}
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -109,7 +110,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         c = o.outputs[0]
         result["tokens"].append(list(c.token_ids))
         result["logprobs"].append([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
-        result["prompt_logprobs"].append([lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])])
+        result["prompt_logprobs"].append([lp[t].logprob
+                                          for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])])
     try:
         result["fused_mlps"] = sum(llm.apply_model(count_fused_mlps))
     except Exception as e:  # report, don't hide: the test asserting the count will show it

@@ -130,7 +130,8 @@ def train_steps(peft_model, train: torch.Tensor, steps: int, lr: float, batch: i
     for step in it:
         ids = train[torch.randint(0, train.shape[0], (batch,), generator=g)]
         # cosine decay after a short warm-up
-        scale = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+        scale = ((step + 1) / warm if step < warm
+                 else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
         for group in opt.param_groups:
             group["lr"] = lr * scale
         loss = nll.next_token_nll(peft_model(input_ids=ids).logits, ids) / nll.scored_tokens(ids)

@@ -116,7 +116,8 @@ def build_skeleton(src: SourceCheckpoint, device: str = "cpu", attention: bool =
     try:
         config = AutoConfig.from_pretrained(src.path, trust_remote_code=False)
     except Exception as e:
-        raise UserError(f"{os.path.join(src.path, cf.CONFIG_FILE)}: transformers cannot read this config ({e})") from None
+        raise UserError(f"{os.path.join(src.path, cf.CONFIG_FILE)}: "
+                        f"transformers cannot read this config ({e})") from None
     config._attn_implementation = "sdpa"  # causal attention (sliding-window layers get a mask, LayerRunner)
     _refuse_unstreamed_features(src, config)
     try:

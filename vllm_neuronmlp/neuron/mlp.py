@@ -78,7 +78,8 @@ def stock_parallelism(stock: torch.nn.Module, where: str, intermediate_size: Opt
             raise HookTargetError(
                 f"{name} holds no tensor-parallel rank the svd_neuron variant can read: neither `mlp_tp_rank` "
                 f"(llama3/model.py LlamaMLP) nor `tp_group.rank_in_group` with `tp_group.world_size` (qwen3/model.py "
-                f"Qwen3MLP, {type(tp_group).__name__} here); refusing rather than loading one rank's shard on every rank")
+                f"Qwen3MLP, {type(tp_group).__name__} here); "
+                "refusing rather than loading one rank's shard on every rank")
     rank, size = int(rank), int(size)
     if not 0 <= rank < size:
         raise HookTargetError(f"{name}: tensor-parallel rank {rank} is outside its group of {size}")
