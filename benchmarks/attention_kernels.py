@@ -26,7 +26,7 @@ import platform
 import sys
 import time
 
-from vllm_neuronmlp.kernels import blocking, strip_plan
+from vllm_neuronmlp.kernels import blocking
 from vllm_neuronmlp.tools.allocation.budget import eq5_rank
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

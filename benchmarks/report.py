@@ -346,7 +346,7 @@ def render_section(section: Section, default: Tuple[str, str], results: Path = R
     archived = section.default_when_run is not None and section.default_when_run != default
     lines = [head, "", f"`{command_of(d, section)}` — {date_of(d, path)}; "
                        f"results: `benchmarks/results/{section.file}`"
-                       + (f" and its `.png`" if path.with_suffix(".png").exists() else "") + "."]
+                       + (" and its `.png`" if path.with_suffix(".png").exists() else "") + "."]
     if archived:
         method, scope = section.default_when_run
         lines += ["", f"*Made under an older default (`--method {method} --scope {scope}`; today's is "
